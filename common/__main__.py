@@ -1,0 +1,7 @@
+"""``python -m common`` runs the ``serforget`` CLI."""
+
+import sys
+
+from common.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The ``serforget`` command line: one thin subcommand per capability.
+
+Each submodule registers its subcommands with ``register(subparsers)`` and binds a handler via
+``set_defaults(handler=...)``; handlers parse nothing themselves, call one library function and
+print or write its result. Errors that name a bad file or field reach the user as one line on
+stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+#: Submodules that contribute subcommands, in help order.
+_COMMAND_MODULES = ("corpus", "train", "unlearn", "keys", "node", "server", "edge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serforget", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"common.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"common.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"serforget {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

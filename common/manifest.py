@@ -1,0 +1,150 @@
+"""Manifest CSV: the one interchange format between corpora, training, nodes and evaluation.
+
+Format (version 1): a CSV with exactly the header ``utt_id,path,speaker,emotion``. ``path`` is
+relative to the manifest's folder or absolute; ``emotion`` is a canonical name from
+:mod:`common.labels`. Why a strict reader: a silently skipped or mislabelled row would change
+what a model learns or forgets, so every defect is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from common.fsutil import atomic_write_text
+from common.labels import check_emotion
+
+COLUMNS: tuple[str, ...] = ("utt_id", "path", "speaker", "emotion")
+
+
+class ManifestError(ValueError):
+    """A manifest file is malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One labelled recording. ``path`` is absolute once read from a manifest."""
+
+    utt_id: str
+    path: Path
+    speaker: str
+    emotion: str
+
+
+def read_manifest(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> list[Utterance]:
+    """Read and validate a manifest; relative paths resolve against the manifest's folder.
+
+    ``root``, when given, is the data root every audio path must stay inside (a manifest must
+    not point a node at files outside its own data directory).
+    """
+    manifest = Path(path)
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{manifest}: manifest not found") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{manifest}: not UTF-8 text ({exc.reason})") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        raise ManifestError(f"{manifest}: empty file, expected header {','.join(COLUMNS)}")
+    header = [h.strip() for h in header]
+    missing = [c for c in COLUMNS if c not in header]
+    extra = [c for c in header if c not in COLUMNS]
+    if missing or extra or len(header) != len(COLUMNS):
+        raise ManifestError(
+            f"{manifest}: header must be {','.join(COLUMNS)}; missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    index = {name: header.index(name) for name in COLUMNS}
+    base = manifest.resolve().parent
+    root_dir = Path(root).resolve() if root is not None else None
+    seen: set[str] = set()
+    rows: list[Utterance] = []
+    for line_no, fields in enumerate(reader, start=2):
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        where = f"{manifest}:{line_no}"
+        if len(fields) != len(COLUMNS):
+            raise ManifestError(f"{where}: expected {len(COLUMNS)} fields, got {len(fields)}")
+        values = {name: fields[i].strip() for name, i in index.items()}
+        for name, value in values.items():
+            if not value:
+                raise ManifestError(f"{where}: empty field {name!r}")
+        if values["utt_id"] in seen:
+            raise ManifestError(f"{where}: duplicate utt_id {values['utt_id']!r}")
+        seen.add(values["utt_id"])
+        try:
+            emotion = check_emotion(values["emotion"], where=where)
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
+        audio = Path(values["path"])
+        audio = (audio if audio.is_absolute() else base / audio).resolve()
+        if root_dir is not None and not audio.is_relative_to(root_dir):
+            raise ManifestError(f"{where}: path {values['path']!r} lies outside the data root {root_dir}")
+        rows.append(Utterance(values["utt_id"], audio, values["speaker"], emotion))
+    return rows
+
+
+def write_manifest(path: str | os.PathLike[str], utterances: Iterable[Utterance], *, relative: bool = True) -> Path:
+    """Write a manifest atomically; paths are stored relative to its folder when possible."""
+    manifest = Path(path)
+    base = manifest.resolve().parent
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for utt in utterances:
+        audio = Path(utt.path).resolve()
+        stored = os.path.relpath(audio, base) if relative and audio.is_relative_to(base) else str(audio)
+        writer.writerow((utt.utt_id, stored, utt.speaker, utt.emotion))
+    return atomic_write_text(manifest, buffer.getvalue())
+
+
+def filter_labels(utterances: Iterable[Utterance], labels: Sequence[str]) -> list[Utterance]:
+    """Keep the utterances whose emotion belongs to the task's label list."""
+    keep = set(labels)
+    return [u for u in utterances if u.emotion in keep]
+
+
+def by_speaker(utterances: Iterable[Utterance]) -> dict[str, list[Utterance]]:
+    """Per-speaker partitions (speakers sorted): each later becomes one Flower node."""
+    groups: dict[str, list[Utterance]] = defaultdict(list)
+    for utt in utterances:
+        groups[utt.speaker].append(utt)
+    return {speaker: groups[speaker] for speaker in sorted(groups)}
+
+
+@dataclass(frozen=True)
+class SpeakerSplit:
+    """Speaker-independent train/valid/test split: no speaker appears in two parts."""
+
+    train: list[Utterance]
+    valid: list[Utterance]
+    test: list[Utterance]
+
+    def speakers(self, part: str) -> list[str]:
+        return sorted({u.speaker for u in getattr(self, part)})
+
+
+def speaker_split(
+    utterances: Sequence[Utterance], *, n_valid: int, n_test: int, seed: int = 0
+) -> SpeakerSplit:
+    """Split by speaker, deterministic in ``seed``; whole speakers go to valid and test."""
+    speakers = sorted({u.speaker for u in utterances})
+    if n_valid < 0 or n_test < 0 or n_valid + n_test >= len(speakers):
+        raise ValueError(
+            f"cannot hold out {n_valid} valid + {n_test} test speakers from {len(speakers)} speakers"
+        )
+    random.Random(seed).shuffle(speakers)
+    test = set(speakers[:n_test])
+    valid = set(speakers[n_test : n_test + n_valid])
+    return SpeakerSplit(
+        train=[u for u in utterances if u.speaker not in test and u.speaker not in valid],
+        valid=[u for u in utterances if u.speaker in valid],
+        test=[u for u in utterances if u.speaker in test],
+    )

@@ -1,0 +1,122 @@
+"""The default experiment's idempotent steps: corpus -> splits -> trained checkpoint -> report.
+
+Why a module of its own: the CLI's ``demo``, the benchmarks and the federated simulation all
+start from the same data and the same original model. Each step checks whether its output
+already exists for the same settings (a JSON stamp holding them) and skips the work if so, in
+the spirit of SpeechBrain's idempotent data preparation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from common.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from common.data import DEFAULT_CLIP_SECONDS, load_waveforms
+from common.fsutil import atomic_write_json
+from common.labels import task_labels
+from common.manifest import filter_labels, read_manifest, speaker_split, write_manifest
+from common.metrics import plot_confusion
+from common.models import build_model
+from common.training import TrainConfig, evaluate_model, train_model
+
+SPLITS = ("train", "valid", "test")
+
+
+def _stamp_matches(path: Path, settings: dict[str, Any]) -> bool:
+    try:
+        return json.loads(path.read_text()) == settings
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def make_splits(
+    *, manifest: Path, out_dir: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0
+) -> dict[str, Path]:
+    """Write speaker-independent ``train/valid/test.csv`` (task labels only) and a stamp."""
+    out = Path(out_dir)
+    settings = {"manifest": str(Path(manifest).resolve()), "task": task, "n_valid": n_valid, "n_test": n_test, "seed": seed}
+    paths = {name: out / f"{name}.csv" for name in SPLITS}
+    stamp = out / "split.json"
+    if _stamp_matches(stamp, settings) and all(p.exists() for p in paths.values()):
+        return paths
+    utts = filter_labels(read_manifest(manifest), task_labels(task))
+    split = speaker_split(utts, n_valid=n_valid, n_test=n_test, seed=seed)
+    for name in SPLITS:
+        write_manifest(paths[name], getattr(split, name))
+    atomic_write_json(stamp, settings)
+    return paths
+
+
+def train_checkpoint(
+    *,
+    train_manifest: Path,
+    valid_manifest: Path | None,
+    out_dir: Path,
+    task: str = "4class",
+    arch: str = "logmel_cnn",
+    model_config: dict | None = None,
+    train_config: TrainConfig = TrainConfig(),
+    clip_seconds: float = DEFAULT_CLIP_SECONDS,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
+    """Train a model on a manifest split and save it; skipped when an identical run is saved."""
+    labels = task_labels(task)
+    settings = {
+        "train_manifest": str(Path(train_manifest).resolve()),
+        "valid_manifest": str(Path(valid_manifest).resolve()) if valid_manifest else None,
+        "task": task,
+        "arch": arch,
+        "model_config": model_config or {},
+        "train_config": asdict(train_config),
+        "clip_seconds": clip_seconds,
+    }
+    out = Path(out_dir)
+    if not force and (out / "model.json").exists():
+        meta = read_checkpoint_meta(out)
+        if meta.provenance.get("settings") == settings:
+            return out
+    train = load_waveforms(read_manifest(train_manifest), labels=labels, clip_seconds=clip_seconds, progress=progress)
+    valid = (
+        load_waveforms(read_manifest(valid_manifest), labels=labels, clip_seconds=clip_seconds, progress=progress)
+        if valid_manifest
+        else None
+    )
+    model = build_model(arch=arch, config=model_config or {}, labels=labels)
+    history = train_model(model, train, config=train_config, valid=valid, labels=labels, progress=progress)
+    return save_checkpoint(
+        model=model.cpu(),
+        out_dir=out,
+        labels=labels,
+        provenance={"settings": settings, "history": history.to_dict(), "n_train": len(train)},
+    )
+
+
+def evaluate_checkpoint(
+    *, checkpoint: Path, manifest: Path, out_dir: Path | None = None, device: str = "auto", progress: bool = False
+) -> dict:
+    """UA/WA/F1/confusion of a checkpoint on a manifest; optionally saved as JSON + PNG."""
+    model, meta = load_checkpoint(checkpoint, device="cpu")
+    clip = float(meta.provenance.get("settings", {}).get("clip_seconds", DEFAULT_CLIP_SECONDS))
+    data = load_waveforms(filter_labels(read_manifest(manifest), meta.labels), labels=meta.labels, clip_seconds=clip, progress=progress)
+    report = evaluate_model(model, data, labels=meta.labels, device=device)
+    report["checkpoint"] = str(checkpoint)
+    report["manifest"] = str(manifest)
+    if out_dir is not None:
+        out = Path(out_dir)
+        atomic_write_json(out / "metrics.json", report)
+        plot_confusion(report["confusion"], labels=meta.labels, path=out / "confusion.png",
+                       title=f"UA {report['ua']:.3f}  WA {report['wa']:.3f}")
+    return report
+
+
+def format_report(rows: Sequence[tuple[str, dict]]) -> str:
+    """A Markdown table of UA / WA / macro-F1 per evaluated split."""
+    lines = ["| split | n | UA | WA | macro-F1 |", "|---|---:|---:|---:|---:|"]
+    for name, rep in rows:
+        lines.append(f"| {name} | {rep['n']} | {rep['ua']:.3f} | {rep['wa']:.3f} | {rep['macro_f1']:.3f} |")
+    return "\n".join(lines)
