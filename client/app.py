@@ -1,0 +1,113 @@
+"""serforget ClientApp: one speaker's device (Flower Message API).
+
+Handlers are glue: every step they take is a function of ``common`` that the CLI calls too.
+- ``train``: FedAvg local training on the node's recordings minus requested deletions; the
+  reply also carries the node's MAS importance map for the server's elastic constraint.
+- ``evaluate``: accuracy of the global model on the node's remaining recordings.
+- ``query.pending``: which deletion requests wait on this node.
+- ``query.unlearn``: forget-set-only unlearning of the pending requests on the global model,
+  the delta HPKE-sealed to the ServerApp and signed by the node.
+- ``query.release``: adopt the release that applied the requests, then purge their audio.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.runtime import model_from, node_dir, pinned_server_key, settings
+from common.labels import task_labels
+from common.node import adopt_release, load_forget_set, load_training_set, seal_unlearning_delta, state_sha256
+from common.training import TrainConfig, evaluate_model, train_model
+from common.unlearning import UnlearnConfig, mas_importance, unlearn
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, labels = settings(context), task_labels(settings(context).task)
+    node, model = node_dir(context, cfg), model_from(msg.content["arrays"], cfg)
+    data = load_training_set(node, labels=labels, clip_seconds=cfg.clip_seconds)
+    loss = float("nan")
+    if len(data):
+        round_no = int(msg.content["config"].get("server-round", 0))
+        tc = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + round_no,
+                         device=cfg.device, select_best=False)
+        loss = train_model(model, data, config=tc, progress=False).epochs[-1]["train_loss"]
+    sample = data.subset(range(min(len(data), cfg.importance_max_utts)))
+    importance = mas_importance(model, sample, device=cfg.device) if len(sample) else {
+        k: v.detach().cpu() * 0 for k, v in model.named_parameters()}
+    return Message(RecordDict({
+        "arrays": ArrayRecord(model.cpu().state_dict()),
+        "importance": ArrayRecord({k: v.detach().cpu() for k, v in importance.items()}),
+        "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
+    }), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = settings(context)
+    labels = task_labels(cfg.task)
+    data = load_training_set(node_dir(context, cfg), labels=labels, clip_seconds=cfg.clip_seconds)
+    report = evaluate_model(model_from(msg.content["arrays"], cfg), data, labels=labels, device=cfg.device) if len(data) else {"wa": 0.0}
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": len(data), "eval-acc": float(report["wa"])})}),
+                   reply_to=msg)
+
+
+@app.query("pending")
+def pending(msg: Message, context: Context) -> Message:
+    node = node_dir(context, settings(context))
+    with node.open_ledger() as ledger:
+        requests = ledger.pending()
+    return Message(RecordDict({"pending": ConfigRecord({
+        "node-id": node.node_id,
+        "request-ids": [r.request_id for r in requests] or [""],
+        "n-utts": sum(len(r.utt_ids) for r in requests),
+    })}), reply_to=msg)
+
+
+@app.query("unlearn")
+def unlearn_pending(msg: Message, context: Context) -> Message:
+    cfg, conf = settings(context), msg.content["config"]
+    labels, node = task_labels(cfg.task), node_dir(context, cfg)
+    base_state = msg.content["arrays"].to_torch_state_dict()
+    if state_sha256(base_state) != conf["base-sha256"]:
+        raise ValueError("global model received does not match the announced base-sha256")
+    with node.open_ledger() as ledger:
+        requests = ledger.pending()
+    forget = load_forget_set(node, requests, labels=labels, clip_seconds=cfg.clip_seconds)
+    ucfg = UnlearnConfig.from_mapping({**cfg.unlearn_overrides, "stop": cfg.unlearn_stop, "seed": cfg.seed,
+                                       "target_forget_acc": float(conf["target-forget-acc"]), "device": cfg.device})
+    result = unlearn(model_from(msg.content["arrays"], cfg), forget, method=cfg.unlearn_method, config=ucfg)
+    start = time.perf_counter()
+    sealed = seal_unlearning_delta(node=node, requests=requests, base_state=base_state, unlearned=result.model.cpu(),
+                                   base_version=int(conf["base-version"]), server_hpke_public=pinned_server_key(node),
+                                   n_forget=len(forget), metrics={})
+    return Message(RecordDict({
+        "envelope": ConfigRecord({"envelope": sealed.envelope, "node-id": node.node_id}),
+        "metrics": MetricRecord({"n-forget": len(forget), "unlearn-s": result.seconds, "seal-s": time.perf_counter() - start,
+                                 "forget-acc-before": result.forget_acc_trajectory[0], "forget-acc-after": result.forget_acc,
+                                 "steps": result.steps, "envelope-bytes": len(sealed.envelope)}),
+    }), reply_to=msg)
+
+
+@app.query("release")
+def adopt(msg: Message, context: Context) -> Message:
+    cfg, conf = settings(context), msg.content["config"]
+    labels, node = task_labels(cfg.task), node_dir(context, cfg)
+    with node.open_ledger() as ledger:
+        retry = [r for r in ledger.all() if r.state == "unlearned" and r.request_id in set(conf["retry-request-ids"])]
+        for request in retry:
+            ledger.mark_retry(request.request_id, reason=str(conf.get("retry-reason", "rejected by the server")))
+        applied = [r for r in ledger.all() if r.request_id in set(conf["applied-request-ids"])]
+    model = model_from(msg.content["arrays"], cfg)
+    forget = load_forget_set(node, applied, labels=labels, clip_seconds=cfg.clip_seconds)
+    forget_acc = float(evaluate_model(model, forget, labels=labels, device=cfg.device)["wa"]) if len(forget) else -1.0
+    receipts = adopt_release(node=node, model=model.cpu(), labels=labels, version=int(conf["version"]),
+                             applied_request_ids=[r.request_id for r in applied])
+    return Message(RecordDict({"metrics": MetricRecord({
+        "forget-acc-release": forget_acc, "n-forget": len(forget),
+        "purged-files": sum(len(r["files"]) for r in receipts), "retried": len(retry)})}), reply_to=msg)

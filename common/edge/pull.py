@@ -1,0 +1,449 @@
+"""Edge side of model distribution: pull the newest signed, non-revoked release and install it.
+
+Why this is careful: an edge device must run only models the server signed, must stop using
+(and delete) any release the server revoked because it still encodes audio whose deletion was
+requested, and must never be left without a working model because a download was cut off or
+tampered with. So everything is verified against the server's pinned Ed25519 public key before
+it is used, downloads land in a private folder that is swapped into place atomically, and a
+failed pull leaves the previously installed release untouched (unless that release itself is
+revoked: privacy wins over availability).
+
+Local layout, format version 1, under ``dest``::
+
+    current.json            {"format_version", "version", "path", "manifest_sha256",
+                             "index_sequence", "updated_at"}; written atomically
+    releases/v0003/         installed releases (manifest.json, manifest.sig, files)
+    .incoming-* .trash-*    interrupted downloads / replacements, removed by the next pull
+    .lock                   flock so two pulls never interleave
+
+``index_sequence`` is the highest signed index sequence seen; an older index is refused,
+because replaying a stale (validly signed) index could hide a later revocation.
+
+This module must not import torch: edge devices run ONNX Runtime only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
+from common.release import (
+    INDEX_NAME,
+    INDEX_SIGNATURE_NAME,
+    MANIFEST_NAME,
+    RELEASE_FORMAT_VERSION,
+    SIGNATURE_NAME,
+    IndexEntry,
+    ReleaseError,
+    ReleaseIndex,
+    ReleaseManifest,
+    ReleaseRegistry,
+    check_release_dir,
+    check_signed_manifest,
+    exclusive_lock,
+    parse_signed_index,
+    parse_version_dirname,
+    version_dirname,
+)
+
+logger = logging.getLogger(__name__)
+
+CURRENT_NAME = "current.json"
+RELEASES_DIR = "releases"
+MAX_INDEX_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SIGNATURE_BYTES = 4 << 10
+DEFAULT_TIMEOUT_S = 60.0
+
+_INCOMING_PREFIX = ".incoming-"
+_TRASH_PREFIX = ".trash-"
+_LOCK_NAME = ".lock"
+_CHUNK = 1 << 20
+#: The index and its signature are two requests; a publish landing between them yields a
+#: mismatched pair once, so one re-fetch is allowed before the signature failure is final.
+_INDEX_ATTEMPTS = 2
+
+
+class PullError(ValueError):
+    """A pull was refused or failed; the message names the source, release or file at fault."""
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """Outcome of :func:`pull_release`: the release now current and what changed locally."""
+
+    version: int
+    path: Path
+    removed_revoked: list[int]
+    changed: bool
+
+
+@dataclass(frozen=True)
+class _LocalState:
+    """Parsed ``current.json``; ``version`` is ``None`` when no usable release is installed."""
+
+    version: int | None
+    manifest_sha256: str | None
+    index_sequence: int
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Source(Protocol):
+    def read_small(self, relpath: str, *, limit: int) -> bytes: ...
+
+    def download(self, relpath: str, target: Path, *, expected_size: int) -> None: ...
+
+    def read_index(self) -> tuple[bytes, bytes]: ...
+
+
+def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: str) -> None:
+    """Stream ``reader`` into a new file, refusing more bytes than the signed size."""
+    written = 0
+    with open(target, "xb") as out:
+        for chunk in iter(lambda: reader.read(_CHUNK), b""):
+            written += len(chunk)
+            if written > expected_size:
+                raise PullError(f"{what}: larger than the signed size {expected_size}")
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if written != expected_size:
+        raise PullError(f"{what}: got {written} bytes, the signed size is {expected_size}")
+
+
+def _read_limited(reader: BinaryIO, *, limit: int, what: str) -> bytes:
+    data = reader.read(limit + 1)
+    if len(data) > limit:
+        raise PullError(f"{what}: larger than the {limit}-byte limit")
+    return data
+
+
+class _DirectorySource:
+    """A registry root on a local or mounted file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def _open(self, relpath: str) -> BinaryIO:
+        path = self.root / relpath
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise PullError(f"{path}: missing from the registry") from None
+        except OSError as exc:
+            raise PullError(f"{path}: cannot read ({exc.strerror})") from None
+
+    def read_small(self, relpath: str, *, limit: int) -> bytes:
+        with self._open(relpath) as handle:
+            return _read_limited(handle, limit=limit, what=str(self.root / relpath))
+
+    def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
+        with self._open(relpath) as handle:
+            _copy_limited(handle, target, expected_size=expected_size, what=str(self.root / relpath))
+
+    def read_index(self) -> tuple[bytes, bytes]:
+        try:
+            return ReleaseRegistry(self.root).read_index_files()
+        except ReleaseError as exc:
+            raise PullError(str(exc)) from None
+
+
+class _HttpSource:
+    """A server started with :func:`common.release.serve_releases`."""
+
+    def __init__(self, base_url: str, *, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def __str__(self) -> str:
+        return self.base_url
+
+    def _open(self, relpath: str) -> Any:
+        url = f"{self.base_url}/{relpath}"
+        try:
+            return urllib.request.urlopen(url, timeout=self.timeout_s)  # noqa: S310 - scheme checked in _open_source
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 410:
+                raise PullError(f"{url}: release is revoked (410 Gone)") from None
+            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise PullError(f"{url}: cannot fetch ({getattr(exc, 'reason', exc)})") from None
+
+    def read_small(self, relpath: str, *, limit: int) -> bytes:
+        url = f"{self.base_url}/{relpath}"
+        with self._open(relpath) as response:
+            try:
+                return _read_limited(response, limit=limit, what=url)
+            except OSError as exc:
+                raise PullError(f"{url}: download interrupted ({exc})") from None
+
+    def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
+        url = f"{self.base_url}/{relpath}"
+        with self._open(relpath) as response:
+            try:
+                _copy_limited(response, target, expected_size=expected_size, what=url)
+            except OSError as exc:
+                raise PullError(f"{url}: download interrupted ({exc})") from None
+
+    def read_index(self) -> tuple[bytes, bytes]:
+        return (
+            self.read_small(INDEX_NAME, limit=MAX_INDEX_BYTES),
+            self.read_small(INDEX_SIGNATURE_NAME, limit=MAX_SIGNATURE_BYTES),
+        )
+
+
+def _open_source(source: str | os.PathLike[str], *, timeout_s: float) -> _DirectorySource | _HttpSource:
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        return _HttpSource(text, timeout_s=timeout_s)
+    root = Path(text)
+    if not root.is_dir():
+        raise PullError(f"{text}: source is neither an existing registry folder nor an http(s):// URL")
+    return _DirectorySource(root)
+
+
+# --------------------------------------------------------------------------- local state
+
+
+def _read_state(dest: Path) -> _LocalState:
+    path = dest / CURRENT_NAME
+    if not path.exists():
+        return _LocalState(version=None, manifest_sha256=None, index_sequence=0)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PullError(f"{path}: unreadable ({exc})") from None
+    expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
+    if not isinstance(doc, dict) or set(doc) != expected:
+        raise PullError(f"{path}: expected exactly the fields {sorted(expected)}")
+    if doc["format_version"] != RELEASE_FORMAT_VERSION:
+        raise PullError(f"{path}: format_version {doc['format_version']!r} is not supported")
+    version, sequence = doc["version"], doc["index_sequence"]
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise PullError(f"{path}: version must be a positive integer or null, got {version!r}")
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
+        raise PullError(f"{path}: index_sequence must be a non-negative integer, got {sequence!r}")
+    digest = doc["manifest_sha256"]
+    if (version is None) != (digest is None) or not (digest is None or isinstance(digest, str)):
+        raise PullError(f"{path}: manifest_sha256 must be a string exactly when version is set")
+    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence)
+
+
+def _write_state(dest: Path, state: _LocalState) -> None:
+    relpath = f"{RELEASES_DIR}/{version_dirname(state.version)}" if state.version is not None else None
+    atomic_write_json(
+        dest / CURRENT_NAME,
+        {
+            "format_version": RELEASE_FORMAT_VERSION,
+            "version": state.version,
+            "path": relpath,
+            "manifest_sha256": state.manifest_sha256,
+            "index_sequence": state.index_sequence,
+            "updated_at": time.time(),
+        },
+    )
+
+
+def current_release(dest: Path) -> Path | None:
+    """Folder of the release the device should run, or ``None`` if none is installed."""
+    dest = Path(dest)
+    state = _read_state(dest)
+    if state.version is None:
+        return None
+    folder = dest / RELEASES_DIR / version_dirname(state.version)
+    if not folder.is_dir():
+        raise PullError(f"{dest / CURRENT_NAME}: points to {folder}, which is missing")
+    return folder
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Delete folders that an interrupted pull left behind (lock held)."""
+    for entry in os.scandir(dest):
+        if entry.name.startswith((_INCOMING_PREFIX, _TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
+            logger.warning("removing leftover folder %s", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _discard_folder(dest: Path, folder: Path) -> None:
+    """Move ``folder`` out of ``releases/`` in one rename, then delete it.
+
+    Why the rename first: a deletion cut off half-way must not leave a partial folder under a
+    release name, where it would look installed.
+    """
+    trash = Path(tempfile.mkdtemp(prefix=_TRASH_PREFIX, dir=dest))
+    os.rename(folder, trash)
+    fsync_dir(folder.parent)
+    shutil.rmtree(trash)
+
+
+def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int], *, index_sequence: int) -> list[int]:
+    """Stop pointing at a revoked release, then delete every local copy of a revoked release."""
+    if state.version in revoked:
+        _write_state(dest, _LocalState(version=None, manifest_sha256=None, index_sequence=index_sequence))
+    removed = []
+    releases = dest / RELEASES_DIR
+    if releases.is_dir():
+        for entry in sorted(os.scandir(releases), key=lambda e: e.name):
+            version = parse_version_dirname(entry.name)
+            if version in revoked:
+                _discard_folder(dest, Path(entry.path))
+                removed.append(version)
+    if removed:
+        logger.info("deleted revoked local releases %s", removed)
+    return removed
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, min_sequence: int) -> ReleaseIndex:
+    failure: ReleaseError | None = None
+    for _ in range(_INDEX_ATTEMPTS):
+        index_bytes, signature = origin.read_index()
+        try:
+            index = parse_signed_index(index_bytes, signature, public_key=public_key, source=f"{origin} index")
+            break
+        except ReleaseError as exc:
+            failure = exc
+    else:
+        raise PullError(str(failure)) from failure
+    if index.sequence < min_sequence:
+        raise PullError(
+            f"{origin} index: sequence {index.sequence} is older than {min_sequence}, already seen; "
+            "refusing a replayed index that could hide revocations"
+        )
+    return index
+
+
+def _check_manifest(
+    manifest_bytes: bytes, signature: bytes, entry: IndexEntry, *, public_key: Ed25519PublicKey, where: str
+) -> ReleaseManifest:
+    """A manifest is accepted only if the signed index names exactly these bytes and the signature holds."""
+    if sha256_bytes(manifest_bytes) != entry.manifest_sha256:
+        raise PullError(f"{where}: manifest does not match the hash in the signed index")
+    try:
+        manifest = check_signed_manifest(manifest_bytes, signature, public_key=public_key, source=where)
+    except ReleaseError as exc:
+        raise PullError(str(exc)) from None
+    if manifest.version != entry.version:
+        raise PullError(f"{where}: manifest is for version {manifest.version}, expected {entry.version}")
+    return manifest
+
+
+def _verify_installed(folder: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey) -> None:
+    """Raise :class:`PullError` unless ``folder`` is an intact copy of the release ``entry`` names."""
+    try:
+        manifest_bytes = (folder / MANIFEST_NAME).read_bytes()
+        signature = (folder / SIGNATURE_NAME).read_bytes()
+    except OSError as exc:
+        raise PullError(f"{folder}: incomplete installed release ({exc.strerror})") from None
+    manifest = _check_manifest(manifest_bytes, signature, entry, public_key=public_key, where=str(folder / MANIFEST_NAME))
+    try:
+        check_release_dir(folder, manifest)
+    except ReleaseError as exc:
+        raise PullError(str(exc)) from None
+
+
+def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey) -> Path:
+    """Fetch and verify a release into a private folder under ``dest`` and return that folder."""
+    name = version_dirname(entry.version)
+    manifest_bytes = origin.read_small(f"{name}/{MANIFEST_NAME}", limit=MAX_MANIFEST_BYTES)
+    signature = origin.read_small(f"{name}/{SIGNATURE_NAME}", limit=MAX_SIGNATURE_BYTES)
+    manifest = _check_manifest(manifest_bytes, signature, entry, public_key=public_key, where=f"{origin}/{name}/{MANIFEST_NAME}")
+    incoming = Path(tempfile.mkdtemp(prefix=_INCOMING_PREFIX, dir=dest))
+    try:
+        (incoming / MANIFEST_NAME).write_bytes(manifest_bytes)
+        (incoming / SIGNATURE_NAME).write_bytes(signature)
+        for file_name, meta in sorted(manifest.files.items()):
+            origin.download(f"{name}/{file_name}", incoming / file_name, expected_size=meta["size"])
+        _verify_installed(incoming, entry, public_key=public_key)
+        fsync_dir(incoming)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    return incoming
+
+
+def _install(dest: Path, incoming: Path, version: int) -> Path:
+    """Rename a verified download to ``releases/vNNNN``, replacing a damaged copy if one is there."""
+    releases = dest / RELEASES_DIR
+    releases.mkdir(exist_ok=True)
+    target = releases / version_dirname(version)
+    if target.exists():
+        _discard_folder(dest, target)
+    os.rename(incoming, target)
+    fsync_dir(releases)
+    return target
+
+
+def _ensure_installed(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey) -> tuple[Path, bool]:
+    """Return the verified local folder for ``entry`` and whether it had to be downloaded."""
+    target = dest / RELEASES_DIR / version_dirname(entry.version)
+    if target.is_dir():
+        try:
+            _verify_installed(target, entry, public_key=public_key)
+            return target, False
+        except PullError as exc:
+            logger.warning("installed copy failed verification, downloading again: %s", exc)
+    incoming = _download_release(origin, dest, entry, public_key=public_key)
+    return _install(dest, incoming, entry.version), True
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def pull_release(
+    *,
+    source: str | os.PathLike[str],
+    dest: Path,
+    server_public_key: Ed25519PublicKey,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> PullResult:
+    """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
+
+    ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
+    ``server_public_key`` is the pinned key every index and manifest must be signed with.
+    Any verification failure raises :class:`PullError` and keeps the installed release, except
+    that releases the (authentic) index lists as revoked are always deleted locally.
+    """
+    if not isinstance(server_public_key, Ed25519PublicKey):
+        raise TypeError(f"server_public_key must be an Ed25519PublicKey, got {type(server_public_key).__name__}")
+    dest = Path(dest)
+    origin = _open_source(source, timeout_s=timeout_s)
+    dest.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(dest / _LOCK_NAME):
+        _remove_leftovers(dest)
+        state = _read_state(dest)
+        index = _fetch_index(origin, public_key=server_public_key, min_sequence=state.index_sequence)
+        revoked = set(index.revoked())
+        newest = index.newest_available()
+        try:
+            if newest is None:
+                raise PullError(f"{origin} index: every release is revoked; nothing to install")
+            folder, downloaded = _ensure_installed(origin, dest, newest, public_key=server_public_key)
+        except PullError:
+            _withdraw_revoked(dest, state, revoked, index_sequence=index.sequence)
+            raise
+        new_state = _LocalState(version=newest.version, manifest_sha256=newest.manifest_sha256, index_sequence=index.sequence)
+        _write_state(dest, new_state)
+        removed = _withdraw_revoked(dest, new_state, revoked, index_sequence=index.sequence)
+    changed = downloaded or state.version != newest.version
+    return PullResult(version=newest.version, path=folder, removed_revoked=removed, changed=changed)

@@ -1,0 +1,226 @@
+"""Server-side federated logic, free of Flower: provisioning, delta checks, elastic merge, releases.
+
+The ServerApp in ``server/`` is glue around these functions. Server data directory::
+
+    SERVER/keys/            sign.key/.pub (Ed25519, releases) + hpke.key/.pub (X25519 HPKE)
+    SERVER/nodes.json       enrolled node signing keys (common.keys registry)
+    SERVER/seen.json        envelope ids already accepted (replay protection, atomic)
+    SERVER/releases/        the signed, append-only release registry (common.release)
+
+Rules (also in README):
+- a delta is accepted only if its envelope verifies (common.envelope) and it fits the global
+  model: same tensor names and shapes, finite values, and a global L2 norm at most
+  ``max_delta_ratio`` x the norm of the global weights;
+- several accepted deltas of one round are **summed**: forget sets of different nodes are
+  disjoint, each delta removes one node's recordings, and removing all of them is the sum of
+  the removals (averaging would remove only 1/k of each);
+- the elastic constraint (common.unlearning.elastic) then limits each parameter's movement by
+  the global importance map and tau before the sum touches the global model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from common.checkpoint import state_dict_from_bytes
+from common.envelope import EnvelopeError, EnvelopeHeader, open_delta
+from common.fsutil import atomic_write_json
+from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private
+
+
+class DeltaError(ValueError):
+    """A decrypted delta does not fit the global model; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ServerDir:
+    root: Path
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def nodes_registry(self) -> Path:
+        return self.root / "nodes.json"
+
+    @property
+    def seen_path(self) -> Path:
+        return self.root / "seen.json"
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    def init(self) -> "ServerDir":
+        init_keys(key_dir=self.keys_dir, role="server")
+        return self
+
+    def signing_key(self):
+        return load_signing_private(self.keys_dir / "sign.key")
+
+    def hpke_private(self):
+        return load_hpke_private(self.keys_dir / "hpke.key")
+
+    def enroll(self, *, node_id: str, public_key_path: Path) -> None:
+        enroll_node(registry_path=self.nodes_registry, node_id=node_id, public_key_path=public_key_path)
+
+    def node_keys(self) -> dict:
+        return load_enrolled_nodes(self.nodes_registry) if self.nodes_registry.exists() else {}
+
+    def seen_ids(self) -> set[str]:
+        try:
+            return set(json.loads(self.seen_path.read_text())["envelope_ids"])
+        except FileNotFoundError:
+            return set()
+
+    def remember(self, envelope_ids: Sequence[str]) -> None:
+        """Persist accepted envelope ids before the release that applies them is published."""
+        atomic_write_json(self.seen_path, {"format_version": 1, "envelope_ids": sorted(self.seen_ids() | set(envelope_ids))})
+
+
+def check_delta(delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *, max_delta_ratio: float) -> float:
+    """Validate a decrypted delta against the global weights; returns its relative L2 norm."""
+    expected = {k: v for k, v in base.items() if v.is_floating_point()}
+    missing, extra = sorted(set(expected) - set(delta)), sorted(set(delta) - set(expected))
+    if missing or extra:
+        raise DeltaError("wrong-keys", f"missing {missing[:3]}, unexpected {extra[:3]}")
+    sq_delta, sq_base = 0.0, 0.0
+    for name, tensor in delta.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise DeltaError("wrong-shape", f"{name}: {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise DeltaError("non-finite", f"{name} holds NaN/Inf or is not floating point")
+        sq_delta += float(tensor.double().pow(2).sum())
+        sq_base += float(expected[name].double().pow(2).sum())
+    ratio = math.sqrt(sq_delta) / max(math.sqrt(sq_base), 1e-12)
+    if ratio > max_delta_ratio:
+        raise DeltaError("too-large", f"delta norm is {ratio:.3f} x the model norm (limit {max_delta_ratio})")
+    return ratio
+
+
+@dataclass
+class DeltaVerdict:
+    node_id: str
+    accepted: bool
+    reason: str
+    header: EnvelopeHeader | None = None
+    delta: dict[str, torch.Tensor] | None = None
+    relative_norm: float | None = None
+    open_seconds: float = 0.0
+
+
+def open_and_check(
+    *,
+    envelope: bytes,
+    claimed_node: str,
+    server: ServerDir,
+    base_state: Mapping[str, torch.Tensor],
+    base_version: int,
+    base_sha256: str,
+    seen: set[str],
+    max_delta_ratio: float,
+) -> DeltaVerdict:
+    """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict."""
+    start = time.perf_counter()
+    try:
+        header, payload = open_delta(
+            envelope=envelope, server_hpke_private=server.hpke_private(), node_keys=server.node_keys(),
+            expected_base_version=base_version, expected_base_sha256=base_sha256, seen_ids=seen,
+        )
+        if header.node_id != claimed_node:
+            raise DeltaError("node-mismatch", f"envelope signed by {header.node_id!r} arrived from {claimed_node!r}")
+        delta = state_dict_from_bytes(payload, source=f"delta from {header.node_id}")
+        ratio = check_delta(delta, base_state, max_delta_ratio=max_delta_ratio)
+    except (EnvelopeError, DeltaError, ValueError) as exc:
+        return DeltaVerdict(claimed_node, False, f"{getattr(exc, 'reason', 'invalid')}: {exc}",
+                            open_seconds=time.perf_counter() - start)
+    seen.add(header.envelope_id)
+    return DeltaVerdict(header.node_id, True, "accepted", header, delta, ratio, time.perf_counter() - start)
+
+
+def merge_deltas(
+    base: Mapping[str, torch.Tensor],
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    importance: Mapping[str, torch.Tensor] | None,
+    elastic: bool,
+    tau: float,
+    strength: float,
+) -> dict[str, torch.Tensor]:
+    """New global weights: base + sum of (elastically constrained) deltas."""
+    from common.unlearning.elastic import elastic_constraint
+
+    merged = {k: v.clone() for k, v in base.items()}
+    for delta in deltas:
+        applied = (
+            elastic_constraint(dict(delta), dict(importance), tau=tau, strength=strength)
+            if elastic and importance is not None
+            else delta
+        )
+        for name, step in applied.items():
+            merged[name] = merged[name] + step.to(merged[name].dtype)
+    return merged
+
+
+def weighted_average(maps: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """Example-weighted mean of per-node importance maps (the server's global importance)."""
+    total = sum(w for _, w in maps)
+    if not maps or total <= 0:
+        raise ValueError("no importance maps with positive weight to average")
+    keys = maps[0][0].keys()
+    return {k: sum(m[k].float() * (w / total) for m, w in maps) for k in keys}
+
+
+def publish_release(
+    *,
+    server: ServerDir,
+    model: torch.nn.Module,
+    labels: Sequence[str],
+    parent: int | None,
+    applies_requests: Sequence[str] = (),
+    metrics: Mapping[str, float] | None = None,
+    onnx: bool = True,
+    eval_manifest: Path | None = None,
+    int8_max_ua_drop: float = 1.0,
+    revoke_previous: bool = False,
+    reason: str = "",
+):
+    """Checkpoint + (optionally) ONNX exports of ``model``, published as the next signed release.
+
+    A release that applies deletions revokes every earlier one: they still encode the audio.
+    """
+    import tempfile
+
+    from common.checkpoint import save_checkpoint
+    from common.release import ReleaseRegistry
+
+    registry = ReleaseRegistry(server.releases)
+    version = max(registry.versions(), default=0) + 1
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        ckpt = save_checkpoint(model=model.cpu(), out_dir=Path(tmp) / "ckpt", labels=labels,
+                               provenance={"release_version": version, "parent": parent})
+        files = {"model.safetensors": ckpt / "model.safetensors", "model.json": ckpt / "model.json"}
+        if onnx:
+            from common.onnx_export import export_release_models
+
+            files.update(export_release_models(checkpoint_dir=ckpt, out_dir=Path(tmp) / "onnx", parity_manifest=eval_manifest,
+                                               release_version=version, int8=True, max_ua_drop=int8_max_ua_drop))
+        manifest = registry.publish(
+            files=files, signing_key=server.signing_key(), parent=parent, applies_requests=list(applies_requests),
+            metrics=dict(metrics or {}), revoke_previous=revoke_previous, reason=reason,
+        )
+    if manifest.version != version:
+        raise RuntimeError(f"release registry assigned v{manifest.version}, expected v{version}: concurrent publisher?")
+    return manifest

@@ -1,0 +1,109 @@
+"""Run settings of the federated app: one dataclass, read from ``[tool.flwr.app.config]``.
+
+Defaults live here and are mirrored verbatim in pyproject.toml (a test keeps the two equal), so
+``flwr run .`` with no arguments and a library call without settings behave the same.
+Keys are the dataclass fields with ``_`` written as ``-``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # where the simulated devices, the server and the report live
+    work_dir: str = "~/.serforget/sim"
+    task: str = "4class"
+    arch: str = "logmel_cnn"
+    model_json: str = "{}"
+    seed: int = 0
+    device: str = "auto"
+    clip_seconds: float = 3.0
+    # simulated federation (the synthetic corpus; one node per training speaker)
+    synth_speakers: int = 24
+    synth_sentences: int = 8
+    synth_takes: int = 2
+    valid_speakers: int = 3
+    test_speakers: int = 5
+    # FedAvg
+    num_rounds: int = 12
+    local_epochs: int = 2
+    lr: float = 0.002
+    batch_size: int = 16
+    fraction_evaluate: float = 0.5
+    importance_max_utts: int = 64
+    round_timeout: float = 900.0
+    # unlearning round
+    unlearn_method: str = "rl_adv_ela"
+    unlearn_stop: str = "retrain-level"
+    unlearn_json: str = "{}"
+    unlearn_timeout: float = 900.0
+    elastic: bool = True
+    elastic_tau: float = 0.05
+    elastic_strength: float = 1.0
+    max_delta_ratio: float = 0.5
+    # default scenario: deletion requests filed on two nodes before the unlearning round
+    scenario: bool = True
+    scenario_partial_node: int = 1
+    scenario_partial_n: int = 10
+    scenario_whole_node: int = 2
+    # releases
+    onnx_export: bool = True
+    int8_max_ua_drop: float = 1.0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "RunSettings":
+        """Parse a Flower run config; unknown keys and wrong types name the key."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s) {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            f = known[key]
+            kind = type(f.default)
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"run-config {key!r} must be true/false, got {value!r}")
+            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind):
+                raise ValueError(f"run-config {key!r} must be {kind.__name__}, got {value!r}")
+            values[f.name] = value
+        settings = cls(**values)
+        for name in ("model_json", "unlearn_json"):
+            settings._json(name)
+        return settings
+
+    def _json(self, name: str) -> dict:
+        try:
+            value = json.loads(getattr(self, name))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"run-config {name.replace('_', '-')!r} is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"run-config {name.replace('_', '-')!r} must be a JSON object")
+        return value
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser().resolve()
+
+    @property
+    def model_config(self) -> dict:
+        return self._json("model_json")
+
+    @property
+    def unlearn_overrides(self) -> dict:
+        return self._json("unlearn_json")
+
+    def to_toml_lines(self) -> list[str]:
+        """``key = value`` lines for pyproject's ``[tool.flwr.app.config]``."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+            out.append(f"{f.name.replace('_', '-')} = {text}")
+        return out

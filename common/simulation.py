@@ -1,0 +1,60 @@
+"""Provisioning of the default simulated federation (one machine plays every device).
+
+Idempotent, separate from training: synthesize (or reuse) the corpus, split it by speaker, give
+every training speaker a node data directory with its own audio copy and keys, create the
+server's keys, enroll every node's signing key and pin the server's HPKE public key on every
+node. In a real deployment each of these steps happens on its own host (see README).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.corpora.synth import SynthConfig, synthesize_corpus
+from common.federation import ServerDir
+from common.manifest import by_speaker, read_manifest
+from common.node import NodeDir, prepare_node_dir
+from common.pipeline import make_splits
+
+SERVER_HPKE_PIN = "server_hpke.pub"
+
+
+@dataclass(frozen=True)
+class SimulationLayout:
+    root: Path
+    splits: dict[str, Path]
+    speakers: tuple[str, ...]
+    server: ServerDir
+
+    def node_dir(self, partition_id: int) -> NodeDir:
+        if not 0 <= partition_id < len(self.speakers):
+            raise ValueError(f"partition-id {partition_id} outside the {len(self.speakers)} speaker nodes")
+        return NodeDir(self.root / "nodes" / f"{partition_id:03d}")
+
+
+def node_id_for(speaker: str) -> str:
+    """A node id that fits the envelope's identifier alphabet (no ``_``, no spaces)."""
+    return "node-" + re.sub(r"[^A-Za-z0-9.:@-]", "-", speaker)
+
+
+def provision_simulation(
+    *, root: Path, synth: SynthConfig = SynthConfig(), task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0,
+    progress: bool = True,
+) -> SimulationLayout:
+    """Create (or reuse) everything a simulated run needs under ``root``."""
+    root = Path(root)
+    manifest = synthesize_corpus(out_dir=root / "corpus", config=synth, progress=progress)
+    splits = make_splits(manifest=manifest, out_dir=root / "splits", task=task, n_valid=n_valid, n_test=n_test, seed=seed)
+    server = ServerDir(root / "server").init()
+    partitions = by_speaker(read_manifest(splits["train"]))
+    layout = SimulationLayout(root, splits, tuple(partitions), server)
+    for pid, (speaker, utts) in enumerate(partitions.items()):
+        node = prepare_node_dir(root=layout.node_dir(pid).root, node_id=node_id_for(speaker), speaker=speaker, utterances=utts)
+        server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
+        pin = node.keys_dir / SERVER_HPKE_PIN
+        if not pin.exists():
+            shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+    return layout

@@ -1,0 +1,266 @@
+"""``unlearn()``: the one entry point the CLI, the benchmarks and the Flower ClientApp call.
+
+The forget-set-only methods are one code path with three switches, so every ablation row of the
+paper's table is the same loop with components on or off:
+
+    loss = forget_weight * F(forget batch)                      F = RL (random labels) or -CE
+         + adv_weight    * CE(adversarial batch, original labels)        if Adv
+         + lambda * sum_i (1 - imp_i) (theta_i - theta0_i)^2             if Ela
+
+Order of work (all of it inside the timed, memory-metered region, so the speed-up against
+retraining is honest): copy the model; with Ela compute the forget-set importance with the
+original weights; with Adv generate the adversarial examples with the original weights; draw the
+random labels; then Adam epochs over the forget set until the stop rule fires.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.data import WaveformSet
+from common.device import resolve_device
+from common.training import iterate_batches
+from common.unlearning.adversarial import AdversarialSet, make_adversarial_set
+from common.unlearning.baselines import REMAIN_LOOPS
+from common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
+from common.unlearning.elastic import ElasticPenalty, penalty_weights
+from common.unlearning.forgetting import negative_ce_loss, random_other_labels, relabel_loss
+from common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
+from common.unlearning.measure import ResourceMeter
+from common.unlearning.stopping import LoopOutcome, StopRule, run_until_stop
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which components a forget-set-only method switches on."""
+
+    forgetting: str  # "relabel" | "negative"
+    adversarial: bool
+    elastic: bool
+
+
+RECIPES: dict[str, Recipe] = {
+    "rl": Recipe("relabel", adversarial=False, elastic=False),
+    "rl_adv": Recipe("relabel", adversarial=True, elastic=False),
+    "rl_ela": Recipe("relabel", adversarial=False, elastic=True),
+    "rl_adv_ela": Recipe("relabel", adversarial=True, elastic=True),
+    "neggrad": Recipe("negative", adversarial=False, elastic=False),
+}
+
+
+@dataclass
+class UnlearnResult:
+    """The unlearned model (a copy) and how it was obtained."""
+
+    model: nn.Module
+    method: str
+    config: UnlearnConfig
+    stop_reason: str
+    epochs: int
+    steps: int
+    #: Forget accuracy before training, then after every epoch.
+    forget_acc_trajectory: list[float]
+    #: Wall time of the whole call, including importance and adversarial generation.
+    seconds: float
+    peak_memory_bytes: int
+    memory_measure: str
+    #: Seconds per phase: ``importance``, ``adversarial``, ``training`` (what applies).
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    #: Forget-set importance (MAS or Fisher, per ``config.importance``), min-max normalised per
+    #: tensor, on the CPU; ``None`` for methods without the elastic term.
+    importance: ImportanceMap | None = None
+    n_forget: int = 0
+    n_adversarial: int = 0
+
+    @property
+    def forget_acc(self) -> float:
+        return self.forget_acc_trajectory[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description (no tensors): stored in checkpoint provenance and reports."""
+        return {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "stop_reason": self.stop_reason,
+            "epochs": self.epochs,
+            "steps": self.steps,
+            "forget_acc_trajectory": list(self.forget_acc_trajectory),
+            "seconds": self.seconds,
+            "phase_seconds": dict(self.phase_seconds),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_measure": self.memory_measure,
+            "n_forget": self.n_forget,
+            "n_adversarial": self.n_adversarial,
+        }
+
+
+def unlearn(
+    model: nn.Module,
+    forget: WaveformSet,
+    *,
+    method: str = "rl_adv_ela",
+    config: UnlearnConfig = UnlearnConfig(),
+    remain: WaveformSet | None = None,
+    progress: bool = False,
+) -> UnlearnResult:
+    """Unlearn ``forget`` from a copy of ``model``; ``model`` itself is not modified.
+
+    ``method`` is one of :data:`~common.unlearning.config.METHODS`. The forget-set-only methods
+    (``rl_adv_ela`` and its ablations, ``neggrad``) refuse ``remain``: they must not see it, and
+    refusing makes a caller's mistake visible instead of silently ignoring data. The
+    remaining-data baselines (``ft``, ``neggrad_plus``, ``scrub``) require it. Deterministic in
+    ``config.seed`` (the caller's global RNG state is restored afterwards).
+    """
+    _check_call(method, forget, remain)
+    device = resolve_device(config.device)
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        with ResourceMeter(device) as meter:
+            work = copy.deepcopy(model).to(device)
+            forget_x, forget_y = forget.waves.to(device), forget.targets.to(device)
+            if method in RECIPES:
+                outcome, phases, importance, n_adv = _run_forget_only(
+                    work, forget, forget_x, forget_y, recipe=RECIPES[method], config=config,
+                    generator=generator, device=device, progress=progress,
+                )
+            else:
+                start = time.perf_counter()
+                outcome = REMAIN_LOOPS[method](
+                    work, forget_x, forget_y, remain, config=config, generator=generator, progress=progress
+                )
+                phases, importance, n_adv = {"training": time.perf_counter() - start}, None, 0
+    work.eval()
+    return UnlearnResult(
+        model=work,
+        method=method,
+        config=config,
+        stop_reason=outcome.stop_reason,
+        epochs=outcome.epochs,
+        steps=outcome.steps,
+        forget_acc_trajectory=outcome.forget_acc,
+        seconds=meter.result.seconds,
+        peak_memory_bytes=meter.result.peak_bytes,
+        memory_measure=meter.result.how,
+        phase_seconds=phases,
+        importance=importance,
+        n_forget=len(forget),
+        n_adversarial=n_adv,
+    )
+
+
+def _check_call(method: str, forget: WaveformSet, remain: WaveformSet | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown unlearning method {method!r}; known: {', '.join(METHODS)}")
+    if len(forget) == 0:
+        raise ValueError("the forget set is empty: nothing to unlearn")
+    if method in FORGET_ONLY_METHODS and remain is not None:
+        raise ValueError(
+            f"method {method!r} unlearns from the forget set alone and must not be given remaining data (remain=None)"
+        )
+    if method in REMAIN_METHODS and (remain is None or len(remain) == 0):
+        raise ValueError(f"method {method!r} is a remaining-data baseline: pass a non-empty remain set")
+
+
+def _n_classes(model: nn.Module, probe: torch.Tensor) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(probe[:1]).shape[1])
+    finally:
+        model.train(was_training)
+
+
+def _run_forget_only(
+    work: nn.Module,
+    forget: WaveformSet,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    *,
+    recipe: Recipe,
+    config: UnlearnConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: bool,
+) -> tuple[LoopOutcome, dict[str, float], ImportanceMap | None, int]:
+    """Prepare the components with the original weights, then train until the stop rule fires."""
+    phases: dict[str, float] = {}
+    n_classes = _n_classes(work, forget_x)
+    penalty, importance = None, None
+    if recipe.elastic:
+        start = time.perf_counter()
+        raw = compute_importance(work, forget, kind=config.importance, device=device)
+        importance = minmax_normalize(raw)
+        penalty = ElasticPenalty(work, penalty_weights(raw, tau=config.tau, strength=config.ela_lambda))
+        phases["importance"] = time.perf_counter() - start
+    adversarial = None
+    if recipe.adversarial:
+        start = time.perf_counter()
+        adversarial = make_adversarial_set(
+            work, forget_x, forget_y, n_classes=n_classes, k=config.pgd_k, norm=config.pgd_norm,
+            eps=config.pgd_eps, step=config.pgd_step, steps=config.pgd_steps, rand_init=config.pgd_rand_init,
+            drop_unflipped=config.adv_drop_unflipped, generator=generator,
+        )
+        phases["adversarial"] = time.perf_counter() - start
+    relabels = random_other_labels(forget_y, n_classes=n_classes, generator=generator).to(device)
+    optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=config.lr)
+
+    def run_epoch() -> int:
+        work.train()
+        batches = iterate_batches(len(forget_y), config.batch_size, generator=generator)
+        for idx in batches:
+            loss = _forget_only_loss(
+                work, idx.to(device), forget_x, forget_y, relabels,
+                recipe=recipe, config=config, adversarial=adversarial, penalty=penalty,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return len(batches)
+
+    start = time.perf_counter()
+    outcome = run_until_stop(
+        work, rule=StopRule.from_config(config), forget_waves=forget_x, forget_targets=forget_y,
+        run_epoch=run_epoch, progress=progress,
+    )
+    phases["training"] = time.perf_counter() - start
+    return outcome, phases, importance, len(adversarial) if adversarial is not None else 0
+
+
+def _forget_only_loss(
+    model: nn.Module,
+    idx: torch.Tensor,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    relabels: torch.Tensor,
+    *,
+    recipe: Recipe,
+    config: UnlearnConfig,
+    adversarial: AdversarialSet | None,
+    penalty: ElasticPenalty | None,
+) -> torch.Tensor:
+    """One batch: the forget rows and their adversarial examples go through a single forward pass."""
+    inputs = [forget_x[idx]]
+    adv_rows = None
+    if adversarial is not None:
+        adv_rows = adversarial.rows_for(idx)
+        inputs.append(adversarial.waves[adv_rows])
+    logits = model(torch.cat(inputs))
+    forget_logits = logits[: len(idx)]
+    if recipe.forgetting == "relabel":
+        loss = config.forget_weight * relabel_loss(forget_logits, relabels[idx])
+    else:
+        loss = config.forget_weight * negative_ce_loss(forget_logits, forget_y[idx])
+    if adv_rows is not None and len(adv_rows):
+        loss = loss + config.adv_weight * nn.functional.cross_entropy(logits[len(idx) :], adversarial.targets[adv_rows])
+    if penalty is not None:
+        loss = loss + penalty(model)
+    return loss

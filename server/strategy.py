@@ -1,0 +1,43 @@
+"""FedAvg that also keeps the global importance map the nodes send with their updates."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.federation import weighted_average
+
+IMPORTANCE_KEY = "importance"
+
+
+class ImportanceFedAvg(FedAvg):
+    """FedAvg over ``arrays``; the ``importance`` records are averaged by example count on the side.
+
+    Flower's FedAvg expects exactly one ArrayRecord per reply, so the importance record is taken
+    out of each reply before the standard aggregation runs.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.importance: dict[str, torch.Tensor] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        maps = []
+        for msg in replies:
+            if msg.has_error() or IMPORTANCE_KEY not in msg.content:
+                continue
+            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+            maps.append((msg.content[IMPORTANCE_KEY].to_torch_state_dict(), weight))
+            del msg.content[IMPORTANCE_KEY]
+        if any(w > 0 for _, w in maps):
+            self.importance = weighted_average([(m, w) for m, w in maps if w > 0])
+        return super().aggregate_train(server_round, replies)

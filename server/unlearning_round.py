@@ -1,0 +1,112 @@
+"""The unlearning round: find pending deletions, collect sealed deltas, verify, merge elastically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.federation import DeltaVerdict, ServerDir, merge_deltas, open_and_check
+from common.node import state_sha256
+from common.settings import RunSettings
+
+log = logging.getLogger("serforget.server")
+
+
+@dataclass
+class RoundOutcome:
+    pending: dict[int, list[str]] = field(default_factory=dict)
+    node_names: dict[int, str] = field(default_factory=dict)
+    verdicts: list[DeltaVerdict] = field(default_factory=list)
+    node_metrics: dict[str, dict] = field(default_factory=dict)
+    merged: dict[str, torch.Tensor] | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    @property
+    def applied_request_ids(self) -> list[str]:
+        return [rid for v in self.verdicts if v.accepted for rid in v.header.request_ids]
+
+
+def _query(grid: Grid, node_ids: list[int], kind: str, content: RecordDict, timeout: float) -> list[Message]:
+    messages = [Message(content=content, message_type=f"query.{kind}", dst_node_id=n) for n in node_ids]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def find_pending(grid: Grid, *, timeout: float) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """Flower node id -> pending request ids (nodes that have some), and -> node name (all that answer)."""
+    replies = _query(grid, list(grid.get_node_ids()), "pending", RecordDict({"config": ConfigRecord({})}), timeout)
+    pending, names = {}, {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("query.pending failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        names[reply.metadata.src_node_id] = str(reply.content["pending"]["node-id"])
+        ids = [r for r in reply.content["pending"]["request-ids"] if r]
+        if ids:
+            pending[reply.metadata.src_node_id] = ids
+    return pending, names
+
+
+def run_unlearning_round(
+    grid: Grid,
+    *,
+    cfg: RunSettings,
+    server: ServerDir,
+    base_state: Mapping[str, torch.Tensor],
+    base_version: int,
+    target_forget_acc: float,
+    importance: Mapping[str, torch.Tensor] | None,
+) -> RoundOutcome:
+    """Ask nodes with pending deletions to unlearn; accept only verifiable, well-formed deltas."""
+    start = time.perf_counter()
+    pending, names = find_pending(grid, timeout=cfg.round_timeout)
+    outcome = RoundOutcome(pending=pending, node_names=names)
+    if not outcome.pending:
+        return outcome
+    arrays = ArrayRecord(dict(base_state))
+    config = ConfigRecord({"base-version": base_version, "base-sha256": state_sha256(base_state),
+                           "target-forget-acc": float(target_forget_acc)})
+    replies = _query(grid, list(outcome.pending), "unlearn", RecordDict({"arrays": arrays, "config": config}), cfg.unlearn_timeout)
+    outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
+    seen = server.seen_ids()
+    for reply in replies:
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("query.unlearn failed on node %s: %s", src, reply.error.reason)
+            outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"node-error: {reply.error.reason}"))
+            continue
+        envelope = bytes(reply.content["envelope"]["envelope"])
+        outcome.bytes_received += len(envelope)
+        verdict = open_and_check(envelope=envelope, claimed_node=names.get(src, ""), server=server,
+                                 base_state=base_state, base_version=base_version, base_sha256=config["base-sha256"],
+                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio)
+        log.info("delta from %s: %s", verdict.node_id, verdict.reason)
+        outcome.verdicts.append(verdict)
+        outcome.node_metrics[verdict.node_id] = dict(reply.content["metrics"])
+    accepted = [v for v in outcome.verdicts if v.accepted]
+    if accepted:
+        server.remember([v.header.envelope_id for v in accepted])
+        outcome.merged = merge_deltas(base_state, [v.delta for v in accepted], importance=importance,
+                                      elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def announce_release(
+    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str], retry: list[str]
+) -> list[Message]:
+    """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones."""
+    content = RecordDict({"arrays": ArrayRecord(dict(state)), "config": ConfigRecord({
+        "version": version, "applied-request-ids": applied or [""], "retry-request-ids": retry or [""]})})
+    replies = _query(grid, list(grid.get_node_ids()), "release", content, cfg.round_timeout)
+    for reply in replies:
+        if reply.has_error():
+            log.warning("query.release failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+    return replies

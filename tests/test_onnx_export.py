@@ -1,0 +1,248 @@
+"""Tests for the server-side ONNX export: graph contract, metadata, parity gate, int8 gate, release files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.edge.runtime import METADATA_KEYS, OnnxModel, parse_model_info
+from common.fsutil import sha256_file
+from common.labels import FOUR_CLASS
+from common.manifest import Utterance, read_manifest, write_manifest
+from common.models import build_model
+from common.models.cnn import LogMelCNN
+from common.models.hf import tiny_hf_config
+from common.onnx_export import (
+    INT8_FILE,
+    PARITY_BATCH_SIZES,
+    PARITY_SECONDS,
+    REPORT_FILE,
+    EvalSet,
+    OnnxExportError,
+    ParityError,
+    eval_set_from_manifest,
+    export_onnx,
+    export_release_models,
+    parity_waves_from_manifest,
+    quantize_int8,
+)
+
+#: espeak-ng prosody per emotion (pitch 0-99, words per minute, amplitude): crude acted emotions.
+_ESPEAK_STYLE = {"neutral": (50, 170, 100), "happy": (80, 220, 130), "angry": (60, 200, 180), "sad": (25, 110, 70)}
+_SENTENCES = ("the kids are talking by the door", "dogs are sitting by the door")
+
+
+def write_espeak_corpus(folder: Path, *, speakers: tuple[str, ...] = ("en-us", "en-gb")) -> Path:
+    """Real synthesized speech (22.05 kHz WAVs, so loading resamples) with a manifest; returns its path."""
+    utterances = []
+    for speaker in speakers:
+        for emotion, (pitch, speed, amplitude) in _ESPEAK_STYLE.items():
+            for take, sentence in enumerate(_SENTENCES):
+                utt_id = f"{speaker}_{emotion}_{take}"
+                path = folder / "wav" / f"{utt_id}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(
+                    ["espeak-ng", "-v", speaker, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude), "-w", str(path), sentence],
+                    check=True, capture_output=True,
+                )
+                utterances.append(Utterance(utt_id, path, speaker, emotion))
+    return write_manifest(folder / "manifest.csv", utterances)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_espeak_corpus(tmp_path_factory.mktemp("espeak"))
+
+
+@pytest.fixture(scope="module")
+def cnn() -> LogMelCNN:
+    torch.manual_seed(0)
+    return build_model(arch="logmel_cnn", config={}, labels=FOUR_CLASS).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_export(cnn: LogMelCNN, corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS)
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    return export_onnx(model=cnn, labels=FOUR_CLASS, out_path=out, release_version=7, parity_waves=waves, parity_source="espeak")
+
+
+def test_graph_takes_dynamic_waveform_batches_and_passes_checker(cnn_export) -> None:
+    proto = onnx.load(str(cnn_export.path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    (waveform,) = proto.graph.input
+    assert waveform.name == "waveform"
+    assert waveform.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param for d in waveform.type.tensor_type.shape.dim] == ["batch", "samples"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+
+
+def test_metadata_carries_labels_rate_release_and_weights_hash(cnn: LogMelCNN, cnn_export, tmp_path: Path) -> None:
+    meta = {p.key: p.value for p in onnx.load(str(cnn_export.path)).metadata_props}
+    assert set(METADATA_KEYS) <= set(meta)
+    info = parse_model_info(meta, source="test")
+    assert info.labels == FOUR_CLASS
+    assert (info.sample_rate, info.release_version, info.arch, info.precision) == (16_000, 7, "logmel_cnn", "fp32")
+    saved_meta = load_checkpoint(save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS))[1]
+    assert info.weights_sha256 == saved_meta.weights_sha256
+
+
+def test_parity_report_covers_lengths_and_batch_sizes_within_bound(cnn_export) -> None:
+    parity = cnn_export.parity
+    assert parity.passed and parity.source == "espeak"
+    assert parity.lengths_s == list(PARITY_SECONDS)
+    assert parity.batch_sizes == list(PARITY_BATCH_SIZES)
+    assert parity.max_abs_logit_diff <= 1e-4
+    assert parity.argmax_agreement >= 0.999
+    assert parity.n_examples == 16 * len(PARITY_SECONDS)
+
+
+def test_unseen_batch_and_length_match_pytorch_and_reference_evaluator(cnn: LogMelCNN, cnn_export) -> None:
+    waves = 0.1 * torch.randn(5, 12_345, generator=torch.Generator().manual_seed(1))
+    logits, probabilities = OnnxModel(cnn_export.path).run(waves.numpy())
+    with torch.no_grad():
+        expected = cnn(waves).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    short = waves[:2, :4_000].numpy()
+    reference_logits, _ = ReferenceEvaluator(str(cnn_export.path)).run(None, {"waveform": short})
+    np.testing.assert_allclose(reference_logits, OnnxModel(cnn_export.path).run(short)[0], rtol=0, atol=1e-4)
+
+
+def test_export_leaves_the_callers_model_untouched(tmp_path: Path) -> None:
+    model = build_model(arch="logmel_cnn", config={"channels": [4, 8]}, labels=FOUR_CLASS).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=None)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert parse_model_info({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}, source="t").release_version is None
+
+
+@pytest.mark.parametrize("arch", ["wav2vec2", "hubert"])
+def test_transformers_family_exports_with_parity(arch: str, corpus: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch=arch, config={"hf_config": tiny_hf_config(arch=arch, n_labels=4)}, labels=FOUR_CLASS)
+    waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS, max_utterances=4)
+    report = export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=1, parity_waves=waves)
+    assert report.parity.passed and report.parity.max_abs_logit_diff <= 1e-4
+    assert report.metadata["arch"] == arch
+    dims = onnx.load(str(report.path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "samples"]
+
+
+class _DivergesWhenExported(LogMelCNN):
+    """Adds an offset only inside the exported graph: the parity check must catch it."""
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(waveform)
+        return logits + 0.01 if torch.compiler.is_compiling() else logits
+
+
+def test_parity_failure_raises_and_keeps_the_previous_file(tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous release")
+    model = _DivergesWhenExported(n_classes=4).eval()
+    with pytest.raises(ParityError, match=r"max \|logit diff\| 0\.01"):
+        export_onnx(model=model, labels=FOUR_CLASS, out_path=out, release_version=2)
+    assert out.read_bytes() == b"previous release"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"opset": 17}, "opset 17 is not supported"),
+        ({"release_version": 0}, "release_version must be a positive integer"),
+        ({"labels": ("neutral", "happy", "angry")}, "4 classes, expected 3 labels"),
+        ({"labels": ("sad", "sad", "angry", "happy")}, "distinct names"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_clear_error(cnn: LogMelCNN, tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {"model": cnn, "labels": FOUR_CLASS, "out_path": tmp_path / "m.onnx", "release_version": 1, **kwargs}
+    with pytest.raises(OnnxExportError, match=message):
+        export_onnx(**args)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_model_is_smaller_and_its_ua_change_is_measured(cnn_export, corpus: Path, tmp_path: Path) -> None:
+    eval_set = eval_set_from_manifest(manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0)
+    out = tmp_path / INT8_FILE
+    report = quantize_int8(fp32_path=cnn_export.path, out_path=out, eval_set=eval_set, max_ua_drop=100.0)
+    assert report.published and out.is_file()
+    assert report.size_bytes_int8 == out.stat().st_size
+    assert report.size_ratio <= 0.4  # the log-mel CNN, DFT kernels included, shrinks to under 40 %
+    assert report.n_eval == len(read_manifest(corpus))
+    assert report.ua_drop_points == pytest.approx(100 * (report.ua_fp32 - report.ua_int8))
+    info = OnnxModel(out).info
+    assert info.precision == "int8" and info.labels == FOUR_CLASS and info.release_version == 7
+
+
+def _fake_ua(values: dict[str, float]):
+    return lambda model, data, **_: values[model.info.precision]
+
+
+@pytest.mark.parametrize(("ua_int8", "published"), [(0.795, True), (0.79, True), (0.70, False)])
+def test_int8_is_published_only_within_the_ua_bound(
+    cnn_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ua_int8: float, published: bool
+) -> None:
+    monkeypatch.setattr("common.onnx_export.onnx_ua", _fake_ua({"fp32": 0.80, "int8": ua_int8}))
+    data = EvalSet(waves=np.zeros((2, 16_000), np.float32), targets=np.array([0, 1]), labels=FOUR_CLASS)
+    out = tmp_path / INT8_FILE
+    report = quantize_int8(fp32_path=cnn_export.path, out_path=out, eval_set=data, max_ua_drop=1.0)
+    assert report.published is published
+    assert out.is_file() is published
+    assert report.ua_drop_points == pytest.approx(100 * (0.80 - ua_int8))
+    assert ("within" if published else "exceeds") in report.reason
+    assert [p.name for p in tmp_path.iterdir()] == ([INT8_FILE] if published else [])
+
+
+def test_int8_without_labelled_data_is_not_published(cnn_export, tmp_path: Path) -> None:
+    report = quantize_int8(fp32_path=cnn_export.path, out_path=tmp_path / INT8_FILE, eval_set=None)
+    assert not report.published and "cannot be measured" in report.reason
+    assert not (tmp_path / INT8_FILE).exists()
+
+
+def test_quantizing_an_int8_model_or_a_negative_bound_is_refused(cnn_export, tmp_path: Path) -> None:
+    with pytest.raises(OnnxExportError, match="max_ua_drop"):
+        quantize_int8(fp32_path=cnn_export.path, out_path=tmp_path / "q.onnx", eval_set=None, max_ua_drop=-1.0)
+    first = tmp_path / "first.onnx"
+    data = EvalSet(waves=np.zeros((1, 16_000), np.float32), targets=np.array([0]), labels=FOUR_CLASS)
+    quantize_int8(fp32_path=cnn_export.path, out_path=first, eval_set=data, max_ua_drop=100.0)
+    with pytest.raises(OnnxExportError, match="quantize the fp32 model"):
+        quantize_int8(fp32_path=first, out_path=tmp_path / "again.onnx", eval_set=data)
+
+
+def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Path, tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
+    files = export_release_models(
+        checkpoint_dir=checkpoint, out_dir=tmp_path / "onnx", parity_manifest=corpus, release_version=3, max_ua_drop=100.0
+    )
+    assert set(files) == {"model.onnx", INT8_FILE, REPORT_FILE}
+    report = json.loads(files[REPORT_FILE].read_text())
+    assert (report["format"], report["format_version"], report["release_version"]) == ("serforget-onnx-report", 1, 3)
+    assert report["checkpoint_weights_sha256"] == load_checkpoint(checkpoint)[1].weights_sha256
+    assert report["fp32"]["parity"]["passed"] and report["fp32"]["parity"]["n_examples"] == 16 * len(PARITY_SECONDS)
+    assert report["int8"]["published"] and report["int8"]["n_eval"] == 16
+    for name in ("model.onnx", INT8_FILE):
+        assert report["files"][name]["sha256"] == sha256_file(files[name])
+    session = ort.InferenceSession(str(files["model.onnx"]))
+    assert session.get_modelmeta().custom_metadata_map["release_version"] == "3"
+
+
+def test_export_release_models_without_manifest_uses_probes_and_skips_int8(cnn: LogMelCNN, tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
+    files = export_release_models(checkpoint_dir=checkpoint, out_dir=tmp_path / "onnx")
+    assert set(files) == {"model.onnx", REPORT_FILE}
+    report = json.loads(files[REPORT_FILE].read_text())
+    assert report["fp32"]["parity"]["source"] == "synthetic probe signals"
+    assert report["int8"]["published"] is False

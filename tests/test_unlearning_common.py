@@ -1,0 +1,71 @@
+"""Shared tiny task for the unlearning tests (no test functions here).
+
+A 4-class "emotion" task of 0.25 s tones: class c is a sine at its own frequency with random
+phase, level and noise. A log-mel CNN with a few channels learns it in about a second on a CPU,
+which is what the unit tests need: a real trained waveform model that PGD, importance and the
+unlearning loop can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from common.data import WaveformSet
+from common.models import build_model
+from common.training import TrainConfig, train_model
+
+LABELS = ("neutral", "happy", "angry", "sad")
+SAMPLES = 4000
+TINY_CNN = {"n_mels": 16, "n_fft": 256, "hop_length": 128, "channels": [4, 8], "hidden": 16, "dropout": 0.0, "groups": 2}
+_FREQS = (300.0, 700.0, 1500.0, 3000.0)
+
+
+def tone_set(n_per_class: int, *, seed: int, prefix: str = "u", speaker: str = "spk") -> WaveformSet:
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(SAMPLES) / 16_000
+    waves, targets = [], []
+    for c, freq in enumerate(_FREQS):
+        for _ in range(n_per_class):
+            phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
+            level = 0.1 + 0.3 * float(torch.rand(1, generator=gen))
+            noise = 0.05 * torch.randn(SAMPLES, generator=gen)
+            waves.append(level * torch.sin(2 * math.pi * freq * t + phase) + noise)
+            targets.append(c)
+    n = len(targets)
+    return WaveformSet(
+        waves=torch.stack(waves).clamp(-1, 1),
+        targets=torch.tensor(targets),
+        utt_ids=[f"{prefix}{i:03d}" for i in range(n)],
+        speakers=[speaker] * n,
+    )
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(arch="logmel_cnn", config=TINY_CNN, labels=LABELS)
+
+
+@lru_cache(maxsize=1)
+def _trained_state() -> tuple[dict, WaveformSet, WaveformSet]:
+    train = tone_set(16, seed=1, prefix="train")
+    held_out = tone_set(10, seed=2, prefix="held")
+    model = tiny_model()
+    train_model(model, train, config=TrainConfig(epochs=12, batch_size=16, lr=5e-3, device="cpu"), progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}, train, held_out
+
+
+def trained_tiny() -> tuple[torch.nn.Module, WaveformSet, WaveformSet]:
+    """A fresh copy of the trained tiny model, its training set and a held-out set."""
+    state, train, held_out = _trained_state()
+    model = tiny_model()
+    model.load_state_dict(state)
+    return model.eval(), train, held_out
+
+
+def accuracy(model: torch.nn.Module, data: WaveformSet) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(data.waves).argmax(1) == data.targets).float().mean())
