@@ -338,8 +338,21 @@ def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
+def _example_input(sample_rate: int) -> torch.Tensor:
+    """One second of quiet noise, batch 2 (batch 1 would pin the exported batch axis to 1)."""
+    return 0.01 * torch.randn(2, sample_rate, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _check_output_width(model: nn.Module, *, n_labels: int, sample_rate: int) -> None:
+    """Fail before the (slow) export when the model's classes and the label list disagree."""
+    logits = model(_example_input(sample_rate))
+    if logits.dim() != 2 or logits.shape[1] != n_labels:
+        raise OnnxExportError(f"{type(model).__name__} outputs logits of shape {tuple(logits.shape)}, expected [batch, {n_labels}] for the labels")
+
+
 def _trace_to_onnx(model: nn.Module, *, opset: int, sample_rate: int) -> onnx.ModelProto:
-    example = 0.01 * torch.randn(2, sample_rate, generator=torch.Generator().manual_seed(0))
+    example = _example_input(sample_rate)
     try:
         program = torch.onnx.export(
             _LogitsAndProbabilities(model).eval(),
@@ -407,6 +420,7 @@ def export_onnx(
         window_seconds=window_seconds,
         format_version=ONNX_FORMAT_VERSION,
     )
+    _check_output_width(frozen, n_labels=len(labels), sample_rate=sample_rate)
     proto = _trace_to_onnx(frozen, opset=opset, sample_rate=sample_rate)
     _set_metadata(proto, info.to_metadata())
     check_graph(proto, n_labels=len(labels), source=str(out))

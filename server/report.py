@@ -32,6 +32,8 @@ def build_report(
     forget, remain = scenario.forget_and_remain(forget_ids)
     before = scenario.privacy_and_accuracy(trained, forget, remain)
     after = scenario.privacy_and_accuracy(final, forget, remain)
+    ablation = (scenario.privacy_and_accuracy(outcome.merged_unconstrained, forget, remain)
+                if outcome.merged_unconstrained is not None else None)
     registry = ReleaseRegistry(scenario.layout.server.releases)
     node_reports = [dict(r.content["metrics"]) for r in release_replies if not r.has_error()]
     node_unlearn = outcome.node_metrics
@@ -46,6 +48,7 @@ def build_report(
         "n_forget": len(forget),
         "before": before,
         "after": after,
+        "after_without_elastic": ablation,
         "unlearning": {
             "pending_nodes": len(outcome.pending),
             "verdicts": [{"node": v.node_id, "accepted": v.accepted, "reason": v.reason,

@@ -125,6 +125,9 @@ def report_markdown(report: dict) -> str:
     ]
     for key, label in (("forget_acc", "forget accuracy"), ("remain_acc", "remaining-set accuracy"), ("test_ua", "test UA"), ("test_wa", "test WA")):
         lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} |")
+    if report.get("after_without_elastic"):
+        w = report["after_without_elastic"]
+        lines.insert(len(lines), f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} |")
     for attack in ("loss", "confidence", "entropy"):
         if attack in b["mia"]:
             lines.append(f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} |")

@@ -25,6 +25,8 @@ class RoundOutcome:
     verdicts: list[DeltaVerdict] = field(default_factory=list)
     node_metrics: dict[str, dict] = field(default_factory=dict)
     merged: dict[str, torch.Tensor] | None = None
+    #: the same deltas summed without the elastic constraint (reported as the ablation)
+    merged_unconstrained: dict[str, torch.Tensor] | None = None
     bytes_received: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
@@ -93,8 +95,10 @@ def run_unlearning_round(
     accepted = [v for v in outcome.verdicts if v.accepted]
     if accepted:
         server.remember([v.header.envelope_id for v in accepted])
-        outcome.merged = merge_deltas(base_state, [v.delta for v in accepted], importance=importance,
-                                      elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+        deltas = [v.delta for v in accepted]
+        outcome.merged = merge_deltas(base_state, deltas, importance=importance, elastic=cfg.elastic,
+                                      tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+        outcome.merged_unconstrained = merge_deltas(base_state, deltas, importance=None, elastic=False, tau=0.0, strength=0.0)
     outcome.seconds = time.perf_counter() - start
     return outcome
 

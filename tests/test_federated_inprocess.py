@@ -12,7 +12,7 @@ from client.app import app as client_app
 from common.ledger import Ledger
 from common.release import ReleaseRegistry
 from server.app import app as server_app
-from tests.flower_harness import InProcessGrid
+from server.inprocess import InProcessGrid
 
 TINY = {
     "synth-speakers": 6, "synth-sentences": 2, "synth-takes": 1, "valid-speakers": 1, "test-speakers": 1,

@@ -23,7 +23,10 @@ TINY_CNN = {"n_mels": 16, "n_fft": 256, "hop_length": 128, "channels": [4, 8], "
 _FREQS = (300.0, 700.0, 1500.0, 3000.0)
 
 
-def tone_set(n_per_class: int, *, seed: int, prefix: str = "u", speaker: str = "spk") -> WaveformSet:
+def tone_set(
+    n_per_class: int, *, seed: int, prefix: str = "u", speaker: str = "spk", marker: bool = False
+) -> WaveformSet:
+    """Tones of the four classes; ``marker`` adds a 5 kHz hum, the "voice" of one speaker."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(SAMPLES) / 16_000
     waves, targets = [], []
@@ -32,7 +35,8 @@ def tone_set(n_per_class: int, *, seed: int, prefix: str = "u", speaker: str = "
             phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
             level = 0.1 + 0.3 * float(torch.rand(1, generator=gen))
             noise = 0.05 * torch.randn(SAMPLES, generator=gen)
-            waves.append(level * torch.sin(2 * math.pi * freq * t + phase) + noise)
+            hum = 0.1 * torch.sin(2 * math.pi * 5000.0 * t) if marker else 0.0
+            waves.append(level * torch.sin(2 * math.pi * freq * t + phase) + noise + hum)
             targets.append(c)
     n = len(targets)
     return WaveformSet(
@@ -48,17 +52,30 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return build_model(arch="logmel_cnn", config=TINY_CNN, labels=LABELS)
 
 
+def concat(*sets: WaveformSet) -> WaveformSet:
+    return WaveformSet(
+        waves=torch.cat([s.waves for s in sets]),
+        targets=torch.cat([s.targets for s in sets]),
+        utt_ids=[u for s in sets for u in s.utt_ids],
+        speakers=[p for s in sets for p in s.speakers],
+    )
+
+
 @lru_cache(maxsize=1)
 def _trained_state() -> tuple[dict, WaveformSet, WaveformSet]:
-    train = tone_set(16, seed=1, prefix="train")
+    train = concat(tone_set(12, seed=1, prefix="train"), tone_set(2, seed=3, prefix="marked", speaker="m", marker=True))
     held_out = tone_set(10, seed=2, prefix="held")
     model = tiny_model()
-    train_model(model, train, config=TrainConfig(epochs=12, batch_size=16, lr=5e-3, device="cpu"), progress=False)
+    train_model(model, train, config=TrainConfig(epochs=20, batch_size=16, lr=1e-2, device="cpu"), progress=False)
     return {k: v.clone() for k, v in model.state_dict().items()}, train, held_out
 
 
 def trained_tiny() -> tuple[torch.nn.Module, WaveformSet, WaveformSet]:
-    """A fresh copy of the trained tiny model, its training set and a held-out set."""
+    """A fresh copy of the trained tiny model, its training set and a held-out set.
+
+    The training set ends with 8 utterances (2 per class) of speaker ``m`` with the marker hum:
+    the natural forget set (a speaker asking to be deleted), distinguishable from the rest.
+    """
     state, train, held_out = _trained_state()
     model = tiny_model()
     model.load_state_dict(state)

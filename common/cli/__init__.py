@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 #: Submodules that contribute subcommands, in help order.
-_COMMAND_MODULES = ("corpus", "train", "unlearn", "keys", "node", "server", "edge")
+_COMMAND_MODULES = ("corpus", "train", "simulate", "unlearn", "keys", "node", "server", "edge")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,8 +142,8 @@ class EmotionStyle:
 
 STYLES: dict[str, EmotionStyle] = {
     "neutral": EmotionStyle(1.00, 1.00, 1.00, 0.0, 0.0, 0.0, 0.0),
-    "happy": EmotionStyle(1.30, 1.70, 1.10, 2.0, 0.0, 1.0, 0.0),
-    "angry": EmotionStyle(1.12, 1.40, 1.12, 5.0, 3.0, 2.0, 0.0),
+    "happy": EmotionStyle(1.40, 1.90, 1.12, 3.0, 0.0, 1.5, 0.0),
+    "angry": EmotionStyle(1.12, 1.40, 1.12, 4.0, 2.0, 1.5, 0.0),
     "sad": EmotionStyle(0.85, 0.50, 0.80, -4.0, 0.0, -3.0, 0.08),
 }
 _STYLE_INDEX = {name: i for i, name in enumerate(STYLES)}

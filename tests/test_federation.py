@@ -1,0 +1,120 @@
+"""Server-side checks of sealed deltas and the merge rule (no Flower involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import state_dict_bytes
+from common.envelope import seal_delta
+from common.federation import DeltaError, ServerDir, check_delta, merge_deltas, open_and_check, weighted_average
+from common.keys import init_keys, load_hpke_public, load_signing_private
+from common.node import state_sha256, weight_delta
+
+BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> ServerDir:
+    srv = ServerDir(tmp_path / "server").init()
+    for name in ("node-a", "node-b"):
+        keys = init_keys(key_dir=tmp_path / name, role="node")
+        srv.enroll(node_id=name, public_key_path=keys.sign_public)
+    return srv
+
+
+def _seal(server: ServerDir, tmp_path: Path, delta: dict, *, node: str = "node-a", signer: str | None = None,
+          base_version: int = 1, base_sha: str | None = None) -> bytes:
+    return seal_delta(payload=state_dict_bytes(delta), node_id=node, request_ids=["r1"], base_version=base_version,
+                      base_sha256=base_sha or state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
+                      node_signing_key=load_signing_private(tmp_path / (signer or node) / "sign.key"))
+
+
+def _open(server: ServerDir, envelope: bytes, seen: set, *, claimed: str = "node-a", ratio: float = 0.5):
+    return open_and_check(envelope=envelope, claimed_node=claimed, server=server, base_state=BASE, base_version=1,
+                          base_sha256=state_sha256(BASE), seen=seen, max_delta_ratio=ratio)
+
+
+def test_accepts_a_valid_delta_once(server: ServerDir, tmp_path: Path) -> None:
+    delta = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
+    env, seen = _seal(server, tmp_path, delta), set()
+    verdict = _open(server, env, seen)
+    assert verdict.accepted and torch.equal(verdict.delta["w"], delta["w"])
+    replay = _open(server, env, seen)
+    assert not replay.accepted and replay.reason.startswith("replay")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("wrong-version", "wrong-base"),
+        ("wrong-hash", "wrong-base"),
+        ("other-node-key", "bad-signature"),
+        ("claimed-by-other", "node-mismatch"),
+        ("tampered", ""),
+        ("huge", "too-large"),
+        ("nan", "non-finite"),
+        ("shape", "wrong-shape"),
+        ("keys", "wrong-keys"),
+    ],
+)
+def test_rejects_bad_envelopes_and_deltas(server: ServerDir, tmp_path: Path, case: str, expected: str) -> None:
+    good = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
+    claimed = "node-a"
+    if case == "wrong-version":
+        env = _seal(server, tmp_path, good, base_version=2)
+    elif case == "wrong-hash":
+        env = _seal(server, tmp_path, good, base_sha="0" * 64)
+    elif case == "other-node-key":
+        env = _seal(server, tmp_path, good, signer="node-b")
+    elif case == "claimed-by-other":
+        env, claimed = _seal(server, tmp_path, good), "node-b"
+    elif case == "tampered":
+        raw = bytearray(_seal(server, tmp_path, good))
+        raw[len(raw) // 2] ^= 0xFF
+        env = bytes(raw)
+    elif case == "huge":
+        env = _seal(server, tmp_path, {"w": torch.full((3, 2), 10.0), "b": torch.zeros(2)})
+    elif case == "nan":
+        env = _seal(server, tmp_path, {"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)})
+    elif case == "shape":
+        env = _seal(server, tmp_path, {"w": torch.zeros(2, 3), "b": torch.zeros(2)})
+    else:
+        env = _seal(server, tmp_path, {"w": torch.zeros(3, 2)})
+    seen: set = set()
+    verdict = _open(server, env, seen, claimed=claimed)
+    assert not verdict.accepted and verdict.delta is None
+    assert verdict.reason.startswith(expected), verdict.reason
+    assert seen == set()  # a rejected envelope changes nothing
+
+
+def test_check_delta_ignores_integer_buffers_and_bounds_norm() -> None:
+    assert check_delta({"w": torch.zeros(3, 2), "b": torch.zeros(2)}, BASE, max_delta_ratio=0.1) == 0.0
+    with pytest.raises(DeltaError, match="too-large"):
+        check_delta({"w": torch.ones(3, 2), "b": torch.zeros(2)}, BASE, max_delta_ratio=0.1)
+
+
+def test_merge_sums_deltas_and_elastic_rule_limits_important_weights() -> None:
+    d1 = {"w": torch.full((3, 2), 0.1), "b": torch.zeros(2)}
+    d2 = {"w": torch.full((3, 2), 0.2), "b": torch.full((2,), 0.1)}
+    merged = merge_deltas(BASE, [d1, d2], importance=None, elastic=False, tau=0.1, strength=1.0)
+    assert torch.allclose(merged["w"], torch.full((3, 2), 1.3)) and torch.allclose(merged["b"], torch.full((2,), 0.1))
+    assert torch.equal(merged["steps"], BASE["steps"])
+    importance = {"w": torch.tensor([[1.0, 0.0]] * 3), "b": torch.zeros(2)}
+    constrained = merge_deltas(BASE, [d1], importance=importance, elastic=True, tau=1.0, strength=1.0)
+    moved = (constrained["w"] - BASE["w"]).abs()
+    assert (moved[:, 0] < moved[:, 1]).all()  # the important column moves less
+
+
+def test_weighted_average_of_importance() -> None:
+    avg = weighted_average([({"w": torch.ones(2)}, 1.0), ({"w": torch.zeros(2)}, 3.0)])
+    assert torch.allclose(avg["w"], torch.full((2,), 0.25))
+    with pytest.raises(ValueError):
+        weighted_average([])
+
+
+def test_weight_delta_skips_integer_buffers() -> None:
+    updated = {k: v + 1 for k, v in BASE.items()}
+    assert set(weight_delta(updated, BASE)) == {"w", "b"}

@@ -1,0 +1,57 @@
+"""UnlearnConfig: validation and reading from Flower run config / CLI mappings."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.unlearning import UnlearnConfig
+
+
+def test_defaults_are_valid_and_round_trip_through_a_mapping():
+    config = UnlearnConfig()
+    assert config.stop == "zero" and config.importance == "mas"
+    assert UnlearnConfig.from_mapping(config.to_dict()) == config
+
+
+def test_from_mapping_coerces_strings_and_accepts_hyphens():
+    config = UnlearnConfig.from_mapping({
+        "pgd-eps": "0.1", "max_epochs": "7", "pgd_rand_init": "false", "stop": "retrain-level",
+        "target-forget-acc": 0.55, "remain_steps_per_epoch": "none", "pgd_k": 3.0,
+    })
+    assert config.pgd_eps == 0.1 and config.max_epochs == 7 and config.pgd_rand_init is False
+    assert config.stop == "retrain-level" and config.target_forget_acc == 0.55
+    assert config.remain_steps_per_epoch is None and config.pgd_k == 3
+
+
+def test_from_mapping_with_prefix_reads_only_its_keys():
+    config = UnlearnConfig.from_mapping({"unlearn-tau": 0.25, "num-server-rounds": 3}, prefix="unlearn-")
+    assert config.tau == 0.25
+
+
+@pytest.mark.parametrize(("mapping", "message"), [
+    ({"learning_rate": 1.0}, "unknown unlearning setting 'learning_rate'"),
+    ({"max_epochs": "two"}, "'max_epochs': cannot read 'two' as int"),
+    ({"pgd_k": 2.5}, "'pgd_k': cannot read 2.5 as int"),
+    ({"pgd_rand_init": "maybe"}, "'pgd_rand_init'"),
+    ({"lr": True}, "'lr'"),
+])
+def test_from_mapping_names_the_bad_key(mapping, message):
+    with pytest.raises(ValueError, match=message):
+        UnlearnConfig.from_mapping(mapping)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"lr": 0.0}, "lr"),
+    ({"stop": "never"}, "stop"),
+    ({"stop": "retrain-level"}, "target_forget_acc"),
+    ({"target_forget_acc": 1.5}, "target_forget_acc"),
+    ({"pgd_norm": "l1"}, "pgd_norm"),
+    ({"tau": 0.0}, "tau"),
+    ({"tau": 1.5}, "tau"),
+    ({"importance": "ewc"}, "importance"),
+    ({"pgd_k": 0}, "pgd_k"),
+    ({"neggrad_plus_alpha": 2.0}, "neggrad_plus_alpha"),
+])
+def test_invalid_settings_are_rejected_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"UnlearnConfig.{field}"):
+        UnlearnConfig(**changes)
