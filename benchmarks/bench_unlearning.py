@@ -71,7 +71,7 @@ ROW_FORMAT_VERSION = 1
 PARTIAL_FORMAT_VERSION = 1
 TABLE_METRICS = (
     "forget_acc", "remain_acc", "test_ua", "test_wa", "mia_auc", "mia_adv", "mia_conf_auc", "mia_entropy_auc",
-    "gap", "unlearn_s", "speedup", "mem_ratio", "epochs",
+    "gap", "unlearn_s", "unlearn_cpu_s", "speedup", "speedup_cpu", "mem_ratio", "epochs",
 )
 SWEEP_METHODS = ("rl", "rl_adv_ela", "rl_adv_ela@retrain-level")
 
@@ -142,18 +142,20 @@ def retrained(
     progress: bool,
 ) -> Retrained:
     """The oracle for one forget set, cached with the wall time and peak memory it took."""
+    train_config = asdict(settings.train_config())
     try:
         model, meta = load_checkpoint(cache)
-        if meta.provenance.get("remain_sha") == _ids_sha(remain.utt_ids) and meta.provenance.get("settings") == settings.fingerprint():
+        if meta.provenance.get("remain_sha") == _ids_sha(remain.utt_ids) and meta.provenance.get("train_config") == train_config:
             return Retrained(model=model, seconds=float(meta.provenance["retrain_s"]),
+                             cpu_seconds=float(meta.provenance["retrain_cpu_s"]),
                              peak_bytes=int(meta.provenance["retrain_peak_bytes"]))
     except CheckpointError:
         pass
     result = run_retrain(original, remain, labels=FOUR_CLASS, train_config=settings.train_config(), valid=valid,
                          progress=progress)
     save_checkpoint(model=result.model.cpu(), out_dir=cache, labels=FOUR_CLASS, provenance={
-        "remain_sha": _ids_sha(remain.utt_ids), "settings": settings.fingerprint(),
-        "retrain_s": result.seconds, "retrain_peak_bytes": result.peak_bytes,
+        "remain_sha": _ids_sha(remain.utt_ids), "train_config": train_config,
+        "retrain_s": result.seconds, "retrain_cpu_s": result.cpu_seconds, "retrain_peak_bytes": result.peak_bytes,
     })
     return result
 

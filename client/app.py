@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 
 from client.runtime import model_from, node_dir, pinned_server_key, settings
 from common.labels import task_labels
-from common.node import adopt_release, load_forget_set, load_training_set, seal_unlearning_delta, state_sha256
+from common.node import (adopt_release, load_forget_set, load_training_set, requests_to_unlearn, seal_unlearning_delta,
+                         state_sha256)
 from common.training import TrainConfig, evaluate_model, train_model
 from common.unlearning import UnlearnConfig, mas_importance, unlearn
 
@@ -60,8 +61,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("pending")
 def pending(msg: Message, context: Context) -> Message:
     node = node_dir(context, settings(context))
-    with node.open_ledger() as ledger:
-        requests = ledger.pending()
+    requests = requests_to_unlearn(node)
     return Message(RecordDict({"pending": ConfigRecord({
         "node-id": node.node_id,
         "request-ids": [r.request_id for r in requests] or [""],
@@ -76,8 +76,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
     base_state = msg.content["arrays"].to_torch_state_dict()
     if state_sha256(base_state) != conf["base-sha256"]:
         raise ValueError("global model received does not match the announced base-sha256")
-    with node.open_ledger() as ledger:
-        requests = ledger.pending()
+    requests = requests_to_unlearn(node)
     forget = load_forget_set(node, requests, labels=labels, clip_seconds=cfg.clip_seconds)
     ucfg = UnlearnConfig.from_mapping({**cfg.unlearn_overrides, "stop": cfg.unlearn_stop, "seed": cfg.seed,
                                        "target_forget_acc": float(conf["target-forget-acc"]), "device": cfg.device})

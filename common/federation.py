@@ -131,14 +131,22 @@ def open_and_check(
     base_sha256: str,
     seen: set[str],
     max_delta_ratio: float,
+    applied_requests: set[str] = frozenset(),
 ) -> DeltaVerdict:
-    """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict."""
+    """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict.
+
+    ``applied_requests`` are request ids some published release already applies: a second delta
+    for them (a node that missed the announcement re-sends) is refused, so it is applied once.
+    """
     start = time.perf_counter()
     try:
         header, payload = open_delta(
             envelope=envelope, server_hpke_private=server.hpke_private(), node_keys=server.node_keys(),
             expected_base_version=base_version, expected_base_sha256=base_sha256, seen_ids=seen,
         )
+        again = sorted(set(header.request_ids) & set(applied_requests))
+        if again:
+            raise DeltaError("already-applied", f"requests {again} are applied by an earlier release")
         if header.node_id != claimed_node:
             raise DeltaError("node-mismatch", f"envelope signed by {header.node_id!r} arrived from {claimed_node!r}")
         delta = state_dict_from_bytes(payload, source=f"delta from {header.node_id}")
@@ -172,6 +180,14 @@ def merge_deltas(
         for name, step in applied.items():
             merged[name] = merged[name] + step.to(merged[name].dtype)
     return merged
+
+
+def applied_request_ids(releases: Path) -> set[str]:
+    """Every request id that a published release applies (the registry is the source of truth)."""
+    from common.release import ReleaseRegistry
+
+    registry = ReleaseRegistry(releases)
+    return {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
 
 
 def weighted_average(maps: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:

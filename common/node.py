@@ -31,7 +31,7 @@ from common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
 from common.envelope import read_header_unverified, seal_delta
 from common.fsutil import atomic_write_json, sha256_bytes
 from common.keys import init_keys, load_signing_private
-from common.ledger import APPLIED, UNLEARNED, DeletionRequest, Ledger, purge_request
+from common.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
 from common.manifest import Utterance, read_manifest, write_manifest
 
 NODE_FORMAT_VERSION = 1
@@ -143,6 +143,18 @@ def load_training_set(node: NodeDir, *, labels: Sequence[str], clip_seconds: flo
     return load_waveforms(keep, labels=labels, clip_seconds=clip_seconds)
 
 
+def requests_to_unlearn(node: NodeDir) -> list[DeletionRequest]:
+    """Pending requests, plus ``unlearned`` ones whose release never reached this node.
+
+    A node can die after sealing a delta but before its reply arrives, or miss the announcement
+    of the release that applied it. An ``unlearned`` request is therefore offered again; the
+    server refuses a second delta for requests it has already applied and re-announces them,
+    so a delivery that happens twice is applied once.
+    """
+    with node.open_ledger() as ledger:
+        return [r for r in ledger.all() if r.state in (PENDING, UNLEARNED)]
+
+
 def load_forget_set(
     node: NodeDir, requests: Sequence[DeletionRequest], *, labels: Sequence[str], clip_seconds: float = DEFAULT_CLIP_SECONDS
 ) -> WaveformSet:
@@ -203,6 +215,8 @@ def seal_unlearning_delta(
     envelope_id = read_header_unverified(envelope).envelope_id
     with node.open_ledger() as ledger:
         for rid in request_ids:
+            if ledger.get(rid).state == UNLEARNED:
+                ledger.mark_retry(rid, reason=f"re-sealed as envelope {envelope_id} (earlier delta not applied)")
             ledger.mark_unlearned(rid, envelope_id=envelope_id, base_version=base_version)
     return SealedUnlearning(envelope, envelope_id, request_ids, n_forget, dict(metrics))
 

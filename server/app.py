@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation import publish_release
+from common.federation import applied_request_ids, publish_release
 from common.models import build_model
 from common.node import state_sha256
 from common.settings import RunSettings
@@ -60,10 +60,10 @@ def main(grid: Grid, context: Context) -> None:
                                       int8_max_ua_drop=cfg.int8_max_ua_drop, revoke_previous=True,
                                       reason="applies deletion requests " + ", ".join(outcome.applied_request_ids))
     final_state = outcome.merged if outcome.merged is not None else trained
-    rejected = [rid for rid in (r for rs in outcome.pending.values() for r in rs) if rid not in outcome.applied_request_ids]
-    release_replies = announce_release(grid, cfg=cfg, state=final_state,
-                                       version=(v_unlearned or v_trained).version,
-                                       applied=outcome.applied_request_ids, retry=rejected)
+    applied = sorted(applied_request_ids(scenario.layout.server.releases))
+    retry = [rid for rs in outcome.pending.values() for rid in rs if rid not in applied]
+    release_replies = announce_release(grid, cfg=cfg, state=final_state, version=(v_unlearned or v_trained).version,
+                                       applied=applied, retry=retry)
     report = build_report(scenario=scenario, requests=requests, outcome=outcome, trained=trained, final=final_state,
                           v_trained=v_trained, v_unlearned=v_unlearned, release_replies=release_replies,
                           n_nodes=n_nodes, federated=result)

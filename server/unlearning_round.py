@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.federation import DeltaVerdict, ServerDir, merge_deltas, open_and_check
+from common.federation import DeltaVerdict, ServerDir, applied_request_ids, merge_deltas, open_and_check
 from common.node import state_sha256
 from common.settings import RunSettings
 
@@ -78,6 +78,7 @@ def run_unlearning_round(
     replies = _query(grid, list(outcome.pending), "unlearn", RecordDict({"arrays": arrays, "config": config}), cfg.unlearn_timeout)
     outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
     seen = server.seen_ids()
+    already = applied_request_ids(server.releases)
     for reply in replies:
         src = reply.metadata.src_node_id
         if reply.has_error():
@@ -88,7 +89,7 @@ def run_unlearning_round(
         outcome.bytes_received += len(envelope)
         verdict = open_and_check(envelope=envelope, claimed_node=names.get(src, ""), server=server,
                                  base_state=base_state, base_version=base_version, base_sha256=config["base-sha256"],
-                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio)
+                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio, applied_requests=already)
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
         outcome.node_metrics[verdict.node_id] = dict(reply.content["metrics"])

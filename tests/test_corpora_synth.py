@@ -30,7 +30,8 @@ TINY = SynthConfig(n_speakers=2, sentences_per_speaker=1, takes_per_emotion=1, s
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished tiny corpus shared by the read-only tests (rendering costs about a second)."""
-    return synthesize_corpus(out_dir=tmp_path_factory.mktemp("synth") / "corpus", config=TINY, progress=False)
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    return synthesize_corpus(out_dir=out, config=TINY, progress=False, workers=1)
 
 
 def _wav_bytes(manifest: Path) -> dict[str, bytes]:
@@ -69,6 +70,7 @@ def test_emotions_differ_in_the_audio(tiny_corpus: Path) -> None:
 
 
 def test_same_seed_gives_byte_identical_corpus(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Rendered again in a two-process pool (the fixture rendered in-process): same bytes."""
     again = synthesize_corpus(out_dir=tmp_path / "again", config=TINY, progress=False, workers=2)
     assert again.read_bytes() == tiny_corpus.read_bytes()
     assert _wav_bytes(again) == _wav_bytes(tiny_corpus)
@@ -86,7 +88,7 @@ def test_finished_corpus_is_returned_without_rework(tiny_corpus: Path, monkeypat
         raise AssertionError("a finished corpus must not be rendered again")
 
     monkeypatch.setattr(synth, "_render_and_store", fail)
-    assert synthesize_corpus(out_dir=tiny_corpus.parent, config=TINY, progress=False) == tiny_corpus
+    assert synthesize_corpus(out_dir=tiny_corpus.parent, config=TINY, progress=False, workers=1) == tiny_corpus
     assert {p: p.stat().st_mtime_ns for p in tiny_corpus.parent.rglob("*") if p.is_file()} == before
 
 
@@ -95,6 +97,23 @@ def test_different_config_is_refused_and_nothing_is_touched(tiny_corpus: Path) -
     with pytest.raises(SynthCorpusError, match=r"different config.*jitter: 0\.2 -> 0\.5"):
         synthesize_corpus(out_dir=tiny_corpus.parent, config=replace(TINY, jitter=0.5), progress=False)
     assert {p: p.read_bytes() for p in tiny_corpus.parent.rglob("*") if p.is_file()} == before
+
+
+def test_crash_mid_run_leaves_no_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rendered: list[str] = []
+    real = synth._render_and_store
+
+    def die_on_third(job: synth.TakeJob) -> None:
+        if len(rendered) == 2:
+            raise RuntimeError("simulated crash")
+        rendered.append(job.utt_id)
+        real(job)
+
+    monkeypatch.setattr(synth, "_render_and_store", die_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        synthesize_corpus(out_dir=tmp_path, config=TINY, progress=False, workers=1)
+    assert (tmp_path / "synth.json").exists() and not (tmp_path / "manifest.csv").exists()
+    assert len(list(tmp_path.rglob("*.wav"))) == 2
 
 
 def test_unfinished_run_is_redone_and_matches(tiny_corpus: Path, tmp_path: Path) -> None:

@@ -162,6 +162,12 @@ def test_long_file_averages_window_probabilities(cnn, onnx_model: OnnxModel, wav
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("hop_seconds", [0.0, -1.0, 3.5])
+def test_hop_must_lie_within_the_window(onnx_model: OnnxModel, wav, hop_seconds: float) -> None:
+    with pytest.raises(ValueError, match="hop_seconds must be positive and at most the 3 s window"):
+        predict_file(onnx_model, wav("a.wav", 5.0), hop_seconds=hop_seconds)
+
+
 def test_model_resolution_of_files_release_folders_and_precisions(release_files: dict[str, Path], tmp_path: Path) -> None:
     folder = release_files["model.onnx"].parent
     assert resolve_model_file(folder) == folder / "model.onnx"
@@ -221,11 +227,11 @@ def test_cli_predict_errors_name_the_file(release_files: dict[str, Path], tmp_pa
 # --------------------------------------------------------------------------- pull over HTTP, end to end
 
 
-def _serforget(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "common", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+def _serforget(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -249,34 +255,37 @@ def served_registry(tmp_path: Path) -> Iterator[tuple[ReleaseRegistry, str]]:
 
 
 def test_pull_over_http_then_predict_refuses_tampered_and_revoked_releases(
-    served_registry: tuple[ReleaseRegistry, str], release_files: dict[str, Path], wav, tmp_path: Path
+    served_registry: tuple[ReleaseRegistry, str], release_files: dict[str, Path], wav, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     registry, url = served_registry
     key = Ed25519PrivateKey.generate()
     server_pub = save_public_key(tmp_path / "server.pub", key.public_key())
     device = tmp_path / "device"
     audio = wav("speech.wav", 2.0)
+    pull = ("edge", "pull", "--from", url, "--to", str(device), "--server-key", str(server_pub))
+    predict = ("edge", "predict", "--model", str(device), str(audio))
 
     registry.publish(files=release_files, signing_key=key, parent=None)
-    pulled = _serforget("edge", "pull", "--from", url, "--to", str(device), "--server-key", str(server_pub))
-    assert pulled.returncode == 0, pulled.stderr
-    assert json.loads(pulled.stdout)["version"] == 1
-    predicted = _serforget("edge", "predict", "--model", str(device), str(audio))
-    assert predicted.returncode == 0, predicted.stderr
-    output = json.loads(predicted.stdout)
+    code, out, err = _serforget(capsys, *pull)
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    code, out, err = _serforget(capsys, *predict)
+    assert code == 0, err
+    output = json.loads(out)
     assert output["model"]["path"] == str(device / "releases" / "v0001" / "model.onnx")
     assert output["predictions"][0]["label"] in FOUR_CLASS
 
     manifest = registry.publish(files=release_files, signing_key=key, parent=1)
     onnx_file = registry.path(manifest.version) / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\x00")  # tampered on the server after signing
-    refused = _serforget("edge", "pull", "--from", url, "--to", str(device), "--server-key", str(server_pub))
-    assert refused.returncode == 2 and "model.onnx" in refused.stderr
-    assert _serforget("edge", "predict", "--model", str(device), str(audio)).returncode == 0  # v1 still installed
+    code, _, err = _serforget(capsys, *pull)
+    assert code == 2 and "model.onnx" in err
+    assert _serforget(capsys, *predict)[0] == 0  # v1 is still installed and runs
 
     registry.revoke(versions=[1, 2], reason="applies deletion request r-1", signing_key=key)
-    withdrawn = _serforget("edge", "pull", "--from", url, "--to", str(device), "--server-key", str(server_pub))
-    assert withdrawn.returncode == 2 and "revoked" in withdrawn.stderr
+    code, _, err = _serforget(capsys, *pull)
+    assert code == 2 and "revoked" in err
     assert not (device / "releases" / "v0001").exists()  # the revoked copy still encodes deleted audio
-    no_model = _serforget("edge", "predict", "--model", str(device), str(audio))
-    assert no_model.returncode == 2 and "no release is installed" in no_model.stderr
+    code, _, err = _serforget(capsys, *predict)
+    assert code == 2 and "no release is installed" in err

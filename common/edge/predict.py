@@ -113,8 +113,8 @@ def predict_file(model: OnnxModel, path: str | os.PathLike[str], *, hop_seconds:
     info = model.info
     window = int(round(info.window_seconds * info.sample_rate))
     hop = int(round((hop_seconds if hop_seconds is not None else info.window_seconds / 2) * info.sample_rate))
-    if hop <= 0:
-        raise ValueError(f"hop_seconds must be positive, got {hop_seconds}")
+    if not 0 < hop <= window:
+        raise ValueError(f"hop_seconds must be positive and at most the {info.window_seconds:g} s window, got {hop_seconds}")
     started = time.perf_counter()
     wave = read_audio(path, sample_rate=info.sample_rate)
     windows = split_windows(wave, window=window, hop=hop)

@@ -25,6 +25,7 @@ REMAIN_METHODS: tuple[str, ...] = ("ft", "neggrad_plus", "scrub")
 METHODS: tuple[str, ...] = FORGET_ONLY_METHODS + REMAIN_METHODS
 
 STOP_RULES: tuple[str, ...] = ("zero", "retrain-level")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 IMPORTANCE_KINDS: tuple[str, ...] = ("mas", "fisher")
 PGD_NORMS: tuple[str, ...] = ("l2", "linf")
 
@@ -42,6 +43,10 @@ class UnlearnConfig:
     #: every weight, which the elastic term exists to prevent) reaches forget accuracy 0 in a few
     #: steps on a 10-utterance forget set.
     lr: float = 1e-3
+    #: ``adam`` or ``sgd`` (momentum 0.9). Adam moves every weight by about ``lr`` per step whatever
+    #: its gradient; SGD moves weights in proportion to their gradient, so the change stays
+    #: concentrated on the weights the forget set actually drives.
+    optimizer: str = "adam"
     #: Upper bound on passes over the forget set (the ``zero`` protocol's "maximum epochs").
     max_epochs: int = 30
     #: Forget utterances per step; each brings its own adversarial examples into the same batch.
@@ -109,6 +114,7 @@ class UnlearnConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         _check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.forget_weight >= 0, "forget_weight", "must be >= 0")

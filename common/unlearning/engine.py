@@ -68,6 +68,8 @@ class UnlearnResult:
     forget_acc_trajectory: list[float]
     #: Wall time of the whole call, including importance and adversarial generation.
     seconds: float
+    #: CPU time of the process over the call (all threads; steadier than wall time under load).
+    cpu_seconds: float
     peak_memory_bytes: int
     memory_measure: str
     #: Seconds per phase: ``importance``, ``adversarial``, ``training`` (what applies).
@@ -92,6 +94,7 @@ class UnlearnResult:
             "steps": self.steps,
             "forget_acc_trajectory": list(self.forget_acc_trajectory),
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "phase_seconds": dict(self.phase_seconds),
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_measure": self.memory_measure,
@@ -147,6 +150,7 @@ def unlearn(
         steps=outcome.steps,
         forget_acc_trajectory=outcome.forget_acc,
         seconds=meter.result.seconds,
+        cpu_seconds=meter.result.cpu_seconds,
         peak_memory_bytes=meter.result.peak_bytes,
         memory_measure=meter.result.how,
         phase_seconds=phases,
@@ -177,6 +181,16 @@ def _n_classes(model: nn.Module, probe: torch.Tensor) -> int:
             return int(model(probe[:1]).shape[1])
     finally:
         model.train(was_training)
+
+
+def make_optimizer(model: nn.Module, *, kind: str, lr: float) -> torch.optim.Optimizer:
+    """Adam (no weight decay) or SGD with momentum 0.9 over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {kind!r}; use adam or sgd")
 
 
 def _run_forget_only(
@@ -211,7 +225,7 @@ def _run_forget_only(
         )
         phases["adversarial"] = time.perf_counter() - start
     relabels = random_other_labels(forget_y, n_classes=n_classes, generator=generator).to(device)
-    optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr)
 
     def run_epoch() -> int:
         work.train()

@@ -9,6 +9,10 @@ Peak memory:
   over the RSS at the start is reported. Where ``/proc`` does not exist, the increase of
   ``ru_maxrss`` is the fallback (exact for a phase that sets a new lifetime maximum, else 0).
 Both are estimates of the extra memory a phase needs, comparable between phases of one process.
+
+CPU time (``time.process_time``, all threads of the process) is recorded next to wall time: on a
+shared machine another process's load stretches wall time but not CPU time, so the CPU-time
+ratio is the steadier comparison of two phases measured at different moments.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ def _maxrss_bytes() -> int:
 
 @dataclass
 class Measurement:
+    """Wall seconds, CPU seconds of the process (all threads) and the peak extra memory."""
+
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_bytes: int = 0
     how: str = ""
 
@@ -64,6 +71,7 @@ class ResourceMeter:
         self._start_cuda = 0
         self._start_maxrss = 0
         self._start_time = 0.0
+        self._start_cpu = 0.0
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -84,6 +92,7 @@ class ResourceMeter:
                 self._start_rss = self._peak_rss = rss
                 self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
                 self._thread.start()
+        self._start_cpu = time.process_time()
         self._start_time = time.perf_counter()
         return self
 
@@ -91,6 +100,7 @@ class ResourceMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.result.seconds = time.perf_counter() - self._start_time
+        self.result.cpu_seconds = time.process_time() - self._start_cpu
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) - self._start_cuda
             self.result.peak_bytes, self.result.how = max(int(peak), 0), "cuda_max_memory_allocated"
