@@ -4,8 +4,9 @@ Why: releases ship as ONNX so edge devices can drop torch; this measures what th
 real-time factor, size) and what int8 costs (UA), side by side on the same machine in the same
 run, so ratios stay meaningful even on a busy shared host. For each configuration (batch 1 and
 16; 1 s, 3 s and 10 s of audio; 1 thread and all threads) the three runtimes are timed in
-alternating blocks (see :func:`blocked_medians`) so that load changes hit all of them alike;
-the median call latency is reported. Inputs are real test-split utterances of the synthetic
+alternating blocks (see :func:`blocked_timings`) so that load changes hit all of them alike;
+the median call latency is reported (``latency_ms``, with the fastest call as ``latency_min_ms``:
+on a busy host the minimum shows what the runtime can do, the median what a caller gets). Inputs are real test-split utterances of the synthetic
 corpus, concatenated to the target length (speech throughout, not zero padding).
 
 The model is the default log-mel CNN, trained briefly on the synthetic corpus's train split
@@ -107,8 +108,8 @@ def speech_batch(waves: Sequence[np.ndarray], *, batch: int, seconds: float, sam
 # --------------------------------------------------------------------------- timing
 
 
-def blocked_medians(runners: dict[str, Runner], x: np.ndarray, *, repeats: int, warmup: int, rounds: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each runner on the same input, measured in alternating blocks.
+def blocked_timings(runners: dict[str, Runner], x: np.ndarray, *, repeats: int, warmup: int, rounds: int = 2) -> dict[str, list[float]]:
+    """Milliseconds per call of each runner on the same input, measured in alternating blocks.
 
     Each runner gets ``rounds`` blocks (A B C A B C ...) of ``warmup`` untimed then
     ``repeats / rounds`` timed calls. Why blocks rather than strict alternation: PyTorch's OpenMP
@@ -126,7 +127,7 @@ def blocked_medians(runners: dict[str, Runner], x: np.ndarray, *, repeats: int, 
                 start = time.perf_counter()
                 run(x)
                 samples[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def torch_runner(model: torch.nn.Module, threads: int) -> Runner:
@@ -158,12 +159,14 @@ def measure_latency(
         for batch in BATCHES:
             for seconds in AUDIO_SECONDS:
                 x = speech_batch(test_waves, batch=batch, seconds=seconds, sample_rate=sample_rate)
-                medians = blocked_medians(runners, x, repeats=repeats, warmup=warmup)
+                timings = blocked_timings(runners, x, repeats=repeats, warmup=warmup)
+                medians = {name: statistics.median(values) for name, values in timings.items()}
                 for name, latency_ms in medians.items():
                     runtime, precision = name.split("/")
                     rows.append({
                         "runtime": runtime, "precision": precision, "batch": batch, "audio_s": seconds,
-                        "threads": threads, "latency_ms": latency_ms, "rtf": latency_ms / 1000.0 / (batch * seconds),
+                        "threads": threads, "latency_ms": latency_ms, "latency_min_ms": min(timings[name]),
+                        "rtf": latency_ms / 1000.0 / (batch * seconds),
                     })
                 print(f"threads={threads} batch={batch:2d} audio={seconds:4.1f}s  " + "  ".join(
                     f"{name} {ms:8.2f} ms" for name, ms in medians.items()) + f"  eager/fp32 {medians['pytorch/fp32'] / medians['onnxruntime/fp32']:.2f}x", flush=True)
@@ -220,6 +223,17 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _oversubscription_note(result: dict[str, Any]) -> list[str]:
+    """A caveat for the multi-threaded rows when other processes kept every CPU busy during the run."""
+    cpus = result["environment"]["cpu_count"] or 1
+    load = max(result["load_average_start"][0], result["load_average_end"][0])
+    if load <= cpus:
+        return []
+    return ["", f"The host was oversubscribed (load average up to {load:.1f} on {cpus} CPUs): rows with more than one thread "
+                "include waits for descheduled worker threads (PyTorch's OpenMP barriers suffer most), so compare runtimes on the "
+                "1-thread rows, and see the min column for what each runtime does when it gets the CPUs."]
+
+
 def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     env, model = result["environment"], result["model"]
     lines = [
@@ -234,6 +248,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
         f"({model['n_test']} utterances, {model['clip_s']:.0f} s clips). ONNX parity on {model['parity']['n_examples']} real clips "
         f"({', '.join(f'{s:g}' for s in model['parity']['lengths_s'])} s; batches {model['parity']['batch_sizes']}): max |logit diff| "
         f"{model['parity']['max_abs_logit_diff']:.2e}, argmax agreement {model['parity']['argmax_agreement']:.4f}.",
+        *_oversubscription_note(result),
         "",
         "## Targets",
         "",
@@ -249,6 +264,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
         "",
         "## Size and UA",
         "",
+        f"The PyTorch size is the checkpoint's weights file; the ONNX files also hold the {model['rebuilt_constant_bytes']:,} bytes "
+        "of front-end constants (DFT kernels, mel filterbank) that the PyTorch model rebuilds when it is constructed.",
+        "",
         "| runtime | precision | size (bytes) | UA |",
         "|---|---|---:|---:|",
     ]
@@ -260,11 +278,11 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     for r in result["ratios"]:
         lines.append(f"| {r['threads']} | {r['batch']} | {r['audio_s']:g} | {r['eager_over_onnx_fp32']:.2f} | "
                      f"{r['onnx_fp32_over_int8']:.2f} | {r['eager_over_onnx_int8']:.2f} |")
-    lines += ["", "## All rows", "", "| runtime | precision | threads | batch | audio s | latency ms | RTF | size bytes | UA |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "## All rows", "", "| runtime | precision | threads | batch | audio s | latency ms (median) | latency ms (min) | RTF | size bytes | UA |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['runtime']} | {r['precision']} | {r['threads']} | {r['batch']} | {r['audio_s']:g} | "
-                     f"{r['latency_ms']:.2f} | {r['rtf']:.5f} | {r['size_bytes']:,} | {r['ua']:.4f} |")
+                     f"{r['latency_ms']:.2f} | {r['latency_min_ms']:.2f} | {r['rtf']:.5f} | {r['size_bytes']:,} | {r['ua']:.4f} |")
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -350,6 +368,7 @@ def run_benchmark(
             "arch": meta.arch, "n_parameters": sum(p.numel() for p in model.parameters()), "checkpoint": str(ckpt),
             "source": f"--checkpoint {checkpoint}" if checkpoint else f"trained {epochs} epochs on the synthetic corpus train split",
             "weights_sha256": meta.weights_sha256, "n_test": len(eval_set), "clip_s": clip_s,
+            "rebuilt_constant_bytes": _rebuilt_constant_bytes(model),
             "parity": vars(export.parity),
         },
         "int8": quant.to_dict(),
@@ -363,6 +382,16 @@ def run_benchmark(
         "load_average_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _rebuilt_constant_bytes(model: torch.nn.Module) -> int:
+    """Bytes of buffers a checkpoint omits because the model rebuilds them (the DFT kernels, mel filters).
+
+    Why reported: ONNX files must carry these constants, so they explain most of the size gap
+    between the PyTorch checkpoint and the fp32 ONNX model.
+    """
+    saved = set(model.state_dict())
+    return sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ The ServerApp in ``server/`` is glue around these functions. Server data directo
 
     SERVER/keys/            sign.key/.pub (Ed25519, releases) + hpke.key/.pub (X25519 HPKE)
     SERVER/nodes.json       enrolled node signing keys (common.keys registry)
+    SERVER/importance.safetensors  global MAS importance map (example-weighted mean of the nodes')
     SERVER/seen.json        envelope ids already accepted (replay protection, atomic)
     SERVER/releases/        the signed, append-only release registry (common.release)
 
@@ -78,6 +79,22 @@ class ServerDir:
 
     def node_keys(self) -> dict:
         return load_enrolled_nodes(self.nodes_registry) if self.nodes_registry.exists() else {}
+
+    @property
+    def importance_path(self) -> Path:
+        return self.root / "importance.safetensors"
+
+    def save_importance(self, importance: Mapping[str, torch.Tensor]) -> None:
+        """Keep the global importance map so a later unlearning-only run can apply the elastic rule."""
+        from common.checkpoint import state_dict_bytes
+        from common.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(self.importance_path, state_dict_bytes(importance))
+
+    def load_importance(self) -> dict[str, torch.Tensor] | None:
+        if not self.importance_path.exists():
+            return None
+        return state_dict_from_bytes(self.importance_path.read_bytes(), source=str(self.importance_path))
 
     def seen_ids(self) -> set[str]:
         try:
@@ -188,6 +205,23 @@ def applied_request_ids(releases: Path) -> set[str]:
 
     registry = ReleaseRegistry(releases)
     return {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
+
+
+def latest_release_state(server: ServerDir):
+    """``(manifest, weights)`` of the newest non-revoked release, verified, or ``None``.
+
+    Lets a deployment resume from what it published (e.g. an unlearning-only run with
+    ``num-rounds = 0``) instead of a fresh model.
+    """
+    from common.keys import load_signing_public
+    from common.release import ReleaseRegistry
+
+    registry = ReleaseRegistry(server.releases)
+    manifest = registry.latest(public_key=load_signing_public(server.keys_dir / "sign.pub"))
+    if manifest is None:
+        return None
+    weights = registry.path(manifest.version) / "model.safetensors"
+    return manifest, state_dict_from_bytes(weights.read_bytes(), source=str(weights))
 
 
 def weighted_average(maps: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:

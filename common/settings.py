@@ -15,8 +15,16 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class RunSettings:
+    # "simulation": the ServerApp provisions a synthetic federation under work-dir;
+    # "deployment": real SuperNodes bring their own data dirs (node config "data-dir")
+    mode: str = "simulation"
     # where the simulated devices, the server and the report live
     work_dir: str = "~/.serforget/sim"
+    # deployment: the server's data dir (default: work-dir/server), an optional held-out manifest
+    # for central evaluation, and how many SuperNodes to wait for
+    server_dir: str = ""
+    eval_manifest: str = ""
+    min_nodes: int = 2
     task: str = "4class"
     arch: str = "logmel_cnn"
     model_json: str = "{}"
@@ -29,7 +37,8 @@ class RunSettings:
     synth_takes: int = 2
     valid_speakers: int = 3
     test_speakers: int = 5
-    # FedAvg
+    # FedAvg; resume = start from the newest non-revoked release (num-rounds = 0: unlearning only)
+    resume: bool = False
     num_rounds: int = 12
     local_epochs: int = 2
     lr: float = 0.002
@@ -74,6 +83,8 @@ class RunSettings:
                 raise ValueError(f"run-config {key!r} must be {kind.__name__}, got {value!r}")
             values[f.name] = value
         settings = cls(**values)
+        if settings.mode not in ("simulation", "deployment"):
+            raise ValueError(f"run-config 'mode' must be 'simulation' or 'deployment', got {settings.mode!r}")
         for name in ("model_json", "unlearn_json"):
             settings._json(name)
         return settings
@@ -90,6 +101,10 @@ class RunSettings:
     @property
     def work_path(self) -> Path:
         return Path(self.work_dir).expanduser().resolve()
+
+    @property
+    def server_path(self) -> Path:
+        return Path(self.server_dir).expanduser().resolve() if self.server_dir else self.work_path / "server"
 
     @property
     def model_config(self) -> dict:

@@ -1,7 +1,8 @@
 """An in-process Grid: the ServerApp's messages go straight to ClientApp instances in this process.
 
 Fast ServerApp tests without Ray or a SuperLink. Each simulated node keeps its own Context
-(``partition-id``/``num-partitions`` as in Flower's simulation); a ClientApp exception becomes an
+(``partition-id``/``num-partitions`` as in Flower's simulation, or the given node configs, e.g.
+``data-dir`` as on a deployed SuperNode); a ClientApp exception becomes an
 error reply, as it does in Flower.
 """
 
@@ -19,14 +20,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, app: ClientApp, *, run_config: Mapping, n_nodes: int, fail_types: Iterable[str] = ()) -> None:
+    def __init__(self, app: ClientApp, *, run_config: Mapping, n_nodes: int, fail_types: Iterable[str] = (),
+                 node_configs: list[dict] | None = None) -> None:
         self.app = app
         # Flower stamps every new Message with the identity of the task that runs it.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.fail_types = set(fail_types)
         self.calls: list[str] = []
         self.contexts = {
-            1000 + pid: Context(run_id=1, node_id=1000 + pid, node_config={"partition-id": pid, "num-partitions": n_nodes},
+            1000 + pid: Context(run_id=1, node_id=1000 + pid,
+                                node_config=(node_configs[pid] if node_configs else {"partition-id": pid, "num-partitions": n_nodes}),
                                 state=RecordDict(), run_config=dict(run_config))
             for pid in range(n_nodes)
         }

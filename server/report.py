@@ -25,27 +25,31 @@ def build_report(
     v_trained: Any,
     v_unlearned: Any,
     release_replies: list[Message],
-    n_nodes: int,
-    federated: Any,
 ) -> dict:
     forget_ids = {u for r in requests for u in r["utt_ids"]}
-    forget, remain = scenario.forget_and_remain(forget_ids)
-    before = scenario.privacy_and_accuracy(trained, forget, remain)
-    after = scenario.privacy_and_accuracy(final, forget, remain)
-    ablation = (scenario.privacy_and_accuracy(outcome.merged_unconstrained, forget, remain)
-                if outcome.merged_unconstrained is not None else None)
-    registry = ReleaseRegistry(scenario.layout.server.releases)
+    if scenario.layout is not None and forget_ids:
+        forget, remain = scenario.forget_and_remain(forget_ids)
+        before = scenario.privacy_and_accuracy(trained, forget, remain)
+        after = scenario.privacy_and_accuracy(final, forget, remain)
+        ablation = (scenario.privacy_and_accuracy(outcome.merged_unconstrained, forget, remain)
+                    if outcome.merged_unconstrained is not None else None)
+    else:  # deployment (or no scenario requests): the server never sees forget audio; devices report forget accuracy
+        before, after = scenario.test_metrics(trained), scenario.test_metrics(final)
+        ablation = scenario.test_metrics(outcome.merged_unconstrained) if outcome.merged_unconstrained is not None else None
+    registry = ReleaseRegistry(scenario.server.releases)
     node_reports = [dict(r.content["metrics"]) for r in release_replies if not r.has_error()]
     node_unlearn = outcome.node_metrics
     return {
         "report_version": REPORT_VERSION,
         "finished_at": time.time(),
         "settings": {k: getattr(scenario.cfg, k) for k in scenario.cfg.__dataclass_fields__},
-        "n_nodes": n_nodes,
+        "mode": scenario.cfg.mode,
+        "n_nodes": scenario.n_nodes,
         "num_rounds": scenario.cfg.num_rounds,
         "fedavg_rounds": [r for r in scenario.rounds],
         "requests": [{k: (len(v) if k == "utt_ids" else v) for k, v in r.items()} for r in requests],
-        "n_forget": len(forget),
+        "n_forget": sum(len(r["utt_ids"]) for r in requests) if requests else sum(
+            int(m.get("n-forget", 0)) for m in outcome.node_metrics.values()),
         "before": before,
         "after": after,
         "after_without_elastic": ablation,

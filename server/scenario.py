@@ -24,6 +24,7 @@ from common.labels import task_labels
 from common.manifest import read_manifest
 from common.models import build_model
 from common.node import file_deletion_request
+from common.federation import ServerDir
 from common.settings import RunSettings
 from common.simulation import SimulationLayout, provision_simulation
 from common.training import evaluate_model, predict_logits
@@ -32,9 +33,10 @@ from common.training import evaluate_model, predict_logits
 @dataclass
 class Scenario:
     cfg: RunSettings
-    layout: SimulationLayout
+    server: ServerDir
+    layout: SimulationLayout | None  # None in deployment: the devices are real hosts
     labels: tuple[str, ...]
-    valid: Any
+    valid: Any  # WaveformSet or None (deployment without an eval manifest)
     test: Any
     rounds: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -43,13 +45,46 @@ class Scenario:
     def provision(cls, cfg: RunSettings) -> "Scenario":
         start = time.perf_counter()
         labels = task_labels(cfg.task)
+        if cfg.mode == "deployment":
+            server = ServerDir(cfg.server_path).init()
+            held_out = (load_waveforms(read_manifest(cfg.eval_manifest), labels=labels, clip_seconds=cfg.clip_seconds)
+                        if cfg.eval_manifest else None)
+            return cls(cfg, server, None, labels, held_out, held_out)
         layout = provision_simulation(root=cfg.work_path, synth=SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences,
                                                                         takes_per_emotion=cfg.synth_takes, seed=cfg.seed),
                                       task=cfg.task, n_valid=cfg.valid_speakers, n_test=cfg.test_speakers, seed=cfg.seed)
         load = lambda name: load_waveforms(read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds)
-        scenario = cls(cfg, layout, labels, load("valid"), load("test"))
+        scenario = cls(cfg, layout.server, layout, labels, load("valid"), load("test"))
         scenario.timings["provision_s"] = time.perf_counter() - start
         return scenario
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.layout.speakers) if self.layout is not None else self.cfg.min_nodes
+
+    @property
+    def eval_manifest(self) -> Path | None:
+        if self.layout is not None:
+            return self.layout.splits["test"]
+        return Path(self.cfg.eval_manifest) if self.cfg.eval_manifest else None
+
+    def held_out_accuracy(self, federated: Any, *, release: Any = None) -> float:
+        """What the devices aim forget accuracy at (``retrain-level``): held-out UA of the global model.
+
+        In order of preference: central validation UA of the last round; the nodes' federated
+        evaluation accuracy of the last round; the held-out UA stored with the release resumed
+        from; chance level (1 / number of classes) when nothing was measured.
+        """
+        if self.rounds:
+            return float(self.rounds[-1]["valid_ua"])
+        if federated is not None and federated.evaluate_metrics_clientapp:
+            last = max(federated.evaluate_metrics_clientapp)
+            return float(federated.evaluate_metrics_clientapp[last]["eval-acc"])
+        if release is not None:
+            for key in ("valid_ua", "test_ua"):
+                if key in release.metrics:
+                    return float(release.metrics[key])
+        return 1.0 / len(self.labels)
 
     @property
     def report_dir(self) -> Path:
@@ -62,12 +97,21 @@ class Scenario:
 
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """FedAvg's centralized evaluation on the held-out valid and test speakers."""
+        if self.test is None:
+            return MetricRecord({})
         model = self.model(arrays.to_torch_state_dict())
         test = evaluate_model(model, self.test, labels=self.labels, device=self.cfg.device)
         valid = evaluate_model(model, self.valid, labels=self.labels, device=self.cfg.device)
         row = {"round": server_round, "test_ua": test["ua"], "test_wa": test["wa"], "valid_ua": valid["ua"]}
         self.rounds.append(row)
         return MetricRecord({k.replace("_", "-"): float(v) for k, v in row.items() if k != "round"})
+
+    def test_metrics(self, state: Mapping[str, torch.Tensor]) -> dict:
+        """Held-out UA/WA of a model (empty without a held-out set): stored in release metadata."""
+        if self.test is None:
+            return {}
+        report = evaluate_model(self.model(state), self.test, labels=self.labels, device=self.cfg.device)
+        return {"test_ua": report["ua"], "test_wa": report["wa"]}
 
     def file_requests(self) -> list[dict]:
         """The default scenario's two speakers: one deletes some recordings, one deletes everything."""
@@ -124,13 +168,17 @@ def report_markdown(report: dict) -> str:
         "|---|---:|---:|",
     ]
     for key, label in (("forget_acc", "forget accuracy"), ("remain_acc", "remaining-set accuracy"), ("test_ua", "test UA"), ("test_wa", "test WA")):
-        lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} |")
-    if report.get("after_without_elastic"):
+        if key in b and key in a:
+            lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} |")
+    if report.get("after_without_elastic") and "forget_acc" in report["after_without_elastic"]:
         w = report["after_without_elastic"]
         lines.insert(len(lines), f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} |")
     for attack in ("loss", "confidence", "entropy"):
-        if attack in b["mia"]:
+        if attack in b.get("mia", {}):
             lines.append(f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} |")
+    for node in report["node_release_reports"]:
+        if node.get("forget-acc-release", -1.0) >= 0:
+            lines.append(f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} |")
     t = report["timings"]
     lines += ["", "| timing | seconds |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in sorted(t.items())]
     lines += ["", f"bytes sent to nodes for unlearning: {report['unlearning']['bytes_sent']}, "
@@ -154,15 +202,20 @@ def plot_report(report: dict, out: Path) -> None:
     ax1.set_ylabel("UA")
     ax1.set_title("federated training (central evaluation)")
     ax1.legend()
-    keys = ["forget_acc", "remain_acc", "test_ua"]
-    names = ["forget acc", "remain acc", "test UA"]
-    mia_key = next(iter(report["before"]["mia"]))
-    x = range(len(keys) + 1)
-    before = [report["before"][k] for k in keys] + [report["before"]["mia"][mia_key]["auc"]]
-    after = [report["after"][k] for k in keys] + [report["after"]["mia"][mia_key]["auc"]]
+    named = [(k, n) for k, n in (("forget_acc", "forget acc"), ("remain_acc", "remain acc"), ("test_ua", "test UA"))
+             if k in report["before"] and k in report["after"]]
+    before = [report["before"][k] for k, _ in named]
+    after = [report["after"][k] for k, _ in named]
+    names = [n for _, n in named]
+    if report["before"].get("mia"):
+        mia_key = next(iter(report["before"]["mia"]))
+        before.append(report["before"]["mia"][mia_key]["auc"])
+        after.append(report["after"]["mia"][mia_key]["auc"])
+        names.append(f"MIA AUC ({mia_key})")
+    x = range(len(names))
     ax2.bar([i - 0.2 for i in x], before, width=0.4, label="before (trained release)")
     ax2.bar([i + 0.2 for i in x], after, width=0.4, label="after (unlearned release)")
-    ax2.set_xticks(list(x), names + [f"MIA AUC ({mia_key})"])
+    ax2.set_xticks(list(x), names)
     ax2.set_ylim(0, 1)
     ax2.set_title("deletion of the forget set")
     ax2.legend(fontsize=8)

@@ -53,3 +53,51 @@ def test_default_scenario_trains_unlearns_releases_and_purges(tmp_path: Path) ->
             assert not (node / entry["path"]).exists()
     assert report["after"]["forget_acc"] <= report["before"]["forget_acc"]
     assert (work / "report" / "report.png").exists() and (work / "report" / "report.md").exists()
+
+
+def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Deployment: devices bring their own data dirs; a speaker files a request with the CLI."""
+    import shutil
+
+    from common.cli import main as cli
+    from common.federation import ServerDir
+    from common.manifest import by_speaker, read_manifest
+    from common.node import prepare_node_dir
+
+    server = ServerDir(tmp_path / "server").init()
+    node_configs = []
+    for speaker, utts in by_speaker(read_manifest(tiny_corpus)).items():
+        node = prepare_node_dir(root=tmp_path / "devices" / speaker, node_id=f"node-{speaker}", speaker=speaker, utterances=utts)
+        server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
+        shutil.copyfile(server.keys_dir / "hpke.pub", node.keys_dir / "server_hpke.pub")
+        node_configs.append({"data-dir": str(node.root)})
+    victim = tmp_path / "devices" / "spk2"
+    assert cli(["node", "forget", "--data-dir", str(victim), "--utt", "spk2_happy_0", "spk2_sad_1"]) == 0
+    run_config = {**TINY, "mode": "deployment", "work-dir": str(tmp_path / "work"), "server-dir": str(server.root),
+                  "min-nodes": 4, "eval-manifest": str(tiny_corpus), "clip-seconds": 0.5}
+    grid = InProcessGrid(client_app, run_config=run_config, n_nodes=4, node_configs=node_configs)
+    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    report = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
+    assert report["mode"] == "deployment" and report["releases"]["unlearned"] == 2
+    assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
+    assert not (victim / "wav" / "spk2_happy_0.wav").exists() and (victim / "wav" / "spk2_happy_1.wav").exists()
+    assert any(r.get("forget-acc-release", -1) >= 0 for r in report["node_release_reports"])
+    # a second round finds nothing pending and publishes nothing new
+    server_app(grid=grid, context=Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    again = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
+    assert again["unlearning"]["pending_nodes"] == 0 and again["releases"]["unlearned"] is None
+
+
+def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> None:
+    """num-rounds=0 + resume: no training, the pending request is unlearned on the published model."""
+    from common.node import file_deletion_request
+
+    report, grid, work = _run(tmp_path, **{"scenario": False})
+    assert report["releases"]["unlearned"] is None and report["releases"]["published"] == [1]
+    node = work / "nodes" / "003"
+    file_deletion_request(data_dir=node, whole_speaker=True)
+    report, grid, work = _run(tmp_path, **{"scenario": False, "num-rounds": 0, "resume": True})
+    assert "train" not in grid.calls
+    assert report["releases"]["trained"] == 1 and report["releases"]["unlearned"] == 2
+    assert report["releases"]["revoked"] == [1]
+    assert report["unlearning"]["elastic"] and (work / "server" / "importance.safetensors").exists()

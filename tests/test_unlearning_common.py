@@ -26,7 +26,11 @@ _FREQS = (300.0, 700.0, 1500.0, 3000.0)
 def tone_set(
     n_per_class: int, *, seed: int, prefix: str = "u", speaker: str = "spk", marker: bool = False
 ) -> WaveformSet:
-    """Tones of the four classes; ``marker`` adds a 5 kHz hum, the "voice" of one speaker."""
+    """Tones of the four classes; ``marker`` gates them on and off at 10 Hz, one speaker's "voice".
+
+    The gating makes sharp edges in time, which the CNN's local filters see anywhere in the
+    spectrogram (a marker at a fixed frequency would be nearly invisible to its global pooling).
+    """
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(SAMPLES) / 16_000
     waves, targets = [], []
@@ -35,8 +39,8 @@ def tone_set(
             phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
             level = 0.1 + 0.3 * float(torch.rand(1, generator=gen))
             noise = 0.05 * torch.randn(SAMPLES, generator=gen)
-            hum = 0.1 * torch.sin(2 * math.pi * 5000.0 * t) if marker else 0.0
-            waves.append(level * torch.sin(2 * math.pi * freq * t + phase) + noise + hum)
+            gate = ((t * 20).floor() % 2 == 0).float() if marker else 1.0
+            waves.append(level * gate * torch.sin(2 * math.pi * freq * t + phase) + noise)
             targets.append(c)
     n = len(targets)
     return WaveformSet(
@@ -73,7 +77,7 @@ def _trained_state() -> tuple[dict, WaveformSet, WaveformSet]:
 def trained_tiny() -> tuple[torch.nn.Module, WaveformSet, WaveformSet]:
     """A fresh copy of the trained tiny model, its training set and a held-out set.
 
-    The training set ends with 8 utterances (2 per class) of speaker ``m`` with the marker hum:
+    The training set ends with 8 utterances (2 per class) of speaker ``m`` with the gating marker:
     the natural forget set (a speaker asking to be deleted), distinguishable from the rest.
     """
     state, train, held_out = _trained_state()
