@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_edge"))
     parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of training the default model")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs when no --checkpoint is given")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-test-utterances", type=int, help="cap the UA evaluation (smoke runs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)

@@ -15,12 +15,19 @@ from typing import Sequence
 
 #: Submodules that contribute subcommands, in help order.
 _COMMAND_MODULES = ("corpus", "train", "simulate", "unlearn", "keys", "node", "server", "edge")
+#: Which submodule owns each top-level command. Only that module is imported to run a command, so
+#: the edge path (``edge predict``) never imports torch through an unrelated command module.
+_OWNER = {"corpus": "corpus", "train": "train", "evaluate": "train", "demo": "train", "simulate": "simulate",
+          "unlearn": "unlearn", "unlearn-eval": "unlearn", "keys": "keys", "node": "node",
+          "export-onnx": "edge", "edge": "edge", "server": "edge"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with ``command`` only the submodule owning it is imported and registered."""
     parser = argparse.ArgumentParser(prog="serforget", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    modules = (_OWNER[command],) if command in _OWNER else _COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(f"common.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -32,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         result = args.handler(args)
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as exc:

@@ -1,0 +1,400 @@
+"""A whole Deployment-Engine federation: provisioning, SuperLink, SuperNodes, checked runs.
+
+On one machine (loopback, what the tests do) every step runs here; on many hosts each step runs
+on the host named in its docstring (``deploy/README.md`` walks through it). Run directory::
+
+    RUN/pki/             ca.crt, ca.key (operator only), superlink.crt, superlink.key
+    RUN/superlink/       state.db: runs and registered SuperNode keys (survives restarts)
+    RUN/server/          the ServerApp's data dir (common.federation.ServerDir)
+    RUN/devices/NAME/    one device's node data dir; keys/flwr_auth(.pub) = its SuperNode key
+    RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection
+    RUN/registered.json  SuperNode public key -> Flower node id (format_version 1)
+    RUN/pids/, RUN/logs/ see deploy.processes
+    RUN/work/            the ServerApp's report (run config work-dir)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from common.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from common.federation import ServerDir
+from common.manifest import Utterance, by_speaker, read_manifest
+from common.node import NodeDir, prepare_node_dir
+from common.simulation import SERVER_HPKE_PIN, node_id_for
+from deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
+from deploy.processes import ManagedProcess, ProcessTable
+
+CONNECTION = "serforget"
+SUPERLINK = "superlink"
+REGISTRY_FORMAT_VERSION = 1
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the kernel's choice), for tests on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, process: ManagedProcess | None = None) -> None:
+    """Block until ``host:port`` accepts TCP connections; fail early if ``process`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.is_running():
+            raise DeployError(f"{process.name} exited during start-up; see {process.log}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DeployError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One SuperNode host: its node data dir, SuperNode key and Runtime API port."""
+
+    name: str
+    data_dir: Path
+    auth_key: NodeAuthKey
+    port: int
+
+    @property
+    def node(self) -> NodeDir:
+        return NodeDir(self.data_dir)
+
+    @property
+    def process_name(self) -> str:
+        return f"supernode-{self.name}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Paths and endpoints of one deployment run directory (see the module docstring)."""
+
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+
+    def __post_init__(self) -> None:
+        # Flower's connection config and node config need absolute paths
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def tls(self) -> ServerTLSFiles:
+        return ServerTLSFiles(self.pki_dir / "ca.crt", self.pki_dir / "superlink.crt", self.pki_dir / "superlink.key")
+
+    @property
+    def server(self) -> ServerDir:
+        return ServerDir(self.root / "server")
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / "superlink" / "state.db"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registered.json"
+
+    @property
+    def processes(self) -> ProcessTable:
+        return _tables.setdefault(self.root, ProcessTable(self.root))
+
+    def device(self, name: str, *, port: int) -> Device:
+        data_dir = self.root / "devices" / name
+        return Device(name, data_dir, NodeAuthKey(data_dir / "keys" / "flwr_auth", data_dir / "keys" / "flwr_auth.pub"), port)
+
+    def env(self) -> dict[str, str]:
+        """Environment of every Flower program: our FLWR_HOME, no telemetry, no installs."""
+        bin_dir = os.path.dirname(sys.executable)
+        return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.flwr_home),
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+
+
+#: One ProcessTable per run directory in this Python process, so exit statuses stay observable.
+_tables: dict[Path, ProcessTable] = {}
+
+
+# ------------------------------------------------------------------ operator host: PKI + server
+
+
+def create_pki(deployment: Deployment, *, hosts: Sequence[str]) -> ServerTLSFiles:
+    """Operator host: the CA and the SuperLink certificate for the names devices dial."""
+    ca = create_ca(out_dir=deployment.pki_dir)
+    return issue_server_certificate(ca=ca, out_dir=deployment.pki_dir, hosts=hosts)
+
+
+def write_connection(deployment: Deployment, *, name: str = CONNECTION) -> Path:
+    """CLI host: ``$FLWR_HOME/config.toml`` with a TLS connection to the SuperLink as default."""
+    text = "\n".join(["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
+                      f'address = "{deployment.address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
+    return atomic_write_text(deployment.flwr_home / "config.toml", text)
+
+
+# ------------------------------------------------------------------ device provisioning
+
+
+def provision_device(deployment: Deployment, *, name: str, speaker: str, utterances: Sequence[Utterance],
+                     port: int) -> Device:
+    """Device host: node data dir, signing key, SuperNode key; then the enrollment exchange.
+
+    The exchange with the operator is public keys only: the device's ``keys/sign.pub`` is
+    enrolled in the server's ``nodes.json``, the server's ``hpke.pub`` is pinned on the device
+    as ``keys/server_hpke.pub``, and the device's ``keys/flwr_auth.pub`` is registered with
+    the SuperLink (:func:`register_supernode`).
+    """
+    device = deployment.device(name, port=port)
+    node = prepare_node_dir(root=device.data_dir, node_id=node_id_for(speaker), speaker=speaker, utterances=utterances)
+    server = deployment.server.init()
+    if node.node_id not in server.node_keys():
+        server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
+    pin = node.keys_dir / SERVER_HPKE_PIN
+    if not pin.exists():
+        shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+    create_node_auth_key(out_dir=node.keys_dir, name="flwr_auth")
+    return device
+
+
+def provision_devices(deployment: Deployment, *, manifest: Path, ports: Sequence[int]) -> list[Device]:
+    """One device per speaker of ``manifest`` (in manifest order), with the given Runtime API ports."""
+    speakers = by_speaker(read_manifest(manifest))
+    if len(ports) != len(speakers):
+        raise ValueError(f"{manifest}: {len(speakers)} speakers but {len(ports)} SuperNode ports given")
+    return [provision_device(deployment, name=f"{i:03d}", speaker=speaker, utterances=utts, port=port)
+            for i, ((speaker, utts), port) in enumerate(zip(speakers.items(), ports))]
+
+
+# ------------------------------------------------------------------ Flower programs
+
+
+def flwr(deployment: Deployment, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI against this deployment's FLWR_HOME (bounded)."""
+    env = deployment.env()
+    exe = shutil.which("flwr", path=env["PATH"])
+    if exe is None:
+        raise DeployError("the `flwr` program is not installed in this environment")
+    try:
+        return subprocess.run([exe, *args], env=env, text=True, capture_output=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DeployError(f"`flwr {' '.join(args)}` did not finish within {timeout:.0f} s") from exc
+
+
+def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
+    """Server host: ``flower-superlink`` with TLS, SuperNode authentication and a state database."""
+    tls = deployment.tls
+    deployment.state_db.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
+            "--ssl-keyfile", str(tls.key), "--enable-supernode-auth", "--database", str(deployment.state_db),
+            "--host", deployment.host, "--port", str(deployment.port), "--disable-runtime-dependency-installation"]
+    process = deployment.processes.start(name=SUPERLINK, argv=_resolve(argv, deployment), env=deployment.env())
+    wait_for_port(deployment.host, deployment.port, timeout=timeout, process=process)
+    return process
+
+
+def _resolve(argv: list[str], deployment: Deployment) -> list[str]:
+    exe = shutil.which(argv[0], path=deployment.env()["PATH"])
+    if exe is None:
+        raise DeployError(f"the `{argv[0]}` program is not installed in this environment")
+    return [exe, *argv[1:]]
+
+
+def _registrations(deployment: Deployment) -> dict:
+    try:
+        raw = json.loads(deployment.registry_path.read_text())
+    except FileNotFoundError:
+        return {}
+    if raw.get("format_version") != REGISTRY_FORMAT_VERSION:
+        raise DeployError(f"{deployment.registry_path}: unsupported format_version {raw.get('format_version')!r}")
+    return dict(raw["nodes"])
+
+
+def register_supernode(deployment: Deployment, *, public_key: Path, timeout: float = 60.0) -> int:
+    """Operator (CLI host): ``flwr supernode register KEY.pub CONNECTION``; idempotent per key.
+
+    Returns the Flower node id the SuperLink assigned; it is stored in ``registered.json`` under
+    the key's SHA-256, because the SuperLink refuses to register the same key twice.
+    """
+    fingerprint = sha256_file(public_key)
+    known = _registrations(deployment)
+    if fingerprint in known:
+        return int(known[fingerprint]["flower_node_id"])
+    out = flwr(deployment, ["supernode", "register", str(public_key), CONNECTION, "--format", "json"], timeout=timeout)
+    try:
+        reply = json.loads(out.stdout)
+        node_id = int(reply["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise DeployError(f"registering {public_key} failed:\n{out.stdout}\n{out.stderr}") from None
+    known[fingerprint] = {"public_key": str(public_key), "flower_node_id": node_id}
+    atomic_write_json(deployment.registry_path, {"format_version": REGISTRY_FORMAT_VERSION, "nodes": known})
+    return node_id
+
+
+def supernode_argv(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> list[str]:
+    """Device host: the ``flower-supernode`` command line of one device."""
+    config = f"speaker-id='{device.node.info()['speaker']}' data-dir='{device.data_dir.resolve()}'"
+    return _resolve(["flower-supernode", "--superlink", deployment.address, "--root-certificates", str(deployment.tls.ca_cert),
+                     "--auth-supernode-private-key", str(private_key or device.auth_key.private),
+                     "--port", str(device.port), "--node-config", config], deployment)
+
+
+def start_supernode(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> ManagedProcess:
+    """Device host: start its SuperNode (``private_key`` overrides the device key: fault tests)."""
+    return deployment.processes.start(name=device.process_name, argv=supernode_argv(deployment, device, private_key=private_key),
+                                      env=deployment.env())
+
+
+def online_nodes(deployment: Deployment, *, timeout: float = 60.0) -> set[int]:
+    """Flower node ids the SuperLink currently reports ``online``."""
+    out = flwr(deployment, ["supernode", "list", CONNECTION, "--format", "json"], timeout=timeout)
+    try:
+        nodes = json.loads(out.stdout)["nodes"]
+    except (json.JSONDecodeError, KeyError):
+        raise DeployError(f"`flwr supernode list` failed:\n{out.stdout}\n{out.stderr}") from None
+    return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+
+def wait_online(deployment: Deployment, node_ids: set[int], *, timeout: float) -> None:
+    """Block until every node of ``node_ids`` is online (runs with num-rounds = 0 do not wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = node_ids - online_nodes(deployment)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"SuperNodes {sorted(missing)} not online after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+# ------------------------------------------------------------------ runs
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What ``flwr run`` did: the run id, the SuperLink's final status and the streamed log."""
+
+    run_id: int
+    status: str
+    details: str
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def run_config_text(values: Mapping[str, object]) -> str:
+    """``--run-config`` text for ``values`` (strings single-quoted so JSON inside survives)."""
+    from common.cli.simulate import toml_value
+
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def deployment_run_config(deployment: Deployment, *, min_nodes: int, overrides: Mapping[str, object] = {}) -> dict:
+    """The run config of a deployment run: server dir, report dir, how many nodes to wait for."""
+    return {"mode": "deployment", "server-dir": str(deployment.server.root), "work-dir": str(deployment.work_dir),
+            "min-nodes": min_nodes, **overrides}
+
+
+def run_status(deployment: Deployment, run_id: int) -> tuple[str, str]:
+    out = flwr(deployment, ["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60.0)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", out.stdout + out.stderr
+    return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+
+def submit_run(deployment: Deployment, *, app: Path, run_config: Mapping[str, object], timeout: float) -> subprocess.Popen:
+    """Start ``flwr run APP CONNECTION --stream`` in the background (fault tests act meanwhile)."""
+    exe = shutil.which("flwr", path=deployment.env()["PATH"])
+    if exe is None:
+        raise DeployError("the `flwr` program is not installed in this environment")
+    return subprocess.Popen([exe, "run", str(app), CONNECTION, "--stream", "--run-config", run_config_text(run_config)],
+                            env=deployment.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_run(deployment: Deployment, submitted: subprocess.Popen, *, timeout: float) -> RunOutcome:
+    """Wait (bounded) for a submitted run's stream to end, then read the SuperLink's final status.
+
+    ``flwr run`` exits 0 even when the ServerApp raised: only the status the SuperLink records
+    (``finished:completed`` vs ``finished:failed``) tells success.
+    """
+    try:
+        log, _ = submitted.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        submitted.kill()
+        log, _ = submitted.communicate()
+        match = _RUN_ID.search(log or "")
+        raise DeployError(f"run {match.group(1) if match else '?'} did not finish within {timeout:.0f} s:\n{log[-4000:]}")
+    match = _RUN_ID.search(log)
+    if match is None:
+        raise DeployError(f"`flwr run` did not start a run:\n{log[-4000:]}")
+    run_id = int(match.group(1))
+    deadline = time.monotonic() + 60.0
+    status, details = run_status(deployment, run_id)
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status, details = run_status(deployment, run_id)
+    return RunOutcome(run_id, status, details, log)
+
+
+def run_app(deployment: Deployment, *, app: Path, run_config: Mapping[str, object], timeout: float) -> RunOutcome:
+    """CLI host: ``flwr run APP CONNECTION --stream`` and the run's final status."""
+    return finish_run(deployment, submit_run(deployment, app=app, run_config=run_config, timeout=timeout), timeout=timeout)
+
+
+# ------------------------------------------------------------------ one machine, all of it
+
+
+def up(deployment: Deployment, *, manifest: Path, ports: Sequence[int], online_timeout: float = 120.0) -> list[Device]:
+    """Everything on this machine: PKI, devices, SuperLink, registration, SuperNodes, connection.
+
+    Idempotent on disk; processes already running (PID files) are an error, not a second copy.
+    """
+    create_pki(deployment, hosts=[deployment.host, "localhost"])
+    write_connection(deployment)
+    devices = provision_devices(deployment, manifest=manifest, ports=ports)
+    start_superlink(deployment)
+    ids = {register_supernode(deployment, public_key=d.auth_key.public) for d in devices}
+    for device in devices:
+        start_supernode(deployment, device)
+    wait_online(deployment, ids, timeout=online_timeout)
+    return devices
+
+
+def down(deployment: Deployment, *, timeout: float = 15.0) -> list[str]:
+    """Stop exactly the processes recorded in ``RUN/pids`` (SuperNodes first)."""
+    return deployment.processes.stop_all(timeout=timeout)

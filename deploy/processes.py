@@ -1,0 +1,205 @@
+"""Start long-running programs with PID files, and stop exactly the processes that were started.
+
+Why PID files with a start time: a clean stop must end the SuperLink and SuperNodes this tool
+started - and nothing else, not another user's Flower processes and not an unrelated program
+that inherited a recycled PID. Each program is started as the leader of a new session (its own
+process group), so the helpers it spawns (``flower-superexec``, ``flwr-serverapp``,
+``flwr-clientapp``) are stopped with it. The PID file records the leader's PID and its kernel
+start time (``/proc/PID/stat`` field 22); a stop signals the group only while the leader is the
+very process that was started, and otherwise only group members that started after it.
+
+PID file (``RUN/pids/NAME.json``, atomic, ``format_version`` 1)::
+
+    {"format_version": 1, "name": ..., "pid": ..., "start_ticks": ..., "argv": [...], "log": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from common.fsutil import atomic_write_json
+
+PIDFILE_FORMAT_VERSION = 1
+
+
+class ProcessError(RuntimeError):
+    """A managed process could not be started, found or stopped; the message names it."""
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` split after the command name (which may hold spaces); None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    """Kernel start time of ``pid`` in clock ticks since boot, or None if it does not exist."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def _group_members(pgid: int, *, not_before: int) -> list[int]:
+    """Live processes of group ``pgid`` started no earlier than ``not_before`` ticks."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid and int(fields[19]) >= not_before:
+            members.append(int(entry.name))
+    return members
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    """One started program, as recorded in its PID file."""
+
+    name: str
+    pid: int
+    start_ticks: int
+    argv: tuple[str, ...]
+    log: Path
+
+    def is_running(self) -> bool:
+        """True while the leader we started is alive (a recycled PID does not count)."""
+        return start_ticks(self.pid) == self.start_ticks and not _is_zombie(self.pid)
+
+    def members(self) -> list[int]:
+        """Every live process of our group: the leader and what it spawned."""
+        return _group_members(self.pid, not_before=self.start_ticks)
+
+    def signal(self, sig: int) -> list[int]:
+        """Send ``sig`` to every member of the group; returns the PIDs signalled."""
+        targets = self.members()
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return targets
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class ProcessTable:
+    """The PID files of one deployment run directory (``RUN/pids``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / "pids"
+        self.logs = Path(run_dir) / "logs"
+        self._children: dict[int, subprocess.Popen] = {}
+
+    def _pidfile(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def start(self, *, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> ManagedProcess:
+        """Start ``argv`` in a new session, logging to ``RUN/logs/NAME.log``, and record it."""
+        existing = self.get(name)
+        if existing is not None and existing.is_running():
+            raise ProcessError(f"{name} is already running (pid {existing.pid}, {self._pidfile(name)})")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            child = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        ticks = start_ticks(child.pid)
+        if ticks is None:
+            child.wait()
+            raise ProcessError(f"{name} exited at once (status {child.returncode}); see {log}")
+        self._children[child.pid] = child
+        process = ManagedProcess(name, child.pid, ticks, tuple(argv), log)
+        atomic_write_json(self._pidfile(name), {"format_version": PIDFILE_FORMAT_VERSION, "name": name, "pid": child.pid,
+                                                "start_ticks": ticks, "argv": list(argv), "log": str(log)})
+        return process
+
+    def get(self, name: str) -> ManagedProcess | None:
+        path = self._pidfile(name)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:
+            raise ProcessError(f"{path}: not valid JSON ({exc})") from None
+        if raw.get("format_version") != PIDFILE_FORMAT_VERSION:
+            raise ProcessError(f"{path}: unsupported format_version {raw.get('format_version')!r}")
+        return ManagedProcess(raw["name"], int(raw["pid"]), int(raw["start_ticks"]), tuple(raw["argv"]), Path(raw["log"]))
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.json")) if self.dir.is_dir() else []
+
+    def exit_status(self, name: str) -> int | None:
+        """Exit status of a process this table started and that has ended (None while running/unknown)."""
+        process = self.get(name)
+        child = self._children.get(process.pid) if process else None
+        return child.poll() if child is not None else None
+
+    def wait_exit(self, name: str, *, timeout: float) -> int | None:
+        """Wait (bounded) for a process this table started to end; its status, or None on timeout."""
+        process = self.get(name)
+        child = self._children.get(process.pid) if process else None
+        if child is None:
+            raise ProcessError(f"{name}: not started by this process table")
+        try:
+            return child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, name: str, *, sig: int = signal.SIGKILL) -> list[int]:
+        """Signal a whole managed group at once (fault injection: SIGKILL = the host lost power)."""
+        process = self.get(name)
+        if process is None:
+            raise ProcessError(f"{name}: no PID file in {self.dir}")
+        targets = process.signal(sig)
+        self._reap(process.pid)
+        return targets
+
+    def stop(self, name: str, *, timeout: float = 15.0) -> bool:
+        """SIGTERM the group, SIGKILL what is left after ``timeout``, remove the PID file.
+
+        Returns True if something was running. A PID file whose processes are gone is simply removed.
+        """
+        process = self.get(name)
+        if process is None:
+            return False
+        was_running = bool(process.signal(signal.SIGTERM))
+        deadline = time.monotonic() + timeout
+        while process.members() and time.monotonic() < deadline:
+            self._reap(process.pid)
+            time.sleep(0.1)
+        if process.members():
+            process.signal(signal.SIGKILL)
+            time.sleep(0.2)
+        self._reap(process.pid)
+        if process.members():
+            raise ProcessError(f"{name}: processes {process.members()} survived SIGKILL")
+        self._pidfile(name).unlink(missing_ok=True)
+        return was_running
+
+    def stop_all(self, *, timeout: float = 15.0) -> list[str]:
+        """Stop every recorded process, SuperNodes before the SuperLink (names sorted reverse)."""
+        stopped = []
+        for name in sorted(self.names(), key=lambda n: (n == "superlink", n)):
+            if self.stop(name, timeout=timeout):
+                stopped.append(name)
+        return stopped
+
+    def _reap(self, pid: int) -> None:
+        child = self._children.get(pid)
+        if child is not None:
+            child.poll()
