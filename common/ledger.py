@@ -186,6 +186,8 @@ class Ledger:
         """WAL + synchronous=FULL: a commit is on disk when it returns; a crash loses no commit."""
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:  # disk full, I/O error, read-only folder: not the file's fault
+            raise LedgerError(f"{self.path}: cannot open the ledger for writing ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: not a ledger database ({exc})") from None
         self._conn.execute("PRAGMA synchronous=FULL")

@@ -5,8 +5,8 @@ started - and nothing else, not another user's Flower processes and not an unrel
 that inherited a recycled PID. Each program is started as the leader of a new session (its own
 process group), so the helpers it spawns (``flower-superexec``, ``flwr-serverapp``,
 ``flwr-clientapp``) are stopped with it. The PID file records the leader's PID and its kernel
-start time (``/proc/PID/stat`` field 22); a stop signals the group only while the leader is the
-very process that was started, and otherwise only group members that started after it.
+start time (``/proc/PID/stat`` field 22); a stop signals the group and the leader's descendants,
+and only processes that started no earlier than the leader (never a recycled PID).
 
 PID file (``RUN/pids/NAME.json``, atomic, ``format_version`` 1)::
 
@@ -53,16 +53,40 @@ def _is_zombie(pid: int) -> bool:
     return fields is None or fields[0] == "Z"
 
 
-def _group_members(pgid: int, *, not_before: int) -> list[int]:
-    """Live processes of group ``pgid`` started no earlier than ``not_before`` ticks."""
-    members = []
+def _process_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, pgid, start_ticks) of every live, non-zombie process."""
+    table = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields and fields[0] != "Z" and int(fields[2]) == pgid and int(fields[19]) >= not_before:
-            members.append(int(entry.name))
-    return members
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
+    return table
+
+
+def _tree_members(leader: int, *, not_before: int) -> list[int]:
+    """The leader's process group plus every descendant of it, started no earlier than the leader.
+
+    Descendants matter because Flower detaches some helpers into their own session
+    (``flower-superlink`` starts ``flower-superexec`` with ``start_new_session``, which in turn
+    runs ``flwr-serverapp``): a group signal alone would leave the ServerApp running.
+    """
+    table = _process_table()
+    found = {pid for pid, (_, pgid, ticks) in table.items() if pgid == leader and ticks >= not_before}
+    frontier = set(found)
+    while frontier:
+        children = {pid for pid, (ppid, _, ticks) in table.items() if ppid in frontier and ticks >= not_before} - found
+        found |= children
+        frontier = children
+    return sorted(found)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -80,17 +104,13 @@ class ManagedProcess:
         return start_ticks(self.pid) == self.start_ticks and not _is_zombie(self.pid)
 
     def members(self) -> list[int]:
-        """Every live process of our group: the leader and what it spawned."""
-        return _group_members(self.pid, not_before=self.start_ticks)
+        """Every live process of our group and every descendant: the leader and what it spawned."""
+        return _tree_members(self.pid, not_before=self.start_ticks)
 
     def signal(self, sig: int) -> list[int]:
         """Send ``sig`` to every member of the group; returns the PIDs signalled."""
         targets = self.members()
-        for pid in targets:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        _signal_all(targets, sig)
         return targets
 
     def log_text(self) -> str:
@@ -177,17 +197,21 @@ class ProcessTable:
         process = self.get(name)
         if process is None:
             return False
-        was_running = bool(process.signal(signal.SIGTERM))
+        # snapshot the tree while the leader lives: orphans are re-parented and would drop out of it
+        snapshot = {pid: start_ticks(pid) for pid in process.members()}
+        alive = lambda: [pid for pid, ticks in snapshot.items() if start_ticks(pid) == ticks and not _is_zombie(pid)]
+        _signal_all(list(snapshot), signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while process.members() and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             self._reap(process.pid)
             time.sleep(0.1)
-        if process.members():
-            process.signal(signal.SIGKILL)
+        if alive():
+            _signal_all(alive(), signal.SIGKILL)
             time.sleep(0.2)
         self._reap(process.pid)
-        if process.members():
-            raise ProcessError(f"{name}: processes {process.members()} survived SIGKILL")
+        if alive():
+            raise ProcessError(f"{name}: processes {alive()} survived SIGKILL")
+        was_running = bool(snapshot)
         self._pidfile(name).unlink(missing_ok=True)
         return was_running
 

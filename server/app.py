@@ -55,7 +55,8 @@ def main(grid: Grid, context: Context) -> None:
         target = scenario.held_out_accuracy(None, release=v_trained)
     requests = scenario.file_requests() if cfg.scenario and scenario.layout is not None else []
     outcome = run_unlearning_round(grid, cfg=cfg, server=scenario.server, base_state=trained,
-                                   base_version=v_trained.version, target_forget_acc=target, importance=importance)
+                                   base_version=v_trained.version, target_forget_acc=target, importance=importance,
+                                   n_nodes=scenario.n_nodes)
     scenario.timings["unlearning_round_s"] = outcome.seconds
     v_unlearned = None
     if outcome.merged is not None:

@@ -41,6 +41,22 @@ def _query(grid: Grid, node_ids: list[int], kind: str, content: RecordDict, time
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
+def wait_for_nodes(grid: Grid, *, n_nodes: int, timeout: float) -> list[int]:
+    """The connected node ids once ``n_nodes`` are online (or whatever is online at ``timeout``).
+
+    An unlearning-only run has no FedAvg round to wait for devices; without this it would ask
+    only the devices that happened to be connected at its first instant.
+    """
+    deadline = time.monotonic() + timeout
+    ids = list(grid.get_node_ids())
+    while len(ids) < n_nodes and time.monotonic() < deadline:
+        time.sleep(1.0)
+        ids = list(grid.get_node_ids())
+    if len(ids) < n_nodes:
+        log.warning("only %d of %d nodes online after %.0f s; asking those", len(ids), n_nodes, timeout)
+    return ids
+
+
 def find_pending(grid: Grid, *, timeout: float) -> tuple[dict[int, list[str]], dict[int, str]]:
     """Flower node id -> pending request ids (nodes that have some), and -> node name (all that answer)."""
     replies = _query(grid, list(grid.get_node_ids()), "pending", RecordDict({"config": ConfigRecord({})}), timeout)
@@ -65,9 +81,11 @@ def run_unlearning_round(
     base_version: int,
     target_forget_acc: float,
     importance: Mapping[str, torch.Tensor] | None,
+    n_nodes: int,
 ) -> RoundOutcome:
     """Ask nodes with pending deletions to unlearn; accept only verifiable, well-formed deltas."""
     start = time.perf_counter()
+    wait_for_nodes(grid, n_nodes=n_nodes, timeout=cfg.round_timeout)
     pending, names = find_pending(grid, timeout=cfg.round_timeout)
     outcome = RoundOutcome(pending=pending, node_names=names)
     if not outcome.pending:
