@@ -30,3 +30,10 @@ def test_keys_cli(tmp_path: Path, capsys) -> None:
     assert main(["keys", "enroll", "--registry", str(reg), "--node-id", "n1", "--public-key", str(tmp_path / "n1" / "sign.pub")]) == 0
     assert main(["keys", "init", "--dir", str(tmp_path / "n2"), "--role", "node"]) == 0
     assert main(["keys", "enroll", "--registry", str(reg), "--node-id", "n1", "--public-key", str(tmp_path / "n2" / "sign.pub")]) == 2
+
+
+def test_deploy_cli_without_a_deployment(tmp_path: Path, capsys) -> None:
+    assert main(["deploy", "run", "--run-dir", str(tmp_path)]) == 2
+    assert "serforget deploy up" in capsys.readouterr().err
+    assert main(["deploy", "down", "--run-dir", str(tmp_path)]) == 0
+    assert "nothing was running" in capsys.readouterr().out

@@ -14,12 +14,12 @@ import sys
 from typing import Sequence
 
 #: Submodules that contribute subcommands, in help order.
-_COMMAND_MODULES = ("corpus", "train", "simulate", "unlearn", "keys", "node", "server", "edge")
+_COMMAND_MODULES = ("corpus", "train", "simulate", "deploy", "unlearn", "keys", "node", "server", "edge")
 #: Which submodule owns each top-level command. Only that module is imported to run a command, so
 #: the edge path (``edge predict``) never imports torch through an unrelated command module.
 _OWNER = {"corpus": "corpus", "train": "train", "evaluate": "train", "demo": "train", "simulate": "simulate",
           "unlearn": "unlearn", "unlearn-eval": "unlearn", "keys": "keys", "node": "node",
-          "export-onnx": "edge", "edge": "edge", "server": "edge"}
+          "export-onnx": "edge", "edge": "edge", "server": "edge", "deploy": "deploy"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
