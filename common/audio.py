@@ -20,9 +20,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-SAMPLE_RATE = 16_000
-#: Refuse recordings longer than this (a 10-minute "utterance" is a mistake or an attack).
-MAX_SECONDS = 600.0
+from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, SAMPLE_RATE
 
 
 class AudioError(ValueError):
@@ -50,6 +48,8 @@ def load_audio(
         )
     if not np.isfinite(data).all():
         raise AudioError(f"{file}: audio contains NaN or infinite samples")
+    if np.abs(data).max() > MAX_ABS_SAMPLE:
+        raise AudioError(f"{file}: samples reach {np.abs(data).max():.3g}, beyond {MAX_ABS_SAMPLE:g} x full scale")
     mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if native_rate != sample_rate:
         mono = AF.resample(mono, orig_freq=int(native_rate), new_freq=sample_rate)

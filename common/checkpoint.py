@@ -122,13 +122,20 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike[str]) -> CheckpointMeta:
     labels = raw["labels"]
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise CheckpointError(f"{meta_path}: field labels must be a non-empty list of strings")
+    expected_types = {"arch": str, "config": dict, "sample_rate": int, "weights_sha256": str}
+    for name, kind in expected_types.items():
+        if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
+            raise CheckpointError(f"{meta_path}: field {name} must be {kind.__name__}, got {raw[name]!r:.60}")
+    provenance = raw.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{meta_path}: field provenance must be an object")
     return CheckpointMeta(
-        arch=str(raw["arch"]),
-        config=dict(raw["config"]),
+        arch=raw["arch"],
+        config=raw["config"],
         labels=tuple(labels),
-        sample_rate=int(raw["sample_rate"]),
-        weights_sha256=str(raw["weights_sha256"]),
-        provenance=dict(raw.get("provenance") or {}),
+        sample_rate=raw["sample_rate"],
+        weights_sha256=raw["weights_sha256"],
+        provenance=provenance,
     )
 
 

@@ -65,7 +65,14 @@ class ServerDir:
         return self.root / "releases"
 
     def init(self) -> "ServerDir":
+        """Create the keys if missing and re-sign the release index (repairs an index left behind
+        by a crash between a publish's revocation and its index update)."""
+        from common.release import ReleaseRegistry
+
         init_keys(key_dir=self.keys_dir, role="server")
+        registry = ReleaseRegistry(self.releases)
+        if registry.versions():
+            registry.refresh_index(signing_key=self.signing_key())
         return self
 
     def signing_key(self):

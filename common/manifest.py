@@ -50,8 +50,14 @@ def read_manifest(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
         raise ManifestError(f"{manifest}: manifest not found") from None
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{manifest}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:  # a folder, an unreadable file
+        raise ManifestError(f"{manifest}: cannot read the manifest ({exc.strerror or exc})") from None
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+        body = list(reader)
+    except csv.Error as exc:  # e.g. a field longer than the csv module's limit
+        raise ManifestError(f"{manifest}:{reader.line_num}: malformed CSV ({exc})") from None
     if header is None:
         raise ManifestError(f"{manifest}: empty file, expected header {','.join(COLUMNS)}")
     header = [h.strip() for h in header]
@@ -66,7 +72,7 @@ def read_manifest(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
     root_dir = Path(root).resolve() if root is not None else None
     seen: set[str] = set()
     rows: list[Utterance] = []
-    for line_no, fields in enumerate(reader, start=2):
+    for line_no, fields in enumerate(body, start=2):
         if not fields or all(not f.strip() for f in fields):
             continue
         where = f"{manifest}:{line_no}"
@@ -76,6 +82,8 @@ def read_manifest(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
         for name, value in values.items():
             if not value:
                 raise ManifestError(f"{where}: empty field {name!r}")
+            if "\x00" in value:
+                raise ManifestError(f"{where}: field {name!r} contains a NUL byte")
         if values["utt_id"] in seen:
             raise ManifestError(f"{where}: duplicate utt_id {values['utt_id']!r}")
         seen.add(values["utt_id"])

@@ -652,6 +652,9 @@ class ReleaseRegistry:
                 )
                 if revoke_previous:
                     self._revoke_earlier(version, requests, reason, signing_key=signing_key)
+                    # re-sign the index now: clients that read revocations from the index must
+                    # see them even if the process dies before the new release is in place
+                    self._write_index(signing_key=signing_key)
                 _commit_staged_release(staging, self.path(version))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -32,6 +32,8 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 
+from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS
+
 #: Value of the ``format`` metadata entry that marks a serforget ONNX model.
 ONNX_FORMAT = "serforget-onnx"
 #: Version of the metadata layout below; bumped on any incompatible change.
@@ -51,8 +53,6 @@ METADATA_KEYS: tuple[str, ...] = (
     "precision",
     "window_seconds",
 )
-#: Refuse recordings longer than this, like :data:`common.audio.MAX_SECONDS`.
-MAX_SECONDS = 600.0
 
 _LOWPASS_ZERO_CROSSINGS = 6
 _ROLLOFF = 0.99
@@ -161,7 +161,11 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
             raise EdgeModelError(f"{self.path}: ONNX Runtime cannot load the model ({exc})") from None
-        self.info = parse_model_info(self.session.get_modelmeta().custom_metadata_map, source=str(self.path))
+        try:
+            metadata = self.session.get_modelmeta().custom_metadata_map
+        except UnicodeDecodeError as exc:  # a flipped byte inside a metadata string
+            raise EdgeModelError(f"{self.path}: ONNX metadata is not valid UTF-8 ({exc.reason})") from None
+        self.info = parse_model_info(metadata, source=str(self.path))
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -201,6 +205,8 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int, max_seconds: f
         raise EdgeAudioError(f"{file}: {data.shape[0] / native_rate:.1f} s is longer than the {max_seconds:.0f} s limit")
     if not np.isfinite(data).all():
         raise EdgeAudioError(f"{file}: audio contains NaN or infinite samples")
+    if np.abs(data).max() > MAX_ABS_SAMPLE:
+        raise EdgeAudioError(f"{file}: samples reach {np.abs(data).max():.3g}, beyond {MAX_ABS_SAMPLE:g} x full scale")
     mono = data.mean(axis=1, dtype=np.float32)
     if native_rate != sample_rate:
         mono = resample(mono, orig_rate=int(native_rate), new_rate=sample_rate)
