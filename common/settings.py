@@ -39,7 +39,7 @@ class RunSettings:
     test_speakers: int = 5
     # FedAvg; resume = start from the newest non-revoked release (num-rounds = 0: unlearning only)
     resume: bool = False
-    num_rounds: int = 12
+    num_rounds: int = 15
     local_epochs: int = 2
     lr: float = 0.002
     batch_size: int = 16
@@ -53,8 +53,8 @@ class RunSettings:
     unlearn_timeout: float = 900.0
     elastic: bool = True
     elastic_tau: float = 0.05
-    elastic_strength: float = 1.0
-    max_delta_ratio: float = 0.5
+    elastic_strength: float = 0.8
+    max_delta_ratio: float = 0.05
     # default scenario: deletion requests filed on two nodes before the unlearning round
     scenario: bool = True
     scenario_partial_node: int = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import soundfile as sf
 
@@ -52,6 +52,19 @@ def require_dir(path: Path, *, fmt: str, root: Path, expected: str) -> Path:
     if not path.is_dir():
         raise ValueError(f"{root} does not hold the {fmt} layout: expected {expected}, missing {path}")
     return path
+
+
+def classify_files(paths: Iterable[Path], classify: Callable[[Path], "Utterance | str"]) -> tuple[list[Utterance], list[Skipped]]:
+    """Split ``paths`` into utterances and skipped files, by what ``classify`` returns for each."""
+    utterances: list[Utterance] = []
+    skipped: list[Skipped] = []
+    for path in paths:
+        result = classify(path)
+        if isinstance(result, Utterance):
+            utterances.append(result)
+        else:
+            skipped.append(Skipped(path=path, reason=result))
+    return utterances, skipped
 
 
 def files_under(folder: Path) -> Iterator[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from common.corpora._common import (
     WAV_SUFFIX,
     IndexResult,
-    Skipped,
+    classify_files,
     files_under,
     finish,
     make_utterance,
@@ -46,14 +46,7 @@ def index(root: Path) -> IndexResult:
     """Index a CREMA-D root holding an ``AudioWAV`` folder (see the module docstring)."""
     base = resolve_root(root, fmt=FMT)
     audio = require_dir(base / AUDIO_DIR, fmt=FMT, root=base, expected=f"a {AUDIO_DIR} folder")
-    utterances: list[Utterance] = []
-    skipped: list[Skipped] = []
-    for path in files_under(audio):
-        result = _classify(path, audio)
-        if isinstance(result, Utterance):
-            utterances.append(result)
-        else:
-            skipped.append(Skipped(path=path, reason=result))
+    utterances, skipped = classify_files(files_under(audio), lambda path: _classify(path, audio))
     return finish(fmt=FMT, root=base, utterances=utterances, skipped=skipped)
 
 

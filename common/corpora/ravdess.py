@@ -17,7 +17,7 @@ from pathlib import Path
 from common.corpora._common import (
     WAV_SUFFIX,
     IndexResult,
-    Skipped,
+    classify_files,
     files_under,
     finish,
     make_utterance,
@@ -54,14 +54,7 @@ def index(root: Path) -> IndexResult:
     base = resolve_root(root, fmt=FMT)
     if not any(_FOLDER.fullmatch(p.name) for p in base.iterdir() if p.is_dir()):
         raise ValueError(f"{base} does not hold the {FMT} layout: no Actor_XX folders in it")
-    utterances: list[Utterance] = []
-    skipped: list[Skipped] = []
-    for path in files_under(base):
-        result = _classify(path, base)
-        if isinstance(result, Utterance):
-            utterances.append(result)
-        else:
-            skipped.append(Skipped(path=path, reason=result))
+    utterances, skipped = classify_files(files_under(base), lambda path: _classify(path, base))
     return finish(fmt=FMT, root=base, utterances=utterances, skipped=skipped)
 
 
