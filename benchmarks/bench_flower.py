@@ -4,7 +4,8 @@ Both paths run the identical scenario (same settings, same ServerApp and ClientA
 through ``flwr run .`` (local SuperLink + Ray simulation, via ``serforget simulate``), once through
 :class:`server.inprocess.InProcessGrid`, which hands each message straight to the ClientApp. The
 FedAvg phase's wall time per round is compared side by side in one run, and the unlearning
-round's wall time too. Writes ``benchmarks/results/flower_overhead.{json,md}``.
+round's wall time too. Both paths get the same compute shape: one ClientApp at a time with two
+torch threads (Flower: ``--cpus-per-node 2``; in-process: sequential calls). Writes ``benchmarks/results/flower_overhead.{json,md}``.
 
     python -m benchmarks.bench_flower [--rounds 3] [--speakers 10]
 """
@@ -36,7 +37,8 @@ def run_flower(work: Path, cfg: dict) -> dict:
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "common", "simulate", "--app", str(ROOT), "--work-dir", str(work),
-                           "--flwr-home", str(work.parent / "flwr-home"), "--run-config", overrides, "--fresh"],
+                           "--flwr-home", str(work.parent / "flwr-home"), "--run-config", overrides, "--fresh",
+                           "--cpus-per-node", "2"],
                           cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"flwr path failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -46,6 +48,8 @@ def run_flower(work: Path, cfg: dict) -> dict:
 
 
 def run_inprocess(work: Path, cfg: dict) -> dict:
+    import torch
+
     from client.app import app as client_app
     from server.app import app as server_app
     from server.inprocess import InProcessGrid
@@ -53,6 +57,8 @@ def run_inprocess(work: Path, cfg: dict) -> dict:
     run_config = {**cfg, "work-dir": str(work)}
     n_nodes = cfg["synth-speakers"] - cfg["valid-speakers"] - cfg["test-speakers"]
     grid = InProcessGrid(client_app, run_config=run_config, n_nodes=n_nodes)
+    # same compute shape as the Flower path below (--cpus-per-node 2): one node at a time, 2 threads
+    torch.set_num_threads(2)
     start = time.perf_counter()
     server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     report = json.loads((work / "report" / "report.json").read_text())

@@ -29,8 +29,8 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, labels = settings(context), task_labels(settings(context).task)
-    node, model = node_dir(context, cfg), model_from(msg.content["arrays"], cfg)
+    cfg = settings(context)
+    labels, node, model = task_labels(cfg.task), node_dir(context, cfg), model_from(msg.content["arrays"], cfg)
     data = load_training_set(node, labels=labels, clip_seconds=cfg.clip_seconds)
     loss = float("nan")
     if len(data):

@@ -71,9 +71,19 @@ class ServerDir:
 
         init_keys(key_dir=self.keys_dir, role="server")
         registry = ReleaseRegistry(self.releases)
-        if registry.versions():
+        if registry.versions() and self._index_is_stale(registry):
             registry.refresh_index(signing_key=self.signing_key())
         return self
+
+    def _index_is_stale(self, registry) -> bool:
+        """Whether the signed index misses a release or a revocation (read-only: takes no lock)."""
+        from common.keys import load_signing_public
+
+        if not registry.has_index():
+            return True
+        index = registry.read_index(public_key=load_signing_public(self.keys_dir / "sign.pub"))
+        listed = sorted(entry.version for entry in index.releases)
+        return listed != registry.versions() or index.revoked() != registry.revoked()
 
     def signing_key(self):
         return load_signing_private(self.keys_dir / "sign.key")

@@ -118,3 +118,33 @@ def test_weighted_average_of_importance() -> None:
 def test_weight_delta_skips_integer_buffers() -> None:
     updated = {k: v + 1 for k, v in BASE.items()}
     assert set(weight_delta(updated, BASE)) == {"w", "b"}
+
+
+def test_server_start_repairs_a_stale_index_without_locking_a_current_one(server: ServerDir, tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+    import os
+    import threading
+
+    from common.keys import load_signing_public
+    from common.release import ReleaseRegistry
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    registry = ReleaseRegistry(server.releases)
+    registry.publish(files={"model.safetensors": weights}, signing_key=server.signing_key(), parent=None)
+    public = load_signing_public(server.keys_dir / "sign.pub")
+    # a current index: start-up must not wait for the registry lock another writer holds
+    lock = os.open(server.releases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    starter = threading.Thread(target=ServerDir(server.root).init, daemon=True)
+    starter.start()
+    starter.join(timeout=30)
+    os.close(lock)
+    assert not starter.is_alive()
+    # a revocation whose index update was lost (a crash): start-up re-signs the index
+    monkeypatch.setattr(ReleaseRegistry, "_write_index", lambda self, *, signing_key: None)
+    registry.revoke(versions=[1], reason="test", signing_key=server.signing_key())
+    monkeypatch.undo()
+    assert registry.read_index(public_key=public).revoked() == {}
+    ServerDir(server.root).init()
+    assert registry.read_index(public_key=public).revoked() == {1: "test"}
