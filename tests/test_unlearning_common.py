@@ -12,6 +12,7 @@ import math
 from functools import lru_cache
 
 import torch
+from torch import nn
 
 from common.data import WaveformSet
 from common.models import build_model
@@ -90,3 +91,40 @@ def accuracy(model: torch.nn.Module, data: WaveformSet) -> float:
     model.eval()
     with torch.no_grad():
         return float((model(data.waves).argmax(1) == data.targets).float().mean())
+
+
+class SpectralMLP(nn.Module):
+    """Time-averaged log power spectrum -> MLP: a tiny waveform model with room to memorise.
+
+    The default CNN pools globally over frequency and time, so it can barely single out a few
+    utterances; this model sees every frequency bin separately, which lets an unlearning method
+    change its answer on a few utterances without moving the rest (the situation the end-to-end
+    test needs to tell a good method from a destructive one).
+    """
+
+    def __init__(self, n_classes: int = 4, n_fft: int = 256, hidden: int = 128) -> None:
+        super().__init__()
+        self.n_fft = n_fft
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.net = nn.Sequential(nn.Linear(n_fft // 2 + 1, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(waveform, self.n_fft, self.n_fft // 2, window=self.window, return_complex=True)
+        return self.net(torch.log(spec.abs().pow(2) + 1e-6).mean(dim=-1))
+
+
+@lru_cache(maxsize=1)
+def _trained_mlp_state() -> dict:
+    _, train, _ = _trained_state()
+    torch.manual_seed(0)
+    model = SpectralMLP()
+    train_model(model, train, config=TrainConfig(epochs=20, batch_size=16, lr=1e-2, device="cpu"), progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def trained_mlp() -> tuple[torch.nn.Module, WaveformSet, WaveformSet]:
+    """Like :func:`trained_tiny` with a :class:`SpectralMLP` trained on the same data."""
+    _, train, held_out = _trained_state()
+    model = SpectralMLP()
+    model.load_state_dict(_trained_mlp_state())
+    return model.eval(), train, held_out

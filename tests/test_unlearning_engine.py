@@ -8,7 +8,7 @@ import torch
 from common.unlearning import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig, unlearn
 from common.unlearning.engine import RECIPES
 from common.unlearning.stopping import REASON_TARGET, forget_accuracy
-from tests.test_unlearning_common import accuracy, trained_tiny
+from tests.test_unlearning_common import accuracy, trained_mlp, trained_tiny
 
 FAST = UnlearnConfig(device="cpu", max_epochs=3, pgd_steps=2, pgd_k=1, remain_epochs=1, remain_steps_per_epoch=2)
 
@@ -115,8 +115,14 @@ def test_retrain_level_takes_no_step_when_the_target_is_already_met():
 
 @pytest.mark.slow
 def test_full_method_forgets_while_held_out_accuracy_stays_within_a_bound():
-    model, forget, _, held_out = _forget_and_remain()
+    model, train, held_out = trained_mlp()
+    forget = train.subset(range(len(train) - 8, len(train)))
     assert accuracy(model, forget) == 1.0 and accuracy(model, held_out) == 1.0
-    result = unlearn(model, forget, method="rl_adv_ela", config=UnlearnConfig(device="cpu", lr=3e-3, max_epochs=60))
-    assert result.forget_acc <= 0.25
-    assert accuracy(result.model, held_out) >= 0.85
+    config = UnlearnConfig(device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5)
+    full = unlearn(model, forget, method="rl_adv_ela", config=config)
+    assert full.forget_acc <= 0.5
+    assert accuracy(full.model, held_out) >= 0.9
+    # relabeling alone reaches the same forget accuracy at a visible cost: Adv + Ela is what keeps it
+    plain = unlearn(model, forget, method="rl", config=config)
+    assert plain.forget_acc <= 0.5
+    assert accuracy(plain.model, held_out) < accuracy(full.model, held_out)

@@ -177,18 +177,19 @@ def evaluate_unlearning(
     device: str | torch.device = "auto",
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    include_original: bool = True,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows for Original, Retrain (when given) and every run, each with ``extra`` fields merged in.
+    """Rows for Original (unless ``include_original`` is false), Retrain (when given) and every run.
 
-    ``seed`` seeds the attack's cross-fitting folds. With the oracle, each row gets ``gap``
-    (:func:`gap_to_reference`), ``speedup`` (retrain wall seconds / unlearning wall seconds),
-    ``speedup_cpu`` (the same in CPU seconds) and ``mem_ratio`` (unlearning peak memory /
-    retraining peak memory).
+    Every row gets ``extra`` merged in; ``seed`` seeds the attack's cross-fitting folds. With the
+    oracle the rows also get the reference columns of :func:`add_reference_columns`.
     """
     base = dict(extra or {})
-    rows = [{**base, "method": "original", **score_model(original, sets, device=device, seed=seed),
-             "unlearn_s": 0.0, "unlearn_cpu_s": 0.0}]
+    rows = []
+    if include_original:
+        rows.append({**base, "method": "original", **score_model(original, sets, device=device, seed=seed),
+                     "unlearn_s": 0.0, "unlearn_cpu_s": 0.0})
     if retrained is not None:
         rows.append({
             **base, "method": "retrain", **score_model(retrained.model, sets, device=device, seed=seed),
@@ -198,7 +199,7 @@ def evaluate_unlearning(
     for run in tqdm(runs, desc="methods", unit="method", disable=not progress, leave=False):
         rows.append({**base, **_unlearn_row(original, sets, run, device=device, seed=seed)})
     if retrained is not None:
-        _add_reference_columns(rows, retrained)
+        add_reference_columns(rows, next(r for r in rows if r["method"] == "retrain"))
     return rows
 
 
@@ -223,18 +224,24 @@ def _unlearn_row(original: nn.Module, sets: EvalSets, run: MethodRun, *, device:
     }
 
 
-def _add_reference_columns(rows: list[dict[str, Any]], retrained: Retrained) -> None:
-    reference = next(r for r in rows if r["method"] == "retrain")
+def add_reference_columns(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Add ``gap``, cost of retraining and the ratios to it, from the Retrain row ``reference``.
+
+    ``gap`` is :func:`gap_to_reference`; ``speedup`` = retrain wall seconds / unlearning wall
+    seconds, ``speedup_cpu`` the same in CPU seconds; ``mem_ratio`` = unlearning peak memory /
+    retraining peak memory. Rows are updated in place (a separate call lets a sweep reuse the
+    oracle of an earlier experiment on the same forget set).
+    """
+    retrain_s, retrain_cpu_s = reference["unlearn_s"], reference["unlearn_cpu_s"]
+    retrain_mem = reference.get("peak_mem_mb")
     for row in rows:
-        row["retrain_s"] = retrained.seconds
-        row["retrain_cpu_s"] = retrained.cpu_seconds
-        row["retrain_peak_mem_mb"] = retrained.peak_bytes / 2**20
+        row["retrain_s"], row["retrain_cpu_s"], row["retrain_peak_mem_mb"] = retrain_s, retrain_cpu_s, retrain_mem
         row["gap"] = gap_to_reference(row, reference)
         seconds, cpu_seconds = row.get("unlearn_s") or 0.0, row.get("unlearn_cpu_s") or 0.0
-        row["speedup"] = retrained.seconds / seconds if seconds > 0 else None
-        row["speedup_cpu"] = retrained.cpu_seconds / cpu_seconds if cpu_seconds > 0 else None
+        row["speedup"] = retrain_s / seconds if seconds > 0 else None
+        row["speedup_cpu"] = retrain_cpu_s / cpu_seconds if cpu_seconds > 0 else None
         peak = row.get("peak_mem_mb")
-        row["mem_ratio"] = (peak / row["retrain_peak_mem_mb"]) if peak is not None and retrained.peak_bytes > 0 else None
+        row["mem_ratio"] = peak / retrain_mem if peak is not None and retrain_mem else None
 
 
 # ----------------------------------------------------------------------------- summaries
