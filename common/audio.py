@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, SAMPLE_RATE
+from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, SAMPLE_RATE, header_problem
 
 
 class AudioError(ValueError):
@@ -35,8 +35,15 @@ def load_audio(
     if not file.is_file():
         raise AudioError(f"{file}: audio file not found")
     try:
-        data, native_rate = sf.read(str(file), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(file)) as handle:
+            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
+                                     max_seconds=max_seconds)
+            if problem is not None:
+                raise AudioError(f"{file}: {problem}")
+            data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, AudioError):
+            raise
         raise AudioError(f"{file}: not a readable audio file ({exc})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{file}: audio file holds no samples")

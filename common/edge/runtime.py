@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 
-from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS
+from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, header_problem
 
 #: Value of the ``format`` metadata entry that marks a serforget ONNX model.
 ONNX_FORMAT = "serforget-onnx"
@@ -194,8 +194,15 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int, max_seconds: f
     if not file.is_file():
         raise EdgeAudioError(f"{file}: audio file not found")
     try:
-        data, native_rate = sf.read(str(file), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(file)) as handle:
+            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
+                                     max_seconds=max_seconds)
+            if problem is not None:
+                raise EdgeAudioError(f"{file}: {problem}")
+            data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, EdgeAudioError):
+            raise
         raise EdgeAudioError(f"{file}: not a readable audio file ({exc})") from None
     if data.shape[0] == 0:
         raise EdgeAudioError(f"{file}: audio file holds no samples")
