@@ -110,10 +110,10 @@ def test_retrain_level_takes_no_step_when_the_target_is_already_met():
     result = unlearn(model, forget, method="rl_adv_ela",
                      config=FAST.replace(stop="retrain-level", target_forget_acc=1.0))
     assert result.steps == 0 and result.epochs == 0 and result.stop_reason == REASON_TARGET
+    assert result.importance is None and result.n_adversarial == 0 and result.phase_seconds == {}
     assert _same_weights(result.model, model)
 
 
-@pytest.mark.slow
 def test_full_method_forgets_while_held_out_accuracy_stays_within_a_bound():
     model, train, held_out = trained_mlp()
     forget = train.subset(range(len(train) - 8, len(train)))

@@ -33,7 +33,7 @@ from common.unlearning.elastic import ElasticPenalty, penalty_weights
 from common.unlearning.forgetting import negative_ce_loss, random_other_labels, relabel_loss
 from common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
 from common.unlearning.measure import ResourceMeter
-from common.unlearning.stopping import LoopOutcome, StopRule, run_until_stop
+from common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, run_until_stop
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,11 @@ class UnlearnResult:
     cpu_seconds: float
     peak_memory_bytes: int
     memory_measure: str
-    #: Seconds per phase: ``importance``, ``adversarial``, ``training`` (what applies).
+    #: Seconds per phase: ``importance``, ``adversarial``, ``training`` (what ran).
     phase_seconds: dict[str, float] = field(default_factory=dict)
     #: Forget-set importance (MAS or Fisher, per ``config.importance``), min-max normalised per
-    #: tensor, on the CPU; ``None`` for methods without the elastic term.
+    #: tensor, on the CPU; ``None`` for methods without the elastic term, and when the stop rule
+    #: held before any step (then nothing is prepared).
     importance: ImportanceMap | None = None
     n_forget: int = 0
     n_adversarial: int = 0
@@ -205,7 +206,16 @@ def _run_forget_only(
     device: torch.device,
     progress: bool,
 ) -> tuple[LoopOutcome, dict[str, float], ImportanceMap | None, int]:
-    """Prepare the components with the original weights, then train until the stop rule fires."""
+    """Prepare the components with the original weights, then train until the stop rule fires.
+
+    The rule is checked first: when the original model already meets it (common with the
+    ``retrain-level`` rule), nothing is prepared and no step is taken.
+    """
+    rule = StopRule.from_config(config)
+    initial = forget_accuracy(work, forget_x, forget_y)
+    reason = rule.decide(epoch=0, forget_acc=initial)
+    if reason is not None:
+        return LoopOutcome(stop_reason=reason, forget_acc=[initial]), {}, None, 0
     phases: dict[str, float] = {}
     n_classes = _n_classes(work, forget_x)
     penalty, importance = None, None
@@ -242,8 +252,8 @@ def _run_forget_only(
 
     start = time.perf_counter()
     outcome = run_until_stop(
-        work, rule=StopRule.from_config(config), forget_waves=forget_x, forget_targets=forget_y,
-        run_epoch=run_epoch, progress=progress,
+        work, rule=rule, forget_waves=forget_x, forget_targets=forget_y, run_epoch=run_epoch,
+        initial_forget_acc=initial, progress=progress,
     )
     phases["training"] = time.perf_counter() - start
     return outcome, phases, importance, len(adversarial) if adversarial is not None else 0

@@ -6,8 +6,11 @@ Peak memory:
 - CPU: torch's CPU allocator is invisible to ``tracemalloc``, and ``ru_maxrss`` is a lifetime
   maximum of the process (a later, smaller phase would read as 0). So a background thread samples
   the resident set size from ``/proc/self/statm`` every few milliseconds and the peak *increase*
-  over the RSS at the start is reported. Where ``/proc`` does not exist, the increase of
-  ``ru_maxrss`` is the fallback (exact for a phase that sets a new lifetime maximum, else 0).
+  over the RSS at the start is reported. Before the start RSS is read, garbage is collected and
+  glibc's ``malloc_trim(0)`` hands freed heap pages back to the kernel: otherwise memory that an
+  earlier phase freed stays resident, the next phase reuses it without the RSS growing, and its
+  peak reads as almost 0. Where ``/proc`` does not exist, the increase of ``ru_maxrss`` is the
+  fallback (exact for a phase that sets a new lifetime maximum, else 0).
 Both are estimates of the extra memory a phase needs, comparable between phases of one process.
 
 CPU time (``time.process_time``, all threads of the process) is recorded next to wall time: on a
@@ -17,6 +20,9 @@ ratio is the steadier comparison of two phases measured at different moments.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -36,6 +42,20 @@ def _rss_bytes() -> int | None:
         return int(_STATM.read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _release_free_heap() -> None:
+    """Collect garbage and return freed heap pages to the kernel (glibc only; a no-op elsewhere)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def _maxrss_bytes() -> int:
@@ -85,6 +105,7 @@ class ResourceMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start_cuda = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()
             rss = _rss_bytes()
             if rss is None:
                 self._start_maxrss = _maxrss_bytes()

@@ -93,15 +93,18 @@ def run_until_stop(
     forget_waves: torch.Tensor,
     forget_targets: torch.Tensor,
     run_epoch: Callable[[], int],
+    initial_forget_acc: float | None = None,
     progress: bool = False,
     desc: str = "unlearning",
 ) -> LoopOutcome:
     """Check the rule before training and after every epoch; ``run_epoch()`` returns its step count.
 
     The first check happens before any update: a forget set the model already gets wrong enough
-    costs no step at all.
+    costs no step at all. ``initial_forget_acc`` saves recomputing an accuracy the caller has.
     """
-    outcome = LoopOutcome(forget_acc=[forget_accuracy(model, forget_waves, forget_targets)])
+    if initial_forget_acc is None:
+        initial_forget_acc = forget_accuracy(model, forget_waves, forget_targets)
+    outcome = LoopOutcome(forget_acc=[initial_forget_acc])
     reason = rule.decide(epoch=0, forget_acc=outcome.forget_acc[0])
     bar = tqdm(total=rule.max_epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
     try:
