@@ -45,6 +45,10 @@ class DeployError(RuntimeError):
     """A deployment step failed; the message says which and where its log is."""
 
 
+class SuperLinkUnavailable(DeployError):
+    """The ``flwr`` CLI could not reach the SuperLink's Control API (not started, or not ready yet)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (the kernel's choice), for tests on loopback."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -220,7 +224,10 @@ def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> Managed
             "--ssl-keyfile", str(tls.key), "--enable-supernode-auth", "--database", str(deployment.state_db),
             "--host", deployment.host, "--port", str(deployment.port), "--disable-runtime-dependency-installation"]
     process = deployment.processes.start(name=SUPERLINK, argv=_resolve(argv, deployment), env=deployment.env())
+    deadline = time.monotonic() + timeout
     wait_for_port(deployment.host, deployment.port, timeout=timeout, process=process)
+    # an open port is not a ready Control API (a restart on an existing state database takes longer)
+    _poll_superlink(deployment, lambda nodes: True, deadline=deadline, what="the SuperLink's Control API to answer")
     return process
 
 
@@ -280,22 +287,41 @@ def online_nodes(deployment: Deployment, *, timeout: float = 60.0) -> set[int]:
     """Flower node ids the SuperLink currently reports ``online``."""
     out = flwr(deployment, ["supernode", "list", CONNECTION, "--format", "json"], timeout=timeout)
     try:
-        nodes = json.loads(out.stdout)["nodes"]
-    except (json.JSONDecodeError, KeyError):
+        reply = json.loads(out.stdout)
+    except json.JSONDecodeError:
         raise DeployError(f"`flwr supernode list` failed:\n{out.stdout}\n{out.stderr}") from None
-    return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+    if "nodes" not in reply:
+        message = str(reply.get("error-message", ""))
+        kind = SuperLinkUnavailable if "unavailable" in message.lower() else DeployError
+        raise kind(f"`flwr supernode list` failed:\n{out.stdout}\n{out.stderr}")
+    return {int(n["node-id"]) for n in reply["nodes"] if n.get("status") == "online"}
+
+
+def _poll_superlink(deployment: Deployment, done, *, deadline: float, what: str) -> set[int]:
+    """Poll ``online_nodes`` until ``done(nodes)``; an unreachable SuperLink is retried, a dead one is an error."""
+    while True:
+        error: DeployError | None = None
+        try:
+            nodes = online_nodes(deployment)
+            if done(nodes):
+                return nodes
+        except SuperLinkUnavailable as exc:
+            error = exc
+            superlink = deployment.processes.get(SUPERLINK)
+            if superlink is not None and not superlink.is_running():
+                raise DeployError(f"the SuperLink exited; see {superlink.log}") from exc
+        if time.monotonic() > deadline:
+            raise DeployError(f"timed out waiting for {what}" + (f"; last error: {error}" if error else ""))
+        time.sleep(1.0)
 
 
 def wait_online(deployment: Deployment, node_ids: set[int], *, timeout: float) -> None:
-    """Block until every node of ``node_ids`` is online (runs with num-rounds = 0 do not wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        missing = node_ids - online_nodes(deployment)
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise DeployError(f"SuperNodes {sorted(missing)} not online after {timeout:.0f} s")
-        time.sleep(1.0)
+    """Block until every node of ``node_ids`` is online (runs with num-rounds = 0 do not wait).
+
+    A SuperLink that is still starting (port open, Control API not yet serving) is waited for.
+    """
+    _poll_superlink(deployment, lambda nodes: node_ids <= nodes, deadline=time.monotonic() + timeout,
+                    what=f"SuperNodes {sorted(node_ids)} to be online")
 
 
 # ------------------------------------------------------------------ runs

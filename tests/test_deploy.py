@@ -273,3 +273,45 @@ def test_stop_also_ends_a_helper_detached_into_its_own_session(tmp_path: Path) -
         assert start_ticks(helper) is None or Path(f"/proc/{helper}/stat").read_text().split(")")[1].split()[0] == "Z"
     finally:
         process.signal(signal.SIGKILL)
+
+
+def _fake_supernode_list(replies: list[str]):
+    """A stand-in for the ``flwr`` CLI that answers ``supernode list`` from ``replies`` in order."""
+    calls = []
+
+    def fake(deployment, args, *, timeout):
+        calls.append(list(args))
+        return subprocess.CompletedProcess(args, 0, stdout=replies[min(len(calls), len(replies)) - 1], stderr="")
+
+    return fake, calls
+
+
+_UNAVAILABLE = json.dumps({"success": False, "error-message": "Connection to the SuperLink is unavailable. Please check..."})
+
+
+def test_waiting_for_nodes_outlasts_a_superlink_that_is_still_starting(tmp_path: Path, monkeypatch) -> None:
+    import deploy.local as local
+
+    online = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "offline"}]})
+    both = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "online"}]})
+    fake, calls = _fake_supernode_list([_UNAVAILABLE, _UNAVAILABLE, online, both])
+    monkeypatch.setattr(local, "flwr", fake)
+    monkeypatch.setattr(local.time, "sleep", lambda s: None)
+    local.wait_online(local.Deployment(tmp_path), {7, 9}, timeout=60)
+    assert len(calls) == 4
+
+
+def test_waiting_for_nodes_gives_up_with_the_last_error_and_refuses_other_failures(tmp_path: Path, monkeypatch) -> None:
+    import deploy.local as local
+
+    fake, _ = _fake_supernode_list([_UNAVAILABLE])
+    monkeypatch.setattr(local, "flwr", fake)
+    monkeypatch.setattr(local.time, "sleep", lambda s: None)
+    with pytest.raises(local.DeployError, match=r"(?s)SuperNodes \[7\] to be online.*unavailable"):
+        local.wait_online(local.Deployment(tmp_path), {7}, timeout=0)
+    denied = json.dumps({"success": False, "error-message": "Permission denied"})
+    fake, calls = _fake_supernode_list([denied, denied])
+    monkeypatch.setattr(local, "flwr", fake)
+    with pytest.raises(local.DeployError, match="Permission denied"):
+        local.wait_online(local.Deployment(tmp_path), {7}, timeout=60)
+    assert len(calls) == 1  # not retried: only an unreachable SuperLink is worth waiting for
