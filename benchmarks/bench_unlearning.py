@@ -91,7 +91,10 @@ class BenchSettings:
     device: str = "cpu"
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of these settings *and* of the resolved unlearning config: a changed library default
+        must invalidate finished cells as surely as a changed ``--set``."""
+        payload = {**asdict(self), "resolved_unlearn": self.unlearn_config().to_dict()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def unlearn_config(self) -> UnlearnConfig:
         return UnlearnConfig.from_mapping({**dict(self.unlearn), "device": self.device})

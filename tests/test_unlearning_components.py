@@ -10,7 +10,7 @@ from common.data import WaveformSet
 from common.unlearning.adversarial import make_adversarial_set, pgd_targeted
 from common.unlearning.config import UnlearnConfig
 from common.unlearning.elastic import ElasticPenalty, elastic_constraint, penalty_weights
-from common.unlearning.forgetting import negative_ce_loss, random_other_labels, relabel_loss
+from common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
 from common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
 from common.unlearning.stopping import REASON_MAX_EPOCHS, REASON_TARGET, REASON_ZERO, StopRule, run_until_stop
 from tests.test_unlearning_common import trained_tiny
@@ -44,6 +44,24 @@ def test_forgetting_losses_point_in_opposite_directions():
 
 
 # ----------------------------------------------------------------------------- PGD
+
+
+def test_needed_rows_picks_the_least_confident_correct_rows_until_the_target_is_met():
+    targets = torch.tensor([0, 1, 2, 3, 0])
+    logits = torch.tensor([
+        [5.0, 0.0, 0.0, 0.0],   # correct, margin 5
+        [0.0, 1.0, 0.5, 0.0],   # correct, margin 0.5
+        [0.0, 0.0, 2.0, 1.0],   # correct, margin 1
+        [3.0, 0.0, 0.0, 1.0],   # wrong already
+        [2.0, 0.0, 0.0, 0.0],   # correct, margin 2
+    ])
+    assert needed_rows(logits, targets, target_acc=0.6).tolist() == [1]          # 4 correct, 3 allowed
+    assert needed_rows(logits, targets, target_acc=0.4).tolist() == [1, 2]
+    assert needed_rows(logits, targets, target_acc=0.0).tolist() == [1, 2, 4, 0]  # zero rule: every correct row
+    assert needed_rows(logits, targets, target_acc=0.8).tolist() == []
+    with pytest.raises(ValueError, match="rows"):
+        needed_rows(logits[:3], targets, target_acc=0.5)
+
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])

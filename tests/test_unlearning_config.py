@@ -51,7 +51,16 @@ def test_from_mapping_names_the_bad_key(mapping, message):
     ({"importance": "ewc"}, "importance"),
     ({"pgd_k": 0}, "pgd_k"),
     ({"neggrad_plus_alpha": 2.0}, "neggrad_plus_alpha"),
+    ({"relabel_scope": "some"}, "relabel_scope"),
 ])
 def test_invalid_settings_are_rejected_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"UnlearnConfig.{field}"):
         UnlearnConfig(**changes)
+
+
+@pytest.mark.parametrize(("scope", "stop", "only_needed"), [
+    ("auto", "zero", False), ("auto", "retrain-level", True), ("all", "retrain-level", False), ("needed", "zero", True),
+])
+def test_relabel_scope_auto_means_needed_only_under_the_retrain_level_rule(scope, stop, only_needed):
+    config = UnlearnConfig(relabel_scope=scope, stop=stop, target_forget_acc=0.5)
+    assert config.trains_only_needed is only_needed

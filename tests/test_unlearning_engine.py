@@ -118,7 +118,9 @@ def test_full_method_forgets_while_held_out_accuracy_stays_within_a_bound():
     model, train, held_out = trained_mlp()
     forget = train.subset(range(len(train) - 8, len(train)))
     assert accuracy(model, forget) == 1.0 and accuracy(model, held_out) == 1.0
-    config = UnlearnConfig(device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5)
+    # every forget utterance relabeled (the papers' scope), so the comparison is about Adv + Ela alone
+    config = UnlearnConfig(device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5,
+                           relabel_scope="all")
     full = unlearn(model, forget, method="rl_adv_ela", config=config)
     assert full.forget_acc <= 0.5
     assert accuracy(full.model, held_out) >= 0.9
@@ -126,3 +128,16 @@ def test_full_method_forgets_while_held_out_accuracy_stays_within_a_bound():
     plain = unlearn(model, forget, method="rl", config=config)
     assert plain.forget_acc <= 0.5
     assert accuracy(plain.model, held_out) < accuracy(full.model, held_out)
+
+
+def test_needed_scope_flips_only_what_the_target_asks_and_spares_held_out_data():
+    model, train, held_out = trained_mlp()
+    forget = train.subset(range(len(train) - 8, len(train)))
+    config = UnlearnConfig(device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5)
+    assert config.trains_only_needed  # auto under retrain-level
+    needed = unlearn(model, forget, method="rl", config=config)
+    every = unlearn(model, forget, method="rl", config=config.replace(relabel_scope="all"))
+    assert needed.forget_acc == every.forget_acc == 0.5
+    # relabeling every utterance pushes whole class regions; relabeling the 4 that must flip does not
+    assert accuracy(needed.model, held_out) == 1.0 > accuracy(every.model, held_out)
+    assert needed.steps <= every.steps

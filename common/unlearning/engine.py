@@ -10,7 +10,10 @@ paper's table is the same loop with components on or off:
 Order of work (all of it inside the timed, memory-metered region, so the speed-up against
 retraining is honest): copy the model; with Ela compute the forget-set importance with the
 original weights; with Adv generate the adversarial examples with the original weights; draw the
-random labels; then Adam epochs over the forget set until the stop rule fires.
+random labels; then Adam epochs over the forget set until the stop rule fires. With
+``relabel_scope`` ``needed`` (the default under ``retrain-level``) an epoch trains only the forget
+utterances that must flip to reach the target, least confident first; once chosen an utterance
+stays in the forgetting term.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from common.unlearning.adversarial import AdversarialSet, make_adversarial_set
 from common.unlearning.baselines import REMAIN_LOOPS
 from common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
 from common.unlearning.elastic import ElasticPenalty, penalty_weights
-from common.unlearning.forgetting import negative_ce_loss, random_other_labels, relabel_loss
+from common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
 from common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
 from common.unlearning.measure import ResourceMeter
 from common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, run_until_stop
@@ -237,9 +240,13 @@ def _run_forget_only(
     relabels = random_other_labels(forget_y, n_classes=n_classes, generator=generator).to(device)
     optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr)
 
+    chosen = torch.zeros(len(forget_y), dtype=torch.bool)
+
     def run_epoch() -> int:
+        chosen[_rows_to_forget(work, forget_x, forget_y, config=config, rule=rule)] = True
+        rows = chosen.nonzero().flatten()
         work.train()
-        batches = iterate_batches(len(forget_y), config.batch_size, generator=generator)
+        batches = [rows[idx] for idx in iterate_batches(len(rows), config.batch_size, generator=generator)]
         for idx in batches:
             loss = _forget_only_loss(
                 work, idx.to(device), forget_x, forget_y, relabels,
@@ -257,6 +264,22 @@ def _run_forget_only(
     )
     phases["training"] = time.perf_counter() - start
     return outcome, phases, importance, len(adversarial) if adversarial is not None else 0
+
+
+def _rows_to_forget(
+    model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor, *, config: UnlearnConfig, rule: StopRule
+) -> torch.Tensor:
+    """Forget rows to add to the training rows this epoch: all of them, or those :func:`needed_rows` picks.
+
+    The caller keeps every row it ever added: an utterance that has flipped stays in the
+    forgetting term, so it cannot drift back and make the selection oscillate.
+    """
+    if not config.trains_only_needed:
+        return torch.arange(len(forget_y))
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(forget_x[idx]) for idx in iterate_batches(len(forget_y), config.batch_size)])
+    return needed_rows(logits, forget_y, target_acc=rule.target)
 
 
 def _forget_only_loss(

@@ -5,9 +5,14 @@
   gradient ascent the loss is bounded below, so the model is pushed to a definite wrong answer
   rather than to ever larger logits.
 - Negative cross-entropy (NegGrad, Cha et al.'s term): gradient ascent on the true labels.
+
+Either term can be restricted to the utterances that must flip to meet the stop target
+(:func:`needed_rows`, the ``relabel_scope="needed"`` setting).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -35,3 +40,25 @@ def relabel_loss(logits: torch.Tensor, relabels: torch.Tensor) -> torch.Tensor:
 def negative_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negated cross-entropy on the true labels (gradient ascent, the NegGrad term)."""
     return -nn.functional.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def needed_rows(logits: torch.Tensor, targets: torch.Tensor, *, target_acc: float) -> torch.Tensor:
+    """Indices of the fewest correctly classified rows whose flip brings accuracy to ``target_acc``.
+
+    The least confident go first (smallest margin of the true class's logit over the best other
+    class): they are the utterances a model that never saw them would most likely get wrong, and
+    the ones that move the fewest weights to flip. Empty when accuracy is already at the target.
+    """
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits for {targets.shape[0]} targets")
+    rows = torch.arange(len(targets), device=logits.device)
+    true_logit = logits[rows, targets]
+    others = logits.clone()
+    others[rows, targets] = -math.inf
+    margin = true_logit - others.max(dim=1).values
+    correct = logits.argmax(dim=1) == targets
+    allowed = math.floor(target_acc * len(targets) + 1e-9)
+    n_needed = max(int(correct.sum()) - allowed, 0)
+    margin[~correct] = math.inf
+    return margin.argsort()[:n_needed].cpu()
