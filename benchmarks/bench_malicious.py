@@ -3,12 +3,15 @@
 Why: an enrolled device signs its own deltas, so signatures cannot stop a device that *wants*
 to wreck the global model. What stops it is the server path every delta takes:
 :func:`common.federation.check_delta` (names, shapes, finite values, L2 norm at most
-``max_delta_ratio`` x the model's norm) and :func:`common.federation.merge_deltas` with the
-elastic constraint (``tau``, ``strength`` and the global MAS importance map). This benchmark
-crafts deltas against a trained default model, sends each through exactly those two functions
-with the default :class:`~common.settings.RunSettings`, and measures test UA before and after,
-with and without the elastic constraint. A rejected delta does no damage; the damage it *would*
-have done is still reported to show what the norm check buys.
+``max_delta_ratio`` x the model's norm), :func:`common.federation.gate_on_held_out` (refused if
+applying it alone costs more than ``max_ua_drop`` UA points on the server's held-out set) and
+:func:`common.federation.merge_deltas` with the elastic constraint (``tau``, ``strength`` and the
+global MAS importance map). This benchmark crafts deltas against a trained default model, sends
+each through exactly those functions with the default :class:`~common.settings.RunSettings`, and
+measures test UA before and after, with and without the elastic constraint. The server's held-out
+set is the validation split minus the utterances the attacker optimises on; test UA is measured
+on other speakers. A rejected delta does no damage; the damage it *would* have done is still
+reported to show what each check buys.
 
 Attacks (each scaled to several relative norms ``||delta|| / ||theta||``):
 
@@ -47,7 +50,7 @@ from torch.func import functional_call
 
 from common.checkpoint import load_checkpoint
 from common.data import WaveformSet, load_waveforms
-from common.federation import DeltaError, check_delta, merge_deltas
+from common.federation import DeltaError, DeltaVerdict, check_delta, gate_on_held_out, merge_deltas
 from common.fsutil import atomic_write_json, atomic_write_text
 from common.manifest import read_manifest
 from common.settings import RunSettings
@@ -56,7 +59,7 @@ from common.unlearning import mas_importance
 from common.unlearning.elastic import elastic_constraint
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 DEFAULT_CHECKPOINT = Path("runs/bench_unlearning/full/original")
 DEFAULT_SPLITS = Path("data/synth/splits")
 DEFAULT_NORMS = (0.05, 0.15, 0.3, 0.5, 1.0)
@@ -75,11 +78,12 @@ class Setting:
     max_delta_ratio: float
     elastic_tau: float
     elastic_strength: float
+    max_ua_drop: float
 
     @classmethod
     def defaults(cls) -> Setting:
         settings = RunSettings()
-        return cls(settings.max_delta_ratio, settings.elastic_tau, settings.elastic_strength)
+        return cls(settings.max_delta_ratio, settings.elastic_tau, settings.elastic_strength, settings.max_ua_drop)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class Trial:
     relative_norm: float
     accepted: bool
     reason: str
+    #: whether the held-out gate alone would let it through (whatever the norm check said)
+    passes_gate: bool
+    gate_drop: float
     ua_elastic: float
     ua_plain: float
     damage_elastic: float
@@ -221,21 +228,27 @@ def _ua(model: nn.Module, state: Delta, test: WaveformSet, labels: Sequence[str]
     return float(evaluate_model(model, test, labels=labels, device="cpu")["ua"])
 
 
-def run_trial(attack: str, ratio: float, ctx: AttackContext, *, test: WaveformSet, labels: Sequence[str],
-              ua_before: float) -> Trial:
-    """Craft, check and merge one delta exactly as the ServerApp would, and measure the damage."""
+def run_trial(attack: str, ratio: float, ctx: AttackContext, *, test: WaveformSet, gate: WaveformSet,
+              labels: Sequence[str], ua_before: float) -> Trial:
+    """Craft, check, gate and merge one delta exactly as the ServerApp would, and measure the damage."""
     delta = craft(attack, ctx, ratio=ratio)
     try:
         relative = check_delta(delta, ctx.base, max_delta_ratio=ctx.setting.max_delta_ratio)
         accepted, reason = True, "accepted"
     except DeltaError as exc:
         relative, accepted, reason = _norm(delta) / ctx.model_norm, False, exc.reason
+    (gated,) = gate_on_held_out([DeltaVerdict(attack, True, "accepted", delta=delta)], base=ctx.base,
+                                score=lambda state: _ua(ctx.model, state, gate, labels), max_ua_drop=ctx.setting.max_ua_drop,
+                                importance=ctx.importance, elastic=True, tau=ctx.setting.elastic_tau,
+                                strength=ctx.setting.elastic_strength)
+    if accepted and not gated.accepted:
+        accepted, reason = False, "harms-held-out"
     elastic = merge_deltas(ctx.base, [delta], importance=ctx.importance, elastic=True,
                            tau=ctx.setting.elastic_tau, strength=ctx.setting.elastic_strength)
     plain = merge_deltas(ctx.base, [delta], importance=None, elastic=False, tau=ctx.setting.elastic_tau, strength=0.0)
     ua_elastic, ua_plain = _ua(ctx.model, elastic, test, labels), _ua(ctx.model, plain, test, labels)
     ctx.model.load_state_dict(ctx.base)
-    return Trial(attack, ratio, relative, accepted, reason, ua_elastic, ua_plain,
+    return Trial(attack, ratio, relative, accepted, reason, gated.accepted, float(gated.ua_drop), ua_elastic, ua_plain,
                  100.0 * (ua_before - ua_elastic), 100.0 * (ua_before - ua_plain))
 
 
@@ -272,6 +285,7 @@ def worst_damage_by_bound(trials: Sequence[Trial]) -> list[dict[str, float]]:
             "max_delta_ratio": bound,
             "worst_damage_elastic": max((t.damage_elastic for t in inside), default=0.0),
             "worst_damage_without_elastic": max((t.damage_plain for t in inside), default=0.0),
+            "worst_damage_elastic_gated": max((t.damage_elastic for t in inside if t.passes_gate), default=0.0),
         })
     return rows
 
@@ -285,7 +299,8 @@ def to_markdown(document: dict[str, Any]) -> str:
         f"checkpoint `{document['checkpoint']}`, {document['n_test']} test utterances (held-out speakers), "
         f"attacker data {document['n_attack']} validation utterances, importance from {document['n_importance']} "
         f"training utterances. Server settings: max-delta-ratio {setting['max_delta_ratio']}, elastic-tau "
-        f"{setting['elastic_tau']}, elastic-strength {setting['elastic_strength']}. Target class of the targeted "
+        f"{setting['elastic_tau']}, elastic-strength {setting['elastic_strength']}, max-ua-drop {setting['max_ua_drop']} "
+        f"(held-out gate on {document['n_gate']} validation utterances the attacker does not use). Target class of the targeted "
         f"attacks: `{document['target_label']}` (lowest output-bias importance).",
         "",
         f"Test UA before: **{100 * s['ua_before']:.1f}%**. Worst damage of an *accepted* delta: "
@@ -294,13 +309,13 @@ def to_markdown(document: dict[str, Any]) -> str:
         f"without it ({s['worst_accepted_attack_without_elastic']}). Rejected deltas do no damage; their "
         "columns show what they would have done.",
         "",
-        "| attack | target ratio | relative norm | server verdict | UA after (elastic) | damage (elastic) | UA after (no elastic) | damage (no elastic) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| attack | target ratio | relative norm | gate: held-out UA drop | server verdict | UA after (elastic) | damage (elastic) | UA after (no elastic) | damage (no elastic) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for t in document["trials"]:
         verdict = "accepted" if t["accepted"] else f"rejected ({t['reason']})"
         lines.append(
-            f"| {t['attack']} | {t['target_ratio']:.2f} | {t['relative_norm']:.3f} | {verdict} | "
+            f"| {t['attack']} | {t['target_ratio']:.2f} | {t['relative_norm']:.3f} | {t['gate_drop']:.1f} | {verdict} | "
             f"{100 * t['ua_elastic']:.1f}% | {t['damage_elastic']:.1f} | {100 * t['ua_plain']:.1f}% | {t['damage_plain']:.1f} |"
         )
     lines += [
@@ -308,13 +323,15 @@ def to_markdown(document: dict[str, Any]) -> str:
         "## What a tighter norm bound would let through",
         "",
         "Worst damage (UA points) over every crafted delta whose relative norm fits under the bound, "
-        "if that bound were the server's `max-delta-ratio`.",
+        "if that bound were the server's `max-delta-ratio`: with the elastic constraint and the held-out gate "
+        "(the server's path), with the elastic constraint alone, and with neither.",
         "",
-        "| max-delta-ratio | worst damage (elastic) | worst damage (no elastic) |",
-        "|---:|---:|---:|",
+        "| max-delta-ratio | worst damage (elastic + gate) | worst damage (elastic) | worst damage (no elastic) |",
+        "|---:|---:|---:|---:|",
     ]
     for row in s["worst_damage_by_bound"]:
-        lines.append(f"| {row['max_delta_ratio']:.2f} | {row['worst_damage_elastic']:.1f} | {row['worst_damage_without_elastic']:.1f} |")
+        lines.append(f"| {row['max_delta_ratio']:.2f} | {row['worst_damage_elastic_gated']:.1f} | {row['worst_damage_elastic']:.1f} | "
+                     f"{row['worst_damage_without_elastic']:.1f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -378,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     labels = list(meta.labels)
     test = _load(args.splits / "test.csv", labels, None, args.seed)
-    attack_data = _load(args.splits / "valid.csv", labels, args.attack_utts, args.seed)
+    valid = _load(args.splits / "valid.csv", labels, None, args.seed)
+    order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(args.seed))
+    attack_data, gate = valid.subset(order[: args.attack_utts]), valid.subset(order[args.attack_utts :])
     importance = mas_importance(model, _load(args.splits / "train.csv", labels, args.importance_utts, args.seed), device="cpu")
     model.eval()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -389,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trials = []
     for attack in args.attacks:
         for ratio in args.norms:
-            trial = run_trial(attack, ratio, ctx, test=test, labels=labels, ua_before=ua_before)
+            trial = run_trial(attack, ratio, ctx, test=test, gate=gate, labels=labels, ua_before=ua_before)
             print(f"{attack:14s} ratio {ratio:5.2f}: {trial.reason:9s} damage elastic {trial.damage_elastic:5.1f} "
                   f"plain {trial.damage_plain:5.1f}", flush=True)
             trials.append(trial)
@@ -401,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target_label": labels[target],
         "n_test": len(test),
         "n_attack": len(attack_data),
+        "n_gate": len(gate),
         "n_importance": args.importance_utts,
         "steps": args.steps,
         "seed": args.seed,

@@ -16,7 +16,11 @@ Rules (also in README):
   disjoint, each delta removes one node's recordings, and removing all of them is the sum of
   the removals (averaging would remove only 1/k of each);
 - the elastic constraint (common.unlearning.elastic) then limits each parameter's movement by
-  the global importance map and tau before the sum touches the global model.
+  the global importance map and tau before the sum touches the global model;
+- where the server holds a held-out set, a delta that passed those checks is still refused when
+  applying it (constrained) alone lowers held-out UA by more than ``max_ua_drop`` points
+  (:func:`gate_on_held_out`): the norm bound and the elastic constraint limit how far weights
+  move, not what the move does, and a crafted delta inside both can still wreck the model.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -153,6 +157,8 @@ class DeltaVerdict:
     delta: dict[str, torch.Tensor] | None = None
     relative_norm: float | None = None
     open_seconds: float = 0.0
+    #: Held-out UA points lost by applying this delta alone (``None``: not measured).
+    ua_drop: float | None = None
 
 
 def open_and_check(
@@ -214,6 +220,44 @@ def merge_deltas(
         for name, step in applied.items():
             merged[name] = merged[name] + step.to(merged[name].dtype)
     return merged
+
+
+def gate_on_held_out(
+    verdicts: Sequence[DeltaVerdict],
+    *,
+    base: Mapping[str, torch.Tensor],
+    score: Callable[[Mapping[str, torch.Tensor]], float],
+    max_ua_drop: float,
+    importance: Mapping[str, torch.Tensor] | None,
+    elastic: bool,
+    tau: float,
+    strength: float,
+) -> list[DeltaVerdict]:
+    """Refuse accepted deltas whose application alone costs more than ``max_ua_drop`` UA points.
+
+    ``score(state)`` is the held-out UA (0-1) of a model with those weights. Each delta is applied
+    exactly as :func:`merge_deltas` would apply it (elastic constraint included), one at a time,
+    so a node cannot hide a harmful delta behind another node's. An honest unlearning delta
+    moves held-out UA by a fraction of a point (forget sets are a sliver of the data); a crafted
+    one that fits the norm bound costs tens of points (``benchmarks/bench_malicious.py``).
+    Rejected and already-refused verdicts come back with ``accepted=False``; order is kept.
+    """
+    if max_ua_drop < 0:
+        raise ValueError(f"max_ua_drop must be >= 0 UA points, got {max_ua_drop}")
+    base_ua = score(base)
+    out: list[DeltaVerdict] = []
+    for verdict in verdicts:
+        if not verdict.accepted or verdict.delta is None:
+            out.append(verdict)
+            continue
+        candidate = merge_deltas(base, [verdict.delta], importance=importance, elastic=elastic, tau=tau, strength=strength)
+        drop = (base_ua - score(candidate)) * 100
+        if drop > max_ua_drop:
+            out.append(replace(verdict, accepted=False, ua_drop=drop,
+                               reason=f"harms-held-out: held-out UA -{drop:.1f} points (limit {max_ua_drop})"))
+        else:
+            out.append(replace(verdict, ua_drop=drop))
+    return out
 
 
 def applied_request_ids(releases: Path) -> set[str]:

@@ -55,6 +55,8 @@ class RunSettings:
     elastic_tau: float = 0.05
     elastic_strength: float = 0.8
     max_delta_ratio: float = 0.05
+    # utility gate: refuse a delta that alone costs more held-out (validation) UA points than this
+    max_ua_drop: float = 2.0
     # default scenario: deletion requests filed on two nodes before the unlearning round
     scenario: bool = True
     scenario_partial_node: int = 1

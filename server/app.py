@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     requests = scenario.file_requests() if cfg.scenario and scenario.layout is not None else []
     outcome = run_unlearning_round(grid, cfg=cfg, server=scenario.server, base_state=trained,
                                    base_version=v_trained.version, target_forget_acc=target, importance=importance,
-                                   n_nodes=scenario.n_nodes)
+                                   n_nodes=scenario.n_nodes, score=scenario.held_out_score())
     scenario.timings["unlearning_round_s"] = outcome.seconds
     v_unlearned = None
     if outcome.merged is not None:

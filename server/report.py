@@ -56,7 +56,7 @@ def build_report(
         "unlearning": {
             "pending_nodes": len(outcome.pending),
             "verdicts": [{"node": v.node_id, "accepted": v.accepted, "reason": v.reason,
-                          "relative_norm": v.relative_norm, "open_s": v.open_seconds} for v in outcome.verdicts],
+                          "relative_norm": v.relative_norm, "open_s": v.open_seconds, "ua_drop": v.ua_drop} for v in outcome.verdicts],
             "applied_request_ids": outcome.applied_request_ids,
             "node_metrics": node_unlearn,
             "bytes_sent": outcome.bytes_sent,

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
@@ -105,6 +105,12 @@ class Scenario:
         row = {"round": server_round, "test_ua": test["ua"], "test_wa": test["wa"], "valid_ua": valid["ua"]}
         self.rounds.append(row)
         return MetricRecord({k.replace("_", "-"): float(v) for k, v in row.items() if k != "round"})
+
+    def held_out_score(self) -> Callable[[Mapping[str, torch.Tensor]], float] | None:
+        """Validation-speaker UA of given weights: the server's utility gate on deltas (None without a held-out set)."""
+        if self.valid is None:
+            return None
+        return lambda state: evaluate_model(self.model(state), self.valid, labels=self.labels, device=self.cfg.device)["ua"]
 
     def test_metrics(self, state: Mapping[str, torch.Tensor]) -> dict:
         """Held-out UA/WA of a model (empty without a held-out set): stored in release metadata."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.federation import DeltaVerdict, ServerDir, applied_request_ids, merge_deltas, open_and_check
+from common.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 from common.node import state_sha256
 from common.settings import RunSettings
 
@@ -82,8 +82,12 @@ def run_unlearning_round(
     target_forget_acc: float,
     importance: Mapping[str, torch.Tensor] | None,
     n_nodes: int,
+    score: Callable[[Mapping[str, torch.Tensor]], float] | None = None,
 ) -> RoundOutcome:
-    """Ask nodes with pending deletions to unlearn; accept only verifiable, well-formed deltas."""
+    """Ask nodes with pending deletions to unlearn; accept only verifiable, well-formed, harmless deltas.
+
+    ``score`` (held-out UA of given weights) enables the utility gate; without it the gate is off.
+    """
     start = time.perf_counter()
     wait_for_nodes(grid, n_nodes=n_nodes, timeout=cfg.round_timeout)
     pending, names = find_pending(grid, timeout=cfg.round_timeout)
@@ -111,12 +115,19 @@ def run_unlearning_round(
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
         outcome.node_metrics[verdict.node_id] = dict(reply.content["metrics"])
+    merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+    if score is not None:
+        outcome.verdicts = gate_on_held_out(outcome.verdicts, base=base_state, score=score, max_ua_drop=cfg.max_ua_drop, **merge)
+        for verdict in outcome.verdicts:
+            if verdict.reason.startswith("harms-held-out"):
+                log.warning("delta from %s refused: %s", verdict.node_id, verdict.reason)
+    else:
+        log.warning("no held-out set on the server: deltas are not gated on held-out UA")
     accepted = [v for v in outcome.verdicts if v.accepted]
     if accepted:
         server.remember([v.header.envelope_id for v in accepted])
         deltas = [v.delta for v in accepted]
-        outcome.merged = merge_deltas(base_state, deltas, importance=importance, elastic=cfg.elastic,
-                                      tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+        outcome.merged = merge_deltas(base_state, deltas, **merge)
         outcome.merged_unconstrained = merge_deltas(base_state, deltas, importance=None, elastic=False, tau=0.0, strength=0.0)
     outcome.seconds = time.perf_counter() - start
     return outcome
