@@ -20,6 +20,9 @@ TINY = {
     "scenario-partial-n": 3, "scenario-partial-node": 0, "scenario-whole-node": 1, "importance-max-utts": 8,
     "model-json": json.dumps({"channels": [8, 16], "hidden": 16}),
     "unlearn-json": json.dumps({"max_epochs": 5, "pgd_k": 1, "pgd_steps": 3}),
+    # one validation speaker: a single flipped utterance is 12.5 UA points, so the held-out gate is
+    # switched off here and tested on its own below
+    "max-ua-drop": 100.0,
 }
 
 
@@ -101,3 +104,35 @@ def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> 
     assert report["releases"]["trained"] == 1 and report["releases"]["unlearned"] == 2
     assert report["releases"]["revoked"] == [1]
     assert report["unlearning"]["elastic"] and (work / "server" / "importance.safetensors").exists()
+
+
+def test_held_out_gate_refuses_harmful_deltas_and_nothing_is_released_or_purged(tmp_path: Path, monkeypatch) -> None:
+    """A delta that lowers the (stand-in) held-out score past max-ua-drop is refused and its request retried."""
+    from common.node import state_sha256
+    from server.scenario import Scenario
+
+    published: dict[str, str] = {}
+
+    def strict_score(self):
+        # held-out UA 0.9 for the trained release's weights, 0.5 for anything else (a harmful delta)
+        def score(state):
+            digest = state_sha256(state)
+            published.setdefault("base", digest)
+            return 0.9 if digest == published["base"] else 0.5
+        return score
+
+    monkeypatch.setattr(Scenario, "held_out_score", strict_score)
+    report, grid, work = _run(tmp_path, **{"max-ua-drop": 2.0})
+    verdicts = report["unlearning"]["verdicts"]
+    steps = {node: metrics["steps"] for node, metrics in report["unlearning"]["node_metrics"].items()}
+    assert len(verdicts) == 2 and any(steps.values())
+    for verdict in verdicts:  # a device that took no step sends a zero delta: harmless, accepted
+        moved = steps[verdict["node"]] > 0
+        assert verdict["accepted"] is not moved
+        assert verdict["reason"].startswith("harms-held-out") is moved
+        assert verdict["ua_drop"] == pytest.approx(40.0 if moved else 0.0)
+    harmful = {v["node"] for v in verdicts if not v["accepted"]}
+    for pid in (0, 1):  # a refused device keeps its audio and its request goes back to pending, to retry
+        with Ledger(work / "nodes" / f"{pid:03d}" / "ledger.sqlite") as ledger:
+            (request,) = ledger.all()
+        assert request.state == ("pending" if f"node-synth-{pid:03d}" in harmful else "purged")

@@ -14,7 +14,7 @@ from common.node import NodeDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
-        "local-epochs=1 clip-seconds=2.0 scenario-partial-n=3 importance-max-utts=8 "
+        "local-epochs=1 clip-seconds=2.0 scenario-partial-n=3 importance-max-utts=8 max-ua-drop=100.0 "
         "unlearn-json='{\"max_epochs\": 5, \"pgd_k\": 1, \"pgd_steps\": 3}'")
 
 
