@@ -231,7 +231,7 @@ def _check_index(
 
     A lagging index may also still show as live a release that the revocation log already
     revokes (kill between the revocation and the index write); that window is counted as
-    ``index_hides_revocation_seen`` (docs/SECURITY.md discusses it and its fix).
+    ``index_hides_revocation_seen`` (README, "Security and reliability", discusses it and its fix).
     """
     if not registry.has_index():
         if versions:

@@ -276,7 +276,7 @@ def worst_damage_by_bound(trials: Sequence[Trial]) -> list[dict[str, float]]:
     """For each tried norm taken as the server's ``max_delta_ratio``: the worst damage it would let through.
 
     Why: it tells an operator what a tighter norm bound buys (honest unlearning deltas of the
-    default scenario are far below the default bound; see docs/SECURITY.md).
+    default scenario are far below the default bound; see README, "Not protected").
     """
     rows = []
     for bound in sorted({t.target_ratio for t in trials}):

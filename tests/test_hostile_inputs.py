@@ -2,7 +2,7 @@
 
 Each case names the input and the expected outcome: a clear, documented error (naming the file
 or field) or a documented acceptance (e.g. resampling). Cases already covered elsewhere are not
-repeated here; docs/SECURITY.md lists the whole catalogue with the test that covers each case:
+repeated here; README ("Hostile-input catalogue") lists the whole catalogue with the test that covers each case:
 tests/test_audio.py, test_manifest.py, test_checkpoint.py, test_envelope.py, test_federation.py,
 test_ledger.py, test_release.py, test_edge_pull.py, test_edge_predict.py.
 
@@ -335,7 +335,7 @@ def test_flipped_bits_in_checkpoint_metadata_never_load_other_weights(checkpoint
     """model.json is not hashed: a flip either is refused or loads the *same* verified weights.
 
     What a flip can change unnoticed (a label's spelling, a digit of provenance) is why releases
-    sign model.json in their manifest (docs/SECURITY.md, "not protected").
+    sign model.json in their manifest (README, "Not protected").
     """
     reference = load_checkpoint(checkpoint)[0].state_dict()
     size = (checkpoint / "model.json").stat().st_size
@@ -405,7 +405,7 @@ def test_flipped_bytes_in_an_onnx_file_only_raise_edge_model_error(tmp_path: Pat
     """Every single-byte flip of the graph either fails to load with EdgeModelError or loads.
 
     A flip inside the weights loads silently (ONNX has no checksum): only a pulled release is
-    protected, by its signed manifest (tests/test_edge_pull.py). docs/SECURITY.md lists this.
+    protected, by its signed manifest (tests/test_edge_pull.py). README ("Not protected") lists this.
     Flips inside the metadata strings are the known defect below and are left out here.
     """
     good = _tiny_onnx(tmp_path / "good.onnx").read_bytes()
