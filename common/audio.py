@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, SAMPLE_RATE, header_problem
+from common.audio_limits import MAX_SECONDS, SAMPLE_RATE, decode_mono
 
 
 class AudioError(ValueError):
@@ -31,35 +31,10 @@ def load_audio(
     path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_SECONDS
 ) -> torch.Tensor:
     """Load ``path`` as a 1-D float32 tensor at ``sample_rate``, mono, finite, non-empty."""
-    file = Path(path)
-    if not file.is_file():
-        raise AudioError(f"{file}: audio file not found")
-    try:
-        with sf.SoundFile(str(file)) as handle:
-            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
-                                     max_seconds=max_seconds)
-            if problem is not None:
-                raise AudioError(f"{file}: {problem}")
-            data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        if isinstance(exc, AudioError):
-            raise
-        raise AudioError(f"{file}: not a readable audio file ({exc})") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{file}: audio file holds no samples")
-    if native_rate <= 0:
-        raise AudioError(f"{file}: invalid sample rate {native_rate}")
-    if data.shape[0] / native_rate > max_seconds:
-        raise AudioError(
-            f"{file}: {data.shape[0] / native_rate:.1f} s is longer than the {max_seconds:.0f} s limit"
-        )
-    if not np.isfinite(data).all():
-        raise AudioError(f"{file}: audio contains NaN or infinite samples")
-    if np.abs(data).max() > MAX_ABS_SAMPLE:
-        raise AudioError(f"{file}: samples reach {np.abs(data).max():.3g}, beyond {MAX_ABS_SAMPLE:g} x full scale")
-    mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    data, native_rate = decode_mono(path, max_seconds=max_seconds, error=AudioError)
+    mono = torch.from_numpy(np.ascontiguousarray(data))
     if native_rate != sample_rate:
-        mono = AF.resample(mono, orig_freq=int(native_rate), new_freq=sample_rate)
+        mono = AF.resample(mono, orig_freq=native_rate, new_freq=sample_rate)
     return mono.to(torch.float32)
 
 

@@ -1,4 +1,17 @@
-"""Limits every audio reader applies, shared by the torch loader and the torch-free edge runtime."""
+"""Limits and checked decoding shared by the torch loader and the torch-free edge runtime.
+
+Both readers must refuse exactly the same files with the same reasons (a recording that trains
+must also be predictable on the edge), so the decode-and-validate step lives here once; each
+reader only adds its own resampler and error type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
 
 #: The sample rate every model of the project consumes.
 SAMPLE_RATE = 16_000
@@ -25,3 +38,37 @@ def header_problem(*, sample_rate: int, channels: int, frames: int, max_seconds:
     if frames * channels * 4 > MAX_DECODE_BYTES:
         return f"header claims {frames} frames x {channels} channels, over the {MAX_DECODE_BYTES >> 20} MiB decode limit"
     return None
+
+
+def decode_mono(path: str | os.PathLike[str], *, max_seconds: float, error: type[Exception]) -> tuple[np.ndarray, int]:
+    """Decode ``path`` to a mono float32 array (channels averaged) and its native sample rate.
+
+    Refuses, raising ``error`` with a message naming the file: a missing or unreadable file, a
+    header :func:`header_problem` rejects (checked before soundfile allocates), no samples, a
+    duration over ``max_seconds``, NaN/Inf samples and samples beyond :data:`MAX_ABS_SAMPLE`.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise error(f"{file}: audio file not found")
+    try:
+        with sf.SoundFile(str(file)) as handle:
+            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
+                                     max_seconds=max_seconds)
+            if problem is not None:
+                raise error(f"{file}: {problem}")
+            data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(f"{file}: not a readable audio file ({exc})") from None
+    if data.shape[0] == 0:
+        raise error(f"{file}: audio file holds no samples")
+    if native_rate <= 0:
+        raise error(f"{file}: invalid sample rate {native_rate}")
+    if data.shape[0] / native_rate > max_seconds:
+        raise error(f"{file}: {data.shape[0] / native_rate:.1f} s is longer than the {max_seconds:.0f} s limit")
+    if not np.isfinite(data).all():
+        raise error(f"{file}: audio contains NaN or infinite samples")
+    if np.abs(data).max() > MAX_ABS_SAMPLE:
+        raise error(f"{file}: samples reach {np.abs(data).max():.3g}, beyond {MAX_ABS_SAMPLE:g} x full scale")
+    return data.mean(axis=1, dtype=np.float32), int(native_rate)

@@ -11,7 +11,7 @@ ONNX model format (``format`` = ``serforget-onnx``, ``format_version`` 1): one i
 ``probabilities`` ``float32[batch, n_labels]``; the log-mel front end is inside the graph. The
 model's ``metadata_props`` carry the strings listed in :data:`METADATA_KEYS`.
 
-Audio policy (mirrors :mod:`common.audio`, which training uses): soundfile decoding, channels
+Audio policy (the decoding and checks of :func:`common.audio_limits.decode_mono`, shared with training): channels
 averaged to mono, NaN/Inf and empty files rejected, resampling with the same band-limited
 Hann-windowed sinc interpolation as ``torchaudio.functional.resample`` (defaults: 6 zero
 crossings, roll-off 0.99), re-implemented in numpy because scipy is not a project dependency
@@ -30,9 +30,8 @@ from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
-import soundfile as sf
 
-from common.audio_limits import MAX_ABS_SAMPLE, MAX_SECONDS, header_problem
+from common.audio_limits import MAX_SECONDS, decode_mono
 
 #: Value of the ``format`` metadata entry that marks a serforget ONNX model.
 ONNX_FORMAT = "serforget-onnx"
@@ -190,33 +189,9 @@ class OnnxModel:
 
 def read_audio(path: str | os.PathLike[str], *, sample_rate: int, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """Decode ``path`` to a 1-D float32 array at ``sample_rate``, mono, finite, non-empty."""
-    file = Path(path)
-    if not file.is_file():
-        raise EdgeAudioError(f"{file}: audio file not found")
-    try:
-        with sf.SoundFile(str(file)) as handle:
-            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
-                                     max_seconds=max_seconds)
-            if problem is not None:
-                raise EdgeAudioError(f"{file}: {problem}")
-            data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        if isinstance(exc, EdgeAudioError):
-            raise
-        raise EdgeAudioError(f"{file}: not a readable audio file ({exc})") from None
-    if data.shape[0] == 0:
-        raise EdgeAudioError(f"{file}: audio file holds no samples")
-    if native_rate <= 0:
-        raise EdgeAudioError(f"{file}: invalid sample rate {native_rate}")
-    if data.shape[0] / native_rate > max_seconds:
-        raise EdgeAudioError(f"{file}: {data.shape[0] / native_rate:.1f} s is longer than the {max_seconds:.0f} s limit")
-    if not np.isfinite(data).all():
-        raise EdgeAudioError(f"{file}: audio contains NaN or infinite samples")
-    if np.abs(data).max() > MAX_ABS_SAMPLE:
-        raise EdgeAudioError(f"{file}: samples reach {np.abs(data).max():.3g}, beyond {MAX_ABS_SAMPLE:g} x full scale")
-    mono = data.mean(axis=1, dtype=np.float32)
+    mono, native_rate = decode_mono(path, max_seconds=max_seconds, error=EdgeAudioError)
     if native_rate != sample_rate:
-        mono = resample(mono, orig_rate=int(native_rate), new_rate=sample_rate)
+        mono = resample(mono, orig_rate=native_rate, new_rate=sample_rate)
     return mono
 
 
