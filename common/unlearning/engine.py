@@ -36,7 +36,7 @@ from common.unlearning.elastic import ElasticPenalty, penalty_weights
 from common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
 from common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
 from common.unlearning.measure import ResourceMeter
-from common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, run_until_stop
+from common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, forget_logits, run_until_stop
 
 
 @dataclass(frozen=True)
@@ -276,10 +276,7 @@ def _rows_to_forget(
     """
     if not config.trains_only_needed:
         return torch.arange(len(forget_y))
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(forget_x[idx]) for idx in iterate_batches(len(forget_y), config.batch_size)])
-    return needed_rows(logits, forget_y, target_acc=rule.target)
+    return needed_rows(forget_logits(model, forget_x, batch_size=config.batch_size), forget_y, target_acc=rule.target)
 
 
 def _forget_only_loss(
@@ -301,11 +298,11 @@ def _forget_only_loss(
         adv_rows = adversarial.rows_for(idx)
         inputs.append(adversarial.waves[adv_rows])
     logits = model(torch.cat(inputs))
-    forget_logits = logits[: len(idx)]
+    logits_forget = logits[: len(idx)]
     if recipe.forgetting == "relabel":
-        loss = config.forget_weight * relabel_loss(forget_logits, relabels[idx])
+        loss = config.forget_weight * relabel_loss(logits_forget, relabels[idx])
     else:
-        loss = config.forget_weight * negative_ce_loss(forget_logits, forget_y[idx])
+        loss = config.forget_weight * negative_ce_loss(logits_forget, forget_y[idx])
     if adv_rows is not None and len(adv_rows):
         loss = loss + config.adv_weight * nn.functional.cross_entropy(logits[len(idx) :], adversarial.targets[adv_rows])
     if penalty is not None:

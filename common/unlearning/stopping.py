@@ -63,17 +63,22 @@ class StopRule:
 
 
 @torch.no_grad()
+def forget_logits(model: nn.Module, waves: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) for every row of ``waves``, in batches; mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(waves[idx]) for idx in iterate_batches(len(waves), batch_size)])
+    finally:
+        model.train(was_training)
+
+
 def forget_accuracy(model: nn.Module, waves: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64) -> float:
     """Fraction of ``waves`` that ``model`` (in eval mode) assigns to ``targets``; mode is restored."""
     if len(targets) == 0:
         raise ValueError("forget accuracy of an empty set is undefined")
-    was_training = model.training
-    model.eval()
-    try:
-        correct = sum(int((model(waves[idx]).argmax(dim=1) == targets[idx]).sum()) for idx in iterate_batches(len(targets), batch_size))
-    finally:
-        model.train(was_training)
-    return correct / len(targets)
+    predictions = forget_logits(model, waves, batch_size=batch_size).argmax(dim=1)
+    return int((predictions == targets).sum()) / len(targets)
 
 
 @dataclass
