@@ -117,10 +117,11 @@ def run_unlearning_round(
         outcome.node_metrics[verdict.node_id] = dict(reply.content["metrics"])
     merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
     if score is not None:
-        outcome.verdicts = gate_on_held_out(outcome.verdicts, base=base_state, score=score, max_ua_drop=cfg.max_ua_drop, **merge)
-        for verdict in outcome.verdicts:
-            if verdict.reason.startswith("harms-held-out"):
-                log.warning("delta from %s refused: %s", verdict.node_id, verdict.reason)
+        gated = gate_on_held_out(outcome.verdicts, base=base_state, score=score, max_ua_drop=cfg.max_ua_drop, **merge)
+        for before, after in zip(outcome.verdicts, gated):
+            if before.accepted and not after.accepted:
+                log.warning("delta from %s refused: %s", after.node_id, after.reason)
+        outcome.verdicts = gated
     else:
         log.warning("no held-out set on the server: deltas are not gated on held-out UA")
     accepted = [v for v in outcome.verdicts if v.accepted]
