@@ -6,13 +6,13 @@ loop and, after each commit returns, appends one line describing it to a log fil
 the log. The parent kills the child with ``SIGKILL`` after a random delay (seeded), then checks
 the store against the log:
 
-* **release registry** (:mod:`common.release`): every release folder verifies against the
+* **release registry** (:mod:`serforget.common.release`): every release folder verifies against the
   server's public key (no half-written release), every logged release exists, the signed
   index verifies and lists only existing releases with their manifest hashes (it may lag
   behind by the newest releases whose publish was killed before the index write), every release
   that applies deletions has all earlier releases revoked, and the next publish succeeds
   (it is the next child's first operation) and repairs a lagging index;
-* **deletion ledger** (:mod:`common.ledger`): the SQLite file opens, ``PRAGMA
+* **deletion ledger** (:mod:`serforget.client.ledger`): the SQLite file opens, ``PRAGMA
   integrity_check`` is ``ok`` and every logged transition is in the request's history;
 * **replay list** (``ServerDir.remember``, ``seen.json``): it parses and holds every logged
   envelope id.
@@ -53,10 +53,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from common.federation import ServerDir
-from common.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
-from common.ledger import APPLIED, PENDING, UNLEARNED, Ledger
-from common.release import MANIFEST_NAME, ReleaseError, ReleaseRegistry
+from serforget.server.federation import ServerDir
+from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
+from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, Ledger
+from serforget.common.release import MANIFEST_NAME, ReleaseError, ReleaseRegistry
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_VERSION = 1
@@ -67,7 +67,7 @@ _REVOKE_EVERY = 3
 #: Every n-th ledger request is rejected once by the "server" (unlearned -> pending -> unlearned).
 _RETRY_EVERY = 3
 _KNOWN_UTTS = 50_000
-_FORKSERVER_PRELOAD = ["common.release", "common.ledger", "common.federation"]
+_FORKSERVER_PRELOAD = ["serforget.common.release", "serforget.client.ledger", "serforget.server.federation"]
 
 
 @dataclass

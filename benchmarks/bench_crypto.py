@@ -1,6 +1,6 @@
 """Throughput of the delta envelope (HPKE + Ed25519) against raw AES-256-GCM.
 
-Why: every unlearning request ships a weight delta through :mod:`common.envelope`. This measures
+Why: every unlearning request ships a weight delta through :mod:`serforget.common.envelope`. This measures
 what the envelope costs on top of the bulk cipher it is built on, on the same payloads in the same
 run, so the ratio is meaningful on whatever machine it runs on. The envelope does more than AES:
 it hashes the payload (SHA-256, ``payload_sha256``), Ed25519 signs/verifies the whole ciphertext
@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.envelope import open_delta, seal_delta
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.keys import SUITE_MLKEM768_X25519, SUITE_X25519, pq_hybrid_available
+from serforget.common.envelope import open_delta, seal_delta
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.keys import SUITE_MLKEM768_X25519, SUITE_X25519, pq_hybrid_available
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = (100_000, 1_000_000, 10_000_000)

@@ -40,14 +40,14 @@ import onnx
 import onnxruntime
 import torch
 
-from common.audio import load_audio
-from common.checkpoint import WEIGHTS_FILE, load_checkpoint
-from common.corpora.synth import synthesize_corpus
-from common.data import DEFAULT_CLIP_SECONDS, load_waveforms
-from common.edge.runtime import OnnxModel
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.manifest import filter_labels, read_manifest
-from common.onnx_export import (
+from serforget.common.audio import load_audio
+from serforget.common.checkpoint import WEIGHTS_FILE, load_checkpoint
+from serforget.common.corpora.synth import synthesize_corpus
+from serforget.common.data import DEFAULT_CLIP_SECONDS, load_waveforms
+from serforget.common.edge.runtime import OnnxModel
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.manifest import filter_labels, read_manifest
+from serforget.common.onnx_export import (
     DEFAULT_MAX_UA_DROP,
     EvalSet,
     export_onnx,
@@ -55,8 +55,8 @@ from common.onnx_export import (
     parity_waves_from_manifest,
     quantize_int8,
 )
-from common.pipeline import make_splits, train_checkpoint
-from common.training import TrainConfig, evaluate_model
+from serforget.common.pipeline import make_splits, train_checkpoint
+from serforget.common.training import TrainConfig, evaluate_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_VERSION = 1

@@ -2,7 +2,7 @@
 
 Both paths run the identical scenario (same settings, same ServerApp and ClientApp code): once
 through ``flwr run .`` (local SuperLink + Ray simulation, via ``serforget simulate``), once through
-:class:`server.inprocess.InProcessGrid`, which hands each message straight to the ClientApp. The
+:class:`serforget.server.inprocess.InProcessGrid`, which hands each message straight to the ClientApp. The
 FedAvg phase's wall time per round is compared side by side in one run, and the unlearning
 round's wall time too. Both paths get the same compute shape: one ClientApp at a time with two
 torch threads (Flower: ``--cpus-per-node 2``; in-process: sequential calls). Writes ``benchmarks/results/flower_overhead.{json,md}``.
@@ -32,11 +32,11 @@ def settings(rounds: int, speakers: int) -> dict:
 
 
 def run_flower(work: Path, cfg: dict) -> dict:
-    from common.cli.simulate import toml_value
+    from serforget.deploy.flwr_program import run_config_text
 
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
+    overrides = run_config_text(cfg)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "common", "simulate", "--app", str(ROOT), "--work-dir", str(work),
+    done = subprocess.run([sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(work),
                            "--flwr-home", str(work.parent / "flwr-home"), "--run-config", overrides, "--fresh",
                            "--cpus-per-node", "2"],
                           cwd=ROOT, capture_output=True, text=True, check=False)
@@ -50,9 +50,9 @@ def run_flower(work: Path, cfg: dict) -> dict:
 def run_inprocess(work: Path, cfg: dict) -> dict:
     import torch
 
-    from client.app import app as client_app
-    from server.app import app as server_app
-    from server.inprocess import InProcessGrid
+    from serforget.client.app import app as client_app
+    from serforget.server.app import app as server_app
+    from serforget.server.inprocess import InProcessGrid
 
     run_config = {**cfg, "work-dir": str(work)}
     n_nodes = cfg["synth-speakers"] - cfg["valid-speakers"] - cfg["test-speakers"]

@@ -2,10 +2,10 @@
 
 Why: an enrolled device signs its own deltas, so signatures cannot stop a device that *wants*
 to wreck the global model. What stops it is the server path every delta takes:
-:func:`common.federation.check_delta` (names, shapes, finite values, L2 norm at most
-``max_delta_ratio`` x the model's norm), :func:`common.federation.gate_on_held_out` (refused if
+:func:`serforget.server.federation.check_delta` (names, shapes, finite values, L2 norm at most
+``max_delta_ratio`` x the model's norm), :func:`serforget.server.federation.gate_on_held_out` (refused if
 applying it alone costs more than ``max_ua_drop`` UA points on the server's held-out set) and
-:func:`common.federation.merge_deltas` with the elastic constraint (``tau``, ``strength`` and the
+:func:`serforget.server.federation.merge_deltas` with the elastic constraint (``tau``, ``strength`` and the
 global MAS importance map). This benchmark crafts deltas against a trained default model, sends
 each through exactly those functions with the default :class:`~common.settings.RunSettings`, and
 measures test UA before and after, with and without the elastic constraint. The server's held-out
@@ -48,15 +48,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common.checkpoint import load_checkpoint
-from common.data import WaveformSet, load_waveforms
-from common.federation import DeltaError, DeltaVerdict, check_delta, gate_on_held_out, merge_deltas
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.manifest import read_manifest
-from common.settings import RunSettings
-from common.training import evaluate_model
-from common.unlearning import mas_importance
-from common.unlearning.elastic import elastic_constraint
+from serforget.common.checkpoint import load_checkpoint
+from serforget.common.data import WaveformSet, load_waveforms
+from serforget.server.federation import DeltaError, DeltaVerdict, check_delta, gate_on_held_out, merge_deltas
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.manifest import read_manifest
+from serforget.common.settings import RunSettings
+from serforget.common.training import evaluate_model
+from serforget.common.unlearning import mas_importance
+from serforget.common.unlearning.elastic import elastic_constraint
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_VERSION = 2

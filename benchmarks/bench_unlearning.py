@@ -9,7 +9,7 @@ forget set. Rows: Original, Retrain, NegGrad, RL, RL+Adv, RL+Ela, RL+Adv+Ela (st
 RL+Adv+Ela@retrain-level (stop at the original model's held-out *validation* UA, the number the
 server sends in the federated system), FT, NegGrad+, SCRUB. Also a tau sweep (N = 10) and a
 forget-set size sweep. Every time is wall time on this machine, with unlearning and retraining
-measured the same way in the same process (:mod:`common.unlearning.measure`).
+measured the same way in the same process (:mod:`serforget.common.unlearning.measure`).
 
 Resumable: finished cells (one experiment, N, seed) are kept in ``<work-dir>/partial.json``
 together with a fingerprint of the settings; a rerun with the same settings skips them, and the
@@ -41,16 +41,16 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.corpora.synth import synthesize_corpus
-from common.data import WaveformSet, load_waveforms
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.labels import FOUR_CLASS
-from common.manifest import read_manifest
-from common.pipeline import make_splits, train_checkpoint
-from common.training import TrainConfig, evaluate_model
-from common.unlearning import FORGET_ONLY_METHODS, REMAIN_METHODS, UnlearnConfig
-from common.unlearning.evaluation import (
+from serforget.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from serforget.common.corpora.synth import synthesize_corpus
+from serforget.common.data import WaveformSet, load_waveforms
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import read_manifest
+from serforget.common.pipeline import make_splits, train_checkpoint
+from serforget.common.training import TrainConfig, evaluate_model
+from serforget.common.unlearning import FORGET_ONLY_METHODS, REMAIN_METHODS, UnlearnConfig
+from serforget.common.unlearning.evaluation import (
     DISPLAY_NAMES,
     PAPER_ROWS,
     EvalSets,

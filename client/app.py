@@ -17,12 +17,12 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import model_from, node_dir, pinned_server_key, settings
-from common.labels import task_labels
-from common.node import (adopt_release, load_forget_set, load_training_set, requests_to_unlearn, seal_unlearning_delta,
+from serforget.client.runtime import model_from, node_dir, pinned_server_key, settings
+from serforget.common.labels import task_labels
+from serforget.client.node import (adopt_release, load_forget_set, load_training_set, requests_to_unlearn, seal_unlearning_delta,
                          state_sha256)
-from common.training import TrainConfig, evaluate_model, train_model
-from common.unlearning import UnlearnConfig, mas_importance, unlearn
+from serforget.common.training import TrainConfig, evaluate_model, train_model
+from serforget.common.unlearning import UnlearnConfig, mas_importance, unlearn
 
 app = ClientApp()
 

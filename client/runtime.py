@@ -1,4 +1,4 @@
-"""Glue between Flower's Context/records and the node functions of ``common.node``.
+"""Glue between Flower's Context/records and the node functions of ``serforget.client.node``.
 
 Kept apart from the handlers so that each handler stays a few lines: resolve this node's data
 directory, rebuild the model from the run config, convert records to tensors and back.
@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context
 
-from common.keys import load_hpke_public
-from common.labels import task_labels
-from common.models import build_model
-from common.node import NodeDir
-from common.simulation import SERVER_HPKE_PIN
-from common.settings import RunSettings
+from serforget.common.keys import load_hpke_public
+from serforget.common.labels import task_labels
+from serforget.common.models import build_model
+from serforget.client.node import NodeDir
+from serforget.common.protocol import SERVER_HPKE_PIN
+from serforget.common.settings import RunSettings
 
 
 def settings(context: Context) -> RunSettings:

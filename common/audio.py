@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from common.audio_limits import MAX_SECONDS, SAMPLE_RATE, decode_mono
+from serforget.common.audio_limits import MAX_SECONDS, SAMPLE_RATE, decode_mono
 
 
 class AudioError(ValueError):

@@ -6,7 +6,7 @@ SHA-256 of the weights file; loading recomputes it, so a tampered or truncated f
 before a single tensor is used.
 
 ``model.json`` (format_version 1): ``format_version``, ``arch``, ``config`` (rebuilds the module via
-:func:`common.models.build_model`), ``labels``, ``sample_rate``, ``weights_file``,
+:func:`serforget.common.models.build_model`), ``labels``, ``sample_rate``, ``weights_file``,
 ``weights_sha256``, ``n_parameters``, ``provenance`` (free-form: data, settings, metrics, time).
 """
 
@@ -25,8 +25,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from common.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
-from common.models import build_model, model_spec
+from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
+from serforget.common.models import build_model, model_spec
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -64,6 +64,11 @@ class CheckpointMeta:
 def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     """Serialise tensors to safetensors bytes (CPU, contiguous) - also the wire format of deltas."""
     return save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Identity of a global model: the SHA-256 of its safetensors serialisation."""
+    return sha256_bytes(state_dict_bytes(state))
 
 
 def state_dict_from_bytes(data: bytes, *, source: str) -> dict[str, torch.Tensor]:

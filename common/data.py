@@ -2,7 +2,7 @@
 
 Why in memory: SER corpora per speaker (a node) or per split are small (minutes to hours of
 16 kHz audio), and decoding + resampling every epoch would dominate CPU time on a device.
-Clips are cut to a fixed length with :func:`common.audio.fix_length` (centre crop / end pad).
+Clips are cut to a fixed length with :func:`serforget.common.audio.fix_length` (centre crop / end pad).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from common.audio import SAMPLE_RATE, fix_length, load_audio
-from common.manifest import Utterance
+from serforget.common.audio import SAMPLE_RATE, fix_length, load_audio
+from serforget.common.manifest import Utterance
 
 DEFAULT_CLIP_SECONDS = 3.0
 

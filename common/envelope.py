@@ -84,7 +84,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from common.keys import (
+from serforget.common.keys import (
     NODE_ID_PATTERN,
     SUITE_X25519,
     SUITES,

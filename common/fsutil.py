@@ -67,3 +67,29 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_output_dir(path: str | os.PathLike[str], *, what: str) -> Path:
+    """Refuse, before any work starts, an output folder that cannot be created or written.
+
+    Why up front: a training run that only fails when it saves its result wastes the run; the
+    error names the option (``what``) and the path instead of a traceback from ``mkdir``.
+    """
+    out = Path(path)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {out}: {parent} exists and is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{what} {out}: {parent} is not writable")
+            return out
+    return out
+
+
+def check_output_file(path: str | os.PathLike[str], *, what: str) -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be created."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{what} {out}: is a folder, expected a file path")
+    check_output_dir(out.parent, what=what)
+    return out

@@ -2,7 +2,7 @@
 
 Why this module exists: a node that unlearns sends its weight delta to the ServerApp through the
 Flower SuperLink, which must learn nothing from it. The delta is therefore encrypted to the
-ServerApp's HPKE key and signed with the node's Ed25519 key (see :mod:`common.envelope`). This
+ServerApp's HPKE key and signed with the node's Ed25519 key (see :mod:`serforget.common.envelope`). This
 module owns every key *file*: generating, writing (atomically, private keys mode 0600) and strictly
 loading them, plus the server-side registry that says which Ed25519 key speaks for which node.
 
@@ -47,7 +47,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from common.fsutil import atomic_write_bytes, atomic_write_json
+from serforget.common.fsutil import atomic_write_bytes, atomic_write_json
 
 SUITE_X25519 = "x25519"
 SUITE_MLKEM768_X25519 = "mlkem768-x25519"

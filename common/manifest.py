@@ -2,7 +2,7 @@
 
 Format (version 1): a CSV with exactly the header ``utt_id,path,speaker,emotion``. ``path`` is
 relative to the manifest's folder or absolute; ``emotion`` is a canonical name from
-:mod:`common.labels`. Why a strict reader: a silently skipped or mislabelled row would change
+:mod:`serforget.common.labels`. Why a strict reader: a silently skipped or mislabelled row would change
 what a model learns or forgets, so every defect is an error naming the file and the line.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from common.fsutil import atomic_write_text
-from common.labels import check_emotion
+from serforget.common.fsutil import atomic_write_text
+from serforget.common.labels import check_emotion
 
 COLUMNS: tuple[str, ...] = ("utt_id", "path", "speaker", "emotion")
 

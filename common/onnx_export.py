@@ -16,7 +16,7 @@ shrink them) and implements opsets from 18, hence the default. The example input
 because batch 1 would specialise the batch axis (``shared/ONNX.md``). In the exported copy every
 ``GroupNorm`` is replaced by a numerically safer equivalent (see :class:`_StableGroupNorm`); the
 parity check compares against the caller's unmodified model. Metadata keys and the runtime
-wrapper come from :mod:`common.edge.runtime`, the module the device itself uses.
+wrapper come from :mod:`serforget.common.edge.runtime`, the module the device itself uses.
 
 ``onnx_report.json`` (``format`` ``serforget-onnx-report``, ``format_version`` 1) records what
 :func:`export_release_models` did: the export and parity reports, the int8 decision and sizes.
@@ -40,9 +40,9 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from common.checkpoint import load_checkpoint, state_dict_bytes
-from common.data import DEFAULT_CLIP_SECONDS, load_waveforms
-from common.edge.runtime import (
+from serforget.common.checkpoint import load_checkpoint, state_dict_bytes
+from serforget.common.data import DEFAULT_CLIP_SECONDS, load_waveforms
+from serforget.common.edge.runtime import (
     INPUT_NAME,
     ONNX_FORMAT_VERSION,
     OUTPUT_NAMES,
@@ -50,9 +50,9 @@ from common.edge.runtime import (
     OnnxModel,
     parse_model_info,
 )
-from common.fsutil import atomic_write_json, fsync_dir, sha256_bytes, sha256_file
-from common.manifest import filter_labels, read_manifest
-from common.metrics import classification_report
+from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes, sha256_file
+from serforget.common.manifest import filter_labels, read_manifest
+from serforget.common.metrics import classification_report
 
 DEFAULT_OPSET = 18
 #: torch 2.9's exporter has no implementations below opset 18 and its down-conversion fails on
@@ -454,7 +454,7 @@ def export_onnx(
     """Export ``model`` (waveform in, logits and probabilities out) to ``out_path``, parity-checked.
 
     ``weights_sha256`` is the checkpoint's weights hash; when omitted it is computed from the
-    model's state dict exactly as :func:`common.checkpoint.save_checkpoint` would.
+    model's state dict exactly as :func:`serforget.common.checkpoint.save_checkpoint` would.
     ``window_seconds`` (the training clip length) tells devices how to window long files.
     Without ``parity_waves``, deterministic :func:`probe_waves` are used. The model is copied,
     so the caller's module keeps its device and train/eval mode. Raises :class:`ParityError`

@@ -14,14 +14,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from common.data import DEFAULT_CLIP_SECONDS, load_waveforms
-from common.fsutil import atomic_write_json
-from common.labels import task_labels
-from common.manifest import filter_labels, read_manifest, speaker_split, write_manifest
-from common.metrics import plot_confusion
-from common.models import build_model
-from common.training import TrainConfig, evaluate_model, train_model
+from serforget.common.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from serforget.common.data import DEFAULT_CLIP_SECONDS, load_waveforms
+from serforget.common.fsutil import atomic_write_json, check_output_dir
+from serforget.common.labels import task_labels
+from serforget.common.manifest import filter_labels, read_manifest, speaker_split, write_manifest
+from serforget.common.metrics import plot_confusion
+from serforget.common.models import build_model
+from serforget.common.training import TrainConfig, evaluate_model, train_model
 
 SPLITS = ("train", "valid", "test")
 
@@ -75,7 +75,9 @@ def train_checkpoint(
         "train_config": asdict(train_config),
         "clip_seconds": clip_seconds,
     }
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, what="checkpoint folder")
+    # the model is built before any audio loads, so a bad arch or model config fails at once
+    model = build_model(arch=arch, config=model_config or {}, labels=labels)
     if not force and (out / "model.json").exists():
         meta = read_checkpoint_meta(out)
         if meta.provenance.get("settings") == settings:
@@ -86,7 +88,6 @@ def train_checkpoint(
         if valid_manifest
         else None
     )
-    model = build_model(arch=arch, config=model_config or {}, labels=labels)
     history = train_model(model, train, config=train_config, valid=valid, labels=labels, progress=progress)
     return save_checkpoint(
         model=model.cpu(),
@@ -100,14 +101,14 @@ def evaluate_checkpoint(
     *, checkpoint: Path, manifest: Path, out_dir: Path | None = None, device: str = "auto", progress: bool = False
 ) -> dict:
     """UA/WA/F1/confusion of a checkpoint on a manifest; optionally saved as JSON + PNG."""
+    out = None if out_dir is None else check_output_dir(out_dir, what="evaluation folder")
     model, meta = load_checkpoint(checkpoint, device="cpu")
     clip = float(meta.provenance.get("settings", {}).get("clip_seconds", DEFAULT_CLIP_SECONDS))
     data = load_waveforms(filter_labels(read_manifest(manifest), meta.labels), labels=meta.labels, clip_seconds=clip, progress=progress)
     report = evaluate_model(model, data, labels=meta.labels, device=device)
     report["checkpoint"] = str(checkpoint)
     report["manifest"] = str(manifest)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         atomic_write_json(out / "metrics.json", report)
         plot_confusion(report["confusion"], labels=meta.labels, path=out / "confusion.png",
                        title=f"UA {report['ua']:.3f}  WA {report['wa']:.3f}")

@@ -57,7 +57,7 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
+from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -953,7 +953,7 @@ def serve_releases(*, root: Path, host: str = "127.0.0.1", port: int = 8765) -> 
 
     Revocation is checked on every request against the live log, so a revoked release stops
     being served (410 Gone) immediately, even before clients see a new index. ``port=0`` binds
-    an ephemeral port (read it from ``server.server_address``).
+    an ephemeral port (read it from ``serforget.server.server_address``).
     """
     handler = partial(_ReleaseRequestHandler, registry=ReleaseRegistry(Path(root)))
     server = ThreadingHTTPServer((host, port), handler)

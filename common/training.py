@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.data import WaveformSet
-from common.device import resolve_device
-from common.metrics import classification_report
+from serforget.common.data import WaveformSet
+from serforget.common.device import resolve_device
+from serforget.common.metrics import classification_report
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 Everything the simulation wrapper does on one machine, split into the steps a real multi-host
 deployment performs on its own hosts (see ``deploy/README.md``):
 
-- :mod:`deploy.pki` - the CA, the SuperLink's TLS certificate, SuperNode authentication keys;
-- :mod:`deploy.processes` - starting processes with PID files and stopping exactly those;
-- :mod:`deploy.local` - a whole federation on one machine (loopback): provisioning, SuperLink
+- :mod:`serforget.deploy.pki` - the CA, the SuperLink's TLS certificate, SuperNode authentication keys;
+- :mod:`serforget.deploy.processes` - starting processes with PID files and stopping exactly those;
+- :mod:`serforget.deploy.local` - a whole federation on one machine (loopback): provisioning, SuperLink
   with TLS and node authentication, K SuperNodes, the ``$FLWR_HOME`` connection, ``flwr run``
   with a checked final status.
 

@@ -5,7 +5,7 @@ on the host named in its docstring (``deploy/README.md`` walks through it). Run 
 
     RUN/pki/             ca.crt, ca.key (operator only), superlink.crt, superlink.key
     RUN/superlink/       state.db: runs and registered SuperNode keys (survives restarts)
-    RUN/server/          the ServerApp's data dir (common.federation.ServerDir)
+    RUN/server/          the ServerApp's data dir (serforget.server.federation.ServerDir)
     RUN/devices/NAME/    one device's node data dir; keys/flwr_auth(.pub) = its SuperNode key
     RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection
     RUN/registered.json  SuperNode public key -> Flower node id (format_version 1)
@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from common.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from common.federation import ServerDir
-from common.manifest import Utterance, by_speaker, read_manifest
-from common.node import NodeDir, prepare_node_dir
-from common.simulation import SERVER_HPKE_PIN, node_id_for
-from deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
-from deploy.processes import ManagedProcess, ProcessTable
+from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from serforget.server.federation import ServerDir
+from serforget.common.manifest import Utterance, by_speaker, read_manifest
+from serforget.client.node import NodeDir, prepare_node_dir
+from serforget.common.protocol import SERVER_HPKE_PIN
+from serforget.server.simulation import node_id_for
+from serforget.deploy.flwr_program import flwr_env, run_config_text
+from serforget.deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
+from serforget.deploy.processes import ManagedProcess, ProcessTable
 
 CONNECTION = "serforget"
 SUPERLINK = "superlink"
@@ -142,10 +144,7 @@ class Deployment:
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower program: our FLWR_HOME, no telemetry, no installs."""
-        bin_dir = os.path.dirname(sys.executable)
-        return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.flwr_home),
-                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+        return flwr_env(self.flwr_home)
 
 
 #: One ProcessTable per run directory in this Python process, so exit statuses stay observable.
@@ -339,13 +338,6 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.status == "finished:completed"
-
-
-def run_config_text(values: Mapping[str, object]) -> str:
-    """``--run-config`` text for ``values`` (strings single-quoted so JSON inside survives)."""
-    from common.cli.simulate import toml_value
-
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 def deployment_run_config(deployment: Deployment, *, min_nodes: int, overrides: Mapping[str, object] = {}) -> dict:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.fsutil import atomic_write_bytes
+from serforget.common.fsutil import atomic_write_bytes
 
 #: Validity of the CA and of the SuperLink certificate; long enough for a study, short enough
 #: that a forgotten deployment does not trust its CA forever.

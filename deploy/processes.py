@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from common.fsutil import atomic_write_json
+from serforget.common.fsutil import atomic_write_json
 
 PIDFILE_FORMAT_VERSION = 1
 

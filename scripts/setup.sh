@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by the two README commands: Debian packages, a virtual environment
-# with the pinned dependencies, and the project installed in editable mode. A stamp keyed by the
-# hash of pyproject.toml makes a re-run skip the install when nothing changed.
+# with the locked dependencies (requirements.lock), and the project installed in editable mode. A
+# stamp keyed by the hash of pyproject.toml and the lock makes a re-run skip the install when
+# nothing changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SERFORGET_VENV:-$ROOT/.venv}"
@@ -23,11 +24,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
 stamp="$VENV/.serforget-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing pinned dependencies (first run downloads torch: a few minutes)"
+  echo "[setup] installing locked dependencies (first run downloads torch: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.lock"
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   echo "$want" > "$stamp"
 else
   echo "[setup] environment up to date ($VENV)"

@@ -13,14 +13,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation import applied_request_ids, latest_release_state, publish_release
-from common.models import build_model
-from common.node import state_sha256
-from common.settings import RunSettings
-from server.report import build_report
-from server.scenario import Scenario
-from server.strategy import ImportanceFedAvg
-from server.unlearning_round import announce_release, run_unlearning_round
+from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
+from serforget.common.models import build_model
+from serforget.common.settings import RunSettings
+from serforget.server.report import build_report
+from serforget.server.scenario import Scenario
+from serforget.server.strategy import ImportanceFedAvg
+from serforget.server.unlearning_round import announce_release, run_unlearning_round
 
 app = ServerApp()
 log = logging.getLogger("serforget.server")

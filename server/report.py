@@ -8,9 +8,9 @@ from typing import Any, Mapping
 import torch
 from flwr.app import Message
 
-from common.release import ReleaseRegistry
-from server.scenario import Scenario
-from server.unlearning_round import RoundOutcome
+from serforget.common.release import ReleaseRegistry
+from serforget.server.scenario import Scenario
+from serforget.server.unlearning_round import RoundOutcome
 
 REPORT_VERSION = 1
 

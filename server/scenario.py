@@ -17,17 +17,17 @@ from typing import Any, Callable, Mapping
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from common.corpora.synth import SynthConfig
-from common.data import load_waveforms
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.labels import task_labels
-from common.manifest import read_manifest
-from common.models import build_model
-from common.node import file_deletion_request
-from common.federation import ServerDir
-from common.settings import RunSettings
-from common.simulation import SimulationLayout, provision_simulation
-from common.training import evaluate_model, predict_logits
+from serforget.common.corpora.synth import SynthConfig
+from serforget.common.data import load_waveforms
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.labels import task_labels
+from serforget.common.manifest import read_manifest
+from serforget.common.models import build_model
+from serforget.client.node import file_deletion_request
+from serforget.server.federation import ServerDir
+from serforget.common.settings import RunSettings
+from serforget.server.simulation import SimulationLayout, provision_simulation
+from serforget.common.training import evaluate_model, predict_logits
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Scenario:
 
     def privacy_and_accuracy(self, state: Mapping[str, torch.Tensor], forget, remain) -> dict:
         """Forget/remain/test accuracy and forget-set MIA of one global model."""
-        from common.privacy import membership_inference
+        from serforget.common.privacy import membership_inference
 
         model = self.model(state)
         logits = {name: predict_logits(model, data, device=self.cfg.device) for name, data in

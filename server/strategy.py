@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.federation import weighted_average
+from serforget.server.federation import weighted_average
 
 IMPORTANCE_KEY = "importance"
 

@@ -11,9 +11,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
-from common.node import state_sha256
-from common.settings import RunSettings
+from serforget.server.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
+from serforget.common.checkpoint import state_sha256
+from serforget.common.settings import RunSettings
 
 log = logging.getLogger("serforget.server")
 

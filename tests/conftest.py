@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.audio import save_audio
-from common.labels import FOUR_CLASS
-from common.manifest import Utterance, write_manifest
+from serforget.common.audio import save_audio
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import Utterance, write_manifest
 
 
 def tone(freq: float, seconds: float, *, sr: int = 16_000, seed: int = 0, amp: float = 0.3) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from common.audio import AudioError, fix_length, load_audio, save_audio
+from serforget.common.audio import AudioError, fix_length, load_audio, save_audio
 from tests.conftest import tone
 
 

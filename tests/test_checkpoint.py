@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.models import build_model
+from serforget.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from serforget.common.models import build_model
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from common.cli import main
-from common.ledger import Ledger
-from common.manifest import read_manifest
-from common.node import prepare_node_dir
+from serforget.cli import main
+from serforget.client.ledger import Ledger
+from serforget.common.manifest import read_manifest
+from serforget.client.node import prepare_node_dir
 
 
 def test_node_forget_cli_is_idempotent_and_validates(tiny_corpus: Path, tmp_path: Path, capsys) -> None:

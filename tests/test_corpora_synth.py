@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.corpora import synth
-from common.corpora.synth import (
+from serforget.common.corpora import synth
+from serforget.common.corpora.synth import (
     MAX_SPEAKERS,
     SAMPLE_RATE,
     SynthConfig,
@@ -21,8 +21,8 @@ from common.corpora.synth import (
     speaker_voices,
     synthesize_corpus,
 )
-from common.labels import FOUR_CLASS
-from common.manifest import read_manifest
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import read_manifest
 
 TINY = SynthConfig(n_speakers=2, sentences_per_speaker=1, takes_per_emotion=1, seed=7)
 

@@ -44,9 +44,9 @@ def test_the_checks_detect_lost_and_corrupted_records(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from benchmarks.bench_crash import StoreResult, _check_ledger, _check_releases, _check_seen
-    from common.federation import ServerDir
-    from common.ledger import Ledger
-    from common.release import ReleaseRegistry
+    from serforget.server.federation import ServerDir
+    from serforget.client.ledger import Ledger
+    from serforget.common.release import ReleaseRegistry
 
     key = Ed25519PrivateKey.generate()
     source = tmp_path / "model.onnx"
@@ -77,7 +77,7 @@ def test_an_interrupted_revoking_publish_leaves_the_revocation_in_the_signed_ind
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    import common.release as release
+    import serforget.common.release as release
 
     key = Ed25519PrivateKey.generate()
     source = tmp_path / "model.onnx"

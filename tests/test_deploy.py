@@ -22,11 +22,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.ledger import Ledger
-from common.manifest import by_speaker, read_manifest
-from common.node import file_deletion_request, prepare_node_dir
-from deploy.pki import PKIError, create_ca, create_node_auth_key, issue_server_certificate, load_node_auth_public
-from deploy.processes import ProcessTable, start_ticks
+from serforget.client.ledger import Ledger
+from serforget.common.manifest import by_speaker, read_manifest
+from serforget.client.node import file_deletion_request, prepare_node_dir
+from serforget.deploy.pki import PKIError, create_ca, create_node_auth_key, issue_server_certificate, load_node_auth_public
+from serforget.deploy.processes import ProcessTable, start_ticks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
 
 
 def test_starting_a_name_that_is_running_is_refused(tmp_path: Path) -> None:
-    from deploy.processes import ProcessError
+    from serforget.deploy.processes import ProcessError
 
     table = ProcessTable(tmp_path)
     table.start(name="sleeper", argv=[sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ))
@@ -154,9 +154,9 @@ def _restricted(code: str, *, max_file_bytes: int | None = None, read_only_dirs:
 @pytest.fixture
 def published(tmp_path: Path):
     """A server dir with release v1 of a tiny model, and the v1 manifest bytes."""
-    from common.federation import ServerDir, publish_release
-    from common.labels import FOUR_CLASS
-    from common.models import build_model
+    from serforget.server.federation import ServerDir, publish_release
+    from serforget.common.labels import FOUR_CLASS
+    from serforget.common.models import build_model
 
     server = ServerDir(tmp_path / "server").init()
     model = build_model(arch="logmel_cnn", config={"channels": [8, 16], "hidden": 16}, labels=FOUR_CLASS)
@@ -168,9 +168,9 @@ def _publish_v2_code(server_root: Path) -> str:
     return f"""
         import torch
         from pathlib import Path
-        from common.federation import ServerDir, publish_release
-        from common.labels import FOUR_CLASS
-        from common.models import build_model
+        from serforget.server.federation import ServerDir, publish_release
+        from serforget.common.labels import FOUR_CLASS
+        from serforget.common.models import build_model
         torch.manual_seed(1)
         model = build_model(arch="logmel_cnn", config={{"channels": [8, 16], "hidden": 16}}, labels=FOUR_CLASS)
         publish_release(server=ServerDir(Path({str(server_root)!r})), model=model, labels=FOUR_CLASS, parent=1,
@@ -179,8 +179,8 @@ def _publish_v2_code(server_root: Path) -> str:
 
 
 def _assert_only_v1(server) -> None:
-    from common.keys import load_signing_public
-    from common.release import ReleaseRegistry
+    from serforget.common.keys import load_signing_public
+    from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(server.releases)
     key = load_signing_public(server.keys_dir / "sign.pub")
@@ -221,7 +221,7 @@ def device(tiny_corpus: Path, tmp_path: Path) -> Path:
 def _forget_code(data_dir: Path) -> str:
     return f"""
         import sys
-        from common.cli import main
+        from serforget.cli import main
         sys.exit(main(["node", "forget", "--data-dir", {str(data_dir)!r}, "--utt", "spk0_sad_1"]))
     """
 
@@ -290,7 +290,7 @@ _UNAVAILABLE = json.dumps({"success": False, "error-message": "Connection to the
 
 
 def test_waiting_for_nodes_outlasts_a_superlink_that_is_still_starting(tmp_path: Path, monkeypatch) -> None:
-    import deploy.local as local
+    import serforget.deploy.local as local
 
     online = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "offline"}]})
     both = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "online"}]})
@@ -302,7 +302,7 @@ def test_waiting_for_nodes_outlasts_a_superlink_that_is_still_starting(tmp_path:
 
 
 def test_waiting_for_nodes_gives_up_with_the_last_error_and_refuses_other_failures(tmp_path: Path, monkeypatch) -> None:
-    import deploy.local as local
+    import serforget.deploy.local as local
 
     fake, _ = _fake_supernode_list([_UNAVAILABLE])
     monkeypatch.setattr(local, "flwr", fake)

@@ -18,16 +18,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from common.cli import main as serforget
-from common.fsutil import atomic_write_bytes
-from common.keys import load_signing_public
-from common.labels import FOUR_CLASS
-from common.ledger import Ledger
-from common.manifest import Utterance, write_manifest
-from common.release import ReleaseRegistry
-from deploy.local import (Deployment, deployment_run_config, down, finish_run, free_port, online_nodes, register_supernode,
+from serforget.cli import main as serforget
+from serforget.common.fsutil import atomic_write_bytes
+from serforget.common.keys import load_signing_public
+from serforget.common.labels import FOUR_CLASS
+from serforget.client.ledger import Ledger
+from serforget.common.manifest import Utterance, write_manifest
+from serforget.common.release import ReleaseRegistry
+from serforget.deploy.local import (Deployment, deployment_run_config, down, finish_run, free_port, online_nodes, register_supernode,
                           run_app, start_superlink, start_supernode, submit_run, up, wait_online)
-from deploy.pki import create_node_auth_key
+from serforget.deploy.pki import create_node_auth_key
 from tests.conftest import tone
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _save(path: Path, audio) -> Path:
-    from common.audio import save_audio
+    from serforget.common.audio import save_audio
 
     return save_audio(path, audio)
 

@@ -18,17 +18,17 @@ import torch
 import torchaudio.functional as AF
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.audio import fix_length, load_audio
-from common.checkpoint import save_checkpoint
-from common.cli import main
-from common.edge.predict import predict_file, predict_files, resolve_model_file
-from common.edge.runtime import EdgeAudioError, EdgeModelError, OnnxModel, read_audio, resample, split_windows
-from common.keys import save_public_key
-from common.labels import FOUR_CLASS
-from common.manifest import read_manifest
-from common.models import build_model
-from common.onnx_export import export_release_models
-from common.release import ReleaseRegistry
+from serforget.common.audio import fix_length, load_audio
+from serforget.common.checkpoint import save_checkpoint
+from serforget.cli import main
+from serforget.common.edge.predict import predict_file, predict_files, resolve_model_file
+from serforget.common.edge.runtime import EdgeAudioError, EdgeModelError, OnnxModel, read_audio, resample, split_windows
+from serforget.common.keys import save_public_key
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import read_manifest
+from serforget.common.models import build_model
+from serforget.common.onnx_export import export_release_models
+from serforget.common.release import ReleaseRegistry
 from tests.test_onnx_export import write_espeak_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def test_onnx_file_without_serforget_metadata_is_refused(release_files: dict[str
 
 def test_predict_path_runs_where_torch_cannot_be_imported(release_files: dict[str, Path], wav) -> None:
     body = (
-        "from common.edge.predict import predict_files\n"
+        "from serforget.common.edge.predict import predict_files\n"
         "run = predict_files(model=sys.argv[1], files=sys.argv[2:])\n"
         "print(json.dumps(run.to_dict()))"
     )
@@ -212,7 +212,7 @@ def test_predict_path_runs_where_torch_cannot_be_imported(release_files: dict[st
 
 def test_cli_predict_imports_no_torch(release_files: dict[str, Path], wav) -> None:
     """The ``serforget edge predict`` command itself, not only the library, must run without torch."""
-    body = "from common.cli import main\ncode = main(sys.argv[1:])"
+    body = "from serforget.cli import main\ncode = main(sys.argv[1:])"
     result = _run_without_torch(body, "edge", "predict", "--model", str(release_files["model.onnx"]), str(wav("a.wav", 1.0)))
     assert result.returncode == 0, result.stderr
     assert "LOADED=[]" in result.stderr
@@ -240,7 +240,7 @@ def served_registry(tmp_path: Path) -> Iterator[tuple[ReleaseRegistry, str]]:
     registry = ReleaseRegistry(tmp_path / "registry")
     registry.root.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "common", "server", "serve-releases", "--root", str(registry.root), "--port", "0"],
+        [sys.executable, "-m", "serforget", "server", "serve-releases", "--root", str(registry.root), "--port", "0"],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
@@ -260,7 +260,7 @@ def test_pull_over_http_then_predict_refuses_tampered_and_revoked_releases(
 ) -> None:
     registry, url = served_registry
     key = Ed25519PrivateKey.generate()
-    server_pub = save_public_key(tmp_path / "server.pub", key.public_key())
+    server_pub = save_public_key(tmp_path / "serforget.server.pub", key.public_key())
     device = tmp_path / "device"
     audio = wav("speech.wav", 2.0)
     pull = ("edge", "pull", "--from", url, "--to", str(device), "--server-key", str(server_pub))

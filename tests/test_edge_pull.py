@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.edge.pull import PullError, current_release, pull_release
-from common.release import ReleaseRegistry, serve_releases, sign_bytes
+from serforget.common.edge.pull import PullError, current_release, pull_release
+from serforget.common.release import ReleaseRegistry, serve_releases, sign_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,7 +310,7 @@ def test_corrupt_current_json_is_reported(dest: Path, registry: ReleaseRegistry,
 
 def test_edge_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, common.edge, common.edge.pull, common.release; "
+        "import sys, serforget.common.edge, serforget.common.edge.pull, serforget.common.release; "
         "bad = {'torch', 'flwr'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

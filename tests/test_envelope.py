@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import keys
-from common.envelope import (
+from serforget.common import keys
+from serforget.common.envelope import (
     REASONS,
     EnvelopeError,
     EnvelopeHeader,
@@ -23,7 +23,7 @@ from common.envelope import (
     read_header_unverified,
     seal_delta,
 )
-from common.keys import UnsupportedSuiteError
+from serforget.common.keys import UnsupportedSuiteError
 
 BASE_SHA = hashlib.sha256(b"global model v3").hexdigest()
 NOW = 1_700_000_000.0

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import app as client_app
-from common.ledger import Ledger
-from common.release import ReleaseRegistry
-from server.app import app as server_app
-from server.inprocess import InProcessGrid
+from serforget.client.app import app as client_app
+from serforget.client.ledger import Ledger
+from serforget.common.release import ReleaseRegistry
+from serforget.server.app import app as server_app
+from serforget.server.inprocess import InProcessGrid
 
 TINY = {
     "synth-speakers": 6, "synth-sentences": 2, "synth-takes": 1, "valid-speakers": 1, "test-speakers": 1,
@@ -62,10 +62,10 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
     """Deployment: devices bring their own data dirs; a speaker files a request with the CLI."""
     import shutil
 
-    from common.cli import main as cli
-    from common.federation import ServerDir
-    from common.manifest import by_speaker, read_manifest
-    from common.node import prepare_node_dir
+    from serforget.cli import main as cli
+    from serforget.server.federation import ServerDir
+    from serforget.common.manifest import by_speaker, read_manifest
+    from serforget.client.node import prepare_node_dir
 
     server = ServerDir(tmp_path / "server").init()
     node_configs = []
@@ -93,7 +93,7 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
 
 def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> None:
     """num-rounds=0 + resume: no training, the pending request is unlearned on the published model."""
-    from common.node import file_deletion_request
+    from serforget.client.node import file_deletion_request
 
     report, grid, work = _run(tmp_path, **{"scenario": False})
     assert report["releases"]["unlearned"] is None and report["releases"]["published"] == [1]
@@ -108,8 +108,8 @@ def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> 
 
 def test_held_out_gate_refuses_harmful_deltas_and_nothing_is_released_or_purged(tmp_path: Path, monkeypatch) -> None:
     """A delta that lowers the (stand-in) held-out score past max-ua-drop is refused and its request retried."""
-    from common.node import state_sha256
-    from server.scenario import Scenario
+    from serforget.common.checkpoint import state_sha256
+    from serforget.server.scenario import Scenario
 
     published: dict[str, str] = {}
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import state_dict_bytes
-from common.envelope import seal_delta
-from common.federation import (DeltaError, DeltaVerdict, ServerDir, check_delta, gate_on_held_out, merge_deltas, open_and_check,
+from serforget.common.checkpoint import state_dict_bytes
+from serforget.common.envelope import seal_delta
+from serforget.server.federation import (DeltaError, DeltaVerdict, ServerDir, check_delta, gate_on_held_out, merge_deltas, open_and_check,
                                weighted_average)
-from common.keys import init_keys, load_hpke_public, load_signing_private
-from common.node import state_sha256, weight_delta
+from serforget.common.keys import init_keys, load_hpke_public, load_signing_private
+from serforget.client.node import weight_delta
+from serforget.common.checkpoint import state_sha256
 
 BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
 
@@ -149,8 +150,8 @@ def test_server_start_repairs_a_stale_index_without_locking_a_current_one(server
     import os
     import threading
 
-    from common.keys import load_signing_public
-    from common.release import ReleaseRegistry
+    from serforget.common.keys import load_signing_public
+    from serforget.common.release import ReleaseRegistry
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights")

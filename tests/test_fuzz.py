@@ -3,7 +3,7 @@
 hypothesis drives every target (atheris is not a project dependency, and coverage-guided fuzzing
 would not fit a seconds-long unit suite). Targets and their one allowed error type:
 
-* audio loaders (``common.audio.load_audio`` -> AudioError, edge ``read_audio`` -> EdgeAudioError):
+* audio loaders (``serforget.common.audio.load_audio`` -> AudioError, edge ``read_audio`` -> EdgeAudioError):
   arbitrary bytes and single-byte mutations of a valid WAV;
 * manifest parser (``read_manifest`` -> ManifestError): CSV-shaped text built from the characters
   that matter (separators, quotes, newlines, labels). NUL bytes and fields over 131072 characters
@@ -32,12 +32,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.audio import AudioError, load_audio
-from common.checkpoint import CheckpointError, state_dict_bytes, state_dict_from_bytes
-from common.edge.runtime import EdgeAudioError, read_audio
-from common.envelope import REASONS, EnvelopeError
-from common.manifest import ManifestError, read_manifest
-from common.release import ReleaseError, ReleaseIndex, ReleaseManifest
+from serforget.common.audio import AudioError, load_audio
+from serforget.common.checkpoint import CheckpointError, state_dict_bytes, state_dict_from_bytes
+from serforget.common.edge.runtime import EdgeAudioError, read_audio
+from serforget.common.envelope import REASONS, EnvelopeError
+from serforget.common.manifest import ManifestError, read_manifest
+from serforget.common.release import ReleaseError, ReleaseIndex, ReleaseManifest
 from tests.test_envelope import _WORLD, PAYLOAD, forge, header_json, open_, seal
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from common import keys
-from common.keys import (
+from serforget.common import keys
+from serforget.common.keys import (
     EnrollmentError,
     KeyFileError,
     UnsupportedSuiteError,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import common.ledger as ledger_module
-from common.fsutil import sha256_bytes
-from common.ledger import (
+import serforget.client.ledger as ledger_module
+from serforget.common.fsutil import sha256_bytes
+from serforget.client.ledger import (
     APPLIED,
     PENDING,
     PURGED,
@@ -25,7 +25,7 @@ from common.ledger import (
     LedgerError,
     purge_request,
 )
-from common.manifest import Utterance, read_manifest, write_manifest
+from serforget.common.manifest import Utterance, read_manifest, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ("spk1_001", "spk1_002", "spk1_003", "spk1_004")
@@ -333,7 +333,7 @@ _HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from common.ledger import Ledger
+    from serforget.client.ledger import Ledger
 
     known = ["spk1_001", "spk1_002", "spk1_003"]
     ledger = Ledger(Path(sys.argv[1]))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from common.manifest import (ManifestError, Utterance, by_speaker, filter_labels, read_manifest,
+from serforget.common.manifest import (ManifestError, Utterance, by_speaker, filter_labels, read_manifest,
                              speaker_split, write_manifest)
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.metrics import classification_report, confusion_matrix, macro_f1, plot_confusion
+from serforget.common.metrics import classification_report, confusion_matrix, macro_f1, plot_confusion
 
 
 def test_hand_computed_values() -> None:

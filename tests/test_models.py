@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchaudio
 
-from common.models import build_model, model_spec
-from common.models.cnn import CNNConfig, LogMelCNN
-from common.models.frontend import LogMel
+from serforget.common.models import build_model, model_spec
+from serforget.common.models.cnn import CNNConfig, LogMelCNN
+from serforget.common.models.frontend import LogMel
 
 
 @pytest.mark.parametrize("length", [1600, 16_000, 24_321])

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Wav2Vec2FeatureExtractor
 
-from common.labels import FOUR_CLASS
-from common.models.hf import (
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.models.hf import (
     HF_ARCHS,
     HF_SPEC_VERSION,
     HFSpeechClassifier,
@@ -153,7 +153,7 @@ def test_spec_keeps_options_and_freezing(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_project_registry_round_trips_the_spec(arch: str) -> None:
-    from common.models import build_model, model_spec
+    from serforget.common.models import build_model, model_spec
 
     model = build_model(arch=arch, config={"hf_config": tiny_hf_config(arch=arch, n_labels=4)}, labels=FOUR_CLASS)
     spec = json.loads(json.dumps(model_spec(model)))

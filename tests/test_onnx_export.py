@@ -13,16 +13,16 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.cli import main
-from common.edge.runtime import METADATA_KEYS, OnnxModel, parse_model_info
-from common.fsutil import sha256_file
-from common.labels import FOUR_CLASS
-from common.manifest import Utterance, read_manifest, write_manifest
-from common.models import build_model
-from common.models.cnn import CNNConfig, LogMelCNN
-from common.models.hf import tiny_hf_config
-from common.onnx_export import (
+from serforget.common.checkpoint import load_checkpoint, save_checkpoint
+from serforget.cli import main
+from serforget.common.edge.runtime import METADATA_KEYS, OnnxModel, parse_model_info
+from serforget.common.fsutil import sha256_file
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import Utterance, read_manifest, write_manifest
+from serforget.common.models import build_model
+from serforget.common.models.cnn import CNNConfig, LogMelCNN
+from serforget.common.models.hf import tiny_hf_config
+from serforget.common.onnx_export import (
     INT8_FILE,
     PARITY_BATCH_SIZES,
     PARITY_SECONDS,
@@ -221,7 +221,7 @@ def _fake_ua(values: dict[str, float]):
 def test_int8_is_published_only_within_the_ua_bound(
     cnn_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ua_int8: float, published: bool
 ) -> None:
-    monkeypatch.setattr("common.onnx_export.onnx_ua", _fake_ua({"fp32": 0.80, "int8": ua_int8}))
+    monkeypatch.setattr("serforget.common.onnx_export.onnx_ua", _fake_ua({"fp32": 0.80, "int8": ua_int8}))
     data = EvalSet(waves=np.zeros((2, 16_000), np.float32), targets=np.array([0, 1]), labels=FOUR_CLASS)
     out = tmp_path / INT8_FILE
     report = quantize_int8(fp32_path=cnn_export.path, out_path=out, eval_set=data, max_ua_drop=1.0)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.privacy import attack_forget_set, best_threshold, membership_inference, membership_scores, roc_auc
+from serforget.common.privacy import attack_forget_set, best_threshold, membership_inference, membership_scores, roc_auc
 
 
 def _pairwise_auc(pos, neg) -> float:

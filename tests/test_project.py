@@ -1,4 +1,5 @@
-"""Project-wide rules: common/ stays free of Flower; pyproject's run config mirrors the defaults."""
+"""Project-wide rules: the layering of the role folders, one namespace, Flower only in the glue,
+pyproject's run config mirroring the defaults."""
 
 from __future__ import annotations
 
@@ -9,16 +10,69 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.device import resolve_device
-from common.settings import RunSettings
+from serforget.common.device import resolve_device
+from serforget.common.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_common_never_imports_flwr() -> None:
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "common").rglob("*.py")
-                 if re.search(r"^\s*(import flwr|from flwr)", p.read_text(), flags=re.M)]
+#: The only modules that may import ``flwr``: the Flower glue of each side. Everything else is
+#: plain Python that the CLI, the benchmarks and the tests call without a Flower runtime.
+FLWR_ALLOWED = {
+    "client/app.py", "client/runtime.py",
+    "server/app.py", "server/inprocess.py", "server/report.py", "server/scenario.py", "server/strategy.py",
+    "server/unlearning_round.py",
+}
+#: Which role folders each folder may import from (``serforget.<role>``). ``common`` is shared by
+#: everyone and imports no other role; the CLI (``serforget/``) sits on top of all of them.
+LAYERS = {
+    "common": set(),
+    "client": {"common"},
+    "server": {"common", "client"},
+    "deploy": {"common", "client", "server"},
+    "serforget": {"common", "client", "server", "deploy", "cli"},
+}
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)", flags=re.M)
+
+
+def _imports(path: Path) -> list[str]:
+    return _IMPORT.findall(path.read_text())
+
+
+def test_layering_each_role_imports_only_the_roles_below_it() -> None:
+    offenders = []
+    for folder, allowed in LAYERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            for module in _imports(path):
+                parts = module.split(".")
+                if parts[0] in {"common", "client", "server", "deploy", "cli"}:
+                    offenders.append(f"{path.relative_to(ROOT)}: bare import {module} (use serforget.{module})")
+                elif parts[0] == "serforget" and len(parts) > 1 and parts[1] not in allowed | {"__version__"}:
+                    if not (folder == parts[1]):
+                        offenders.append(f"{path.relative_to(ROOT)}: imports {module}")
     assert offenders == []
+
+
+def test_only_the_flower_glue_imports_flwr() -> None:
+    offenders = [str(p.relative_to(ROOT)) for folder in LAYERS for p in (ROOT / folder).rglob("*.py")
+                 if any(m == "flwr" or m.startswith("flwr.") for m in _imports(p))
+                 and str(p.relative_to(ROOT)) not in FLWR_ALLOWED]
+    assert offenders == []
+
+
+def test_wheel_top_level_is_serforget_only(tmp_path: Path) -> None:
+    """Every package the wheel installs lives under ``serforget`` (no bare ``common``/``server``)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert {name.split(".")[0] for name in config["packages"]} == {"serforget"}
+    for name, folder in config["package-dir"].items():
+        assert name.startswith("serforget") and (ROOT / folder / "__init__.py").is_file(), name
+    on_disk = {str(p.parent.relative_to(ROOT)) for folder in ("common", "client", "server", "deploy", "serforget")
+               for p in (ROOT / folder).rglob("__init__.py")}
+    listed = set()
+    for name in config["packages"]:
+        head = max((k for k in config["package-dir"] if name == k or name.startswith(k + ".")), key=len)
+        listed.add(str(Path(config["package-dir"][head], *name[len(head):].split(".")[1:])))
+    assert on_disk == listed, "a package folder is missing from [tool.setuptools] packages"
 
 
 def test_pyproject_run_config_equals_settings_defaults() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import release as release_mod
-from common.release import (
+from serforget.common import release as release_mod
+from serforget.common.release import (
     RELEASE_FORMAT_VERSION,
     ReleaseError,
     ReleaseManifest,
@@ -401,5 +401,5 @@ def test_no_listing_or_path_traversal(
 
 
 def test_release_module_does_not_import_torch() -> None:
-    code = "import sys, common.release; assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, serforget.common.release; assert 'torch' not in sys.modules and 'flwr' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

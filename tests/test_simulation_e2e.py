@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.node import NodeDir
+from serforget.client.node import NodeDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
@@ -20,7 +20,7 @@ TINY = ("synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-
 
 def _simulate(tmp_path: Path, extra: str = "", *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "common", "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"),
+        [sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"),
          "--flwr-home", str(tmp_path / "flwr"), "--run-config", f"{TINY} {extra}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -2,12 +2,12 @@ from pathlib import Path
 
 import torch
 
-from common.data import load_waveforms
-from common.labels import FOUR_CLASS
-from common.manifest import read_manifest, speaker_split
-from common.models import build_model
-from common.pipeline import evaluate_checkpoint, make_splits, train_checkpoint
-from common.training import TrainConfig, evaluate_model, train_model
+from serforget.common.data import load_waveforms
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import read_manifest, speaker_split
+from serforget.common.models import build_model
+from serforget.common.pipeline import evaluate_checkpoint, make_splits, train_checkpoint
+from serforget.common.training import TrainConfig, evaluate_model, train_model
 
 SMALL = {"channels": [8, 16], "hidden": 16, "dropout": 0.0}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.cli import main
-from common.manifest import Utterance, write_manifest
+from serforget.common.checkpoint import load_checkpoint, save_checkpoint
+from serforget.cli import main
+from serforget.common.manifest import Utterance, write_manifest
 from tests.test_unlearning_common import LABELS, tone_set, trained_tiny
 
 
@@ -39,7 +39,7 @@ def corpus(tmp_path: Path) -> tuple[Path, Path]:
 def test_unlearn_writes_an_unlearned_checkpoint_with_provenance(corpus, tmp_path, capsys):
     manifest, ckpt = corpus
     forget = tmp_path / "forget.csv"
-    from common.manifest import read_manifest
+    from serforget.common.manifest import read_manifest
 
     write_manifest(forget, read_manifest(manifest)[:4])
     out = tmp_path / "unlearned"

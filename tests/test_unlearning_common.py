@@ -14,9 +14,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from common.data import WaveformSet
-from common.models import build_model
-from common.training import TrainConfig, train_model
+from serforget.common.data import WaveformSet
+from serforget.common.models import build_model
+from serforget.common.training import TrainConfig, train_model
 
 LABELS = ("neutral", "happy", "angry", "sad")
 SAMPLES = 4000

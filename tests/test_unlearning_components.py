@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from common.data import WaveformSet
-from common.unlearning.adversarial import make_adversarial_set, pgd_targeted
-from common.unlearning.config import UnlearnConfig
-from common.unlearning.elastic import ElasticPenalty, elastic_constraint, penalty_weights
-from common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
-from common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
-from common.unlearning.stopping import REASON_MAX_EPOCHS, REASON_TARGET, REASON_ZERO, StopRule, run_until_stop
+from serforget.common.data import WaveformSet
+from serforget.common.unlearning.adversarial import make_adversarial_set, pgd_targeted
+from serforget.common.unlearning.config import UnlearnConfig
+from serforget.common.unlearning.elastic import ElasticPenalty, elastic_constraint, penalty_weights
+from serforget.common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
+from serforget.common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
+from serforget.common.unlearning.stopping import REASON_MAX_EPOCHS, REASON_TARGET, REASON_ZERO, StopRule, run_until_stop
 from tests.test_unlearning_common import trained_tiny
 
 # ----------------------------------------------------------------------------- forgetting terms

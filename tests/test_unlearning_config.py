@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.unlearning import UnlearnConfig
+from serforget.common.unlearning import UnlearnConfig
 
 
 def test_defaults_are_valid_and_round_trip_through_a_mapping():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.unlearning import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig, unlearn
-from common.unlearning.engine import RECIPES
-from common.unlearning.stopping import REASON_TARGET, forget_accuracy
+from serforget.common.unlearning import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig, unlearn
+from serforget.common.unlearning.engine import RECIPES
+from serforget.common.unlearning.stopping import REASON_TARGET, forget_accuracy
 from tests.test_unlearning_common import accuracy, trained_mlp, trained_tiny
 
 FAST = UnlearnConfig(device="cpu", max_epochs=3, pgd_steps=2, pgd_k=1, remain_epochs=1, remain_steps_per_epoch=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.unlearning import UnlearnConfig
-from common.unlearning.evaluation import (
+from serforget.common.unlearning import UnlearnConfig
+from serforget.common.unlearning.evaluation import (
     EvalSets,
     add_reference_columns,
     gap_to_reference,
@@ -14,7 +14,7 @@ from common.unlearning.evaluation import (
     parse_run,
     summarize,
 )
-from common.unlearning.measure import ResourceMeter
+from serforget.common.unlearning.measure import ResourceMeter
 from tests.test_unlearning_common import LABELS, tone_set
 
 

@@ -2,12 +2,12 @@
 
 Why: RAVDESS, CREMA-D, EmoDB and IEMOCAP each encode speaker and emotion differently (file-name
 fields or separate label files). Each indexer turns its layout into the project's one vocabulary
-(:mod:`common.labels`), with absolute paths, sorted and with unique ids, and lists every file it
+(:mod:`serforget.common.labels`), with absolute paths, sorted and with unique ids, and lists every file it
 refused together with the reason, so nothing is guessed and nothing is dropped silently. Write
-the result with :func:`common.manifest.write_manifest`.
+the result with :func:`serforget.common.manifest.write_manifest`.
 
 The synthetic acted-emotion corpus, the project's default data, lives in
-:mod:`common.corpora.synth` (not imported here so indexing does not pull in torch).
+:mod:`serforget.common.corpora.synth` (not imported here so indexing does not pull in torch).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from common.corpora import cremad, emodb, iemocap, ravdess
-from common.corpora._common import IndexResult, Skipped
+from serforget.common.corpora import cremad, emodb, iemocap, ravdess
+from serforget.common.corpora._common import IndexResult, Skipped
 
 __all__ = ["FORMATS", "IndexResult", "Skipped", "index_corpus"]
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import soundfile as sf
 
-from common.labels import check_emotion
-from common.manifest import Utterance
+from serforget.common.labels import check_emotion
+from serforget.common.manifest import Utterance
 
 #: Suffix every indexed audio file must have (all four corpora ship lower-case ``.wav``).
 WAV_SUFFIX = ".wav"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common.corpora._common import (
+from serforget.common.corpora._common import (
     WAV_SUFFIX,
     IndexResult,
     classify_files,
@@ -22,7 +22,7 @@ from common.corpora._common import (
     resolve_root,
     unreadable_audio_reason,
 )
-from common.manifest import Utterance
+from serforget.common.manifest import Utterance
 
 FMT = "cremad"
 AUDIO_DIR = "AudioWAV"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common.corpora._common import (
+from serforget.common.corpora._common import (
     WAV_SUFFIX,
     IndexResult,
     Skipped,
@@ -31,7 +31,7 @@ from common.corpora._common import (
     resolve_root,
     unreadable_audio_reason,
 )
-from common.manifest import Utterance
+from serforget.common.manifest import Utterance
 
 FMT = "iemocap"
 

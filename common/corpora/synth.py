@@ -4,7 +4,7 @@ Why it exists: no real emotional-speech corpus can be downloaded here, yet every
 project (per-speaker Flower nodes, speaker-independent splits, unlearning one speaker) needs a
 corpus with many speakers, fixed texts and acted emotions. This module renders one, fully
 deterministic in its seed, with the same shape as RAVDESS: ``wav/<speaker>/<utt_id>.wav`` plus a
-``manifest.csv`` (see :mod:`common.manifest`).
+``manifest.csv`` (see :mod:`serforget.common.manifest`).
 
 Design (each number below is a knob of :class:`SynthConfig` or a row of :data:`STYLES`):
 
@@ -74,9 +74,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from common.fsutil import atomic_write_bytes, atomic_write_json
-from common.labels import FOUR_CLASS
-from common.manifest import Utterance, write_manifest
+from serforget.common.fsutil import atomic_write_bytes, atomic_write_json
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import Utterance, write_manifest
 
 SYNTH_FORMAT = "serforget-synth-corpus"
 #: Bump whenever the rendering changes, so an old corpus is never mistaken for a new one.

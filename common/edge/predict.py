@@ -25,14 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.edge.runtime import PRECISIONS, EdgeModelError, OnnxModel, read_audio, split_windows
+from serforget.common.edge.runtime import PRECISIONS, EdgeModelError, OnnxModel, read_audio, split_windows
 
 PREDICTIONS_FORMAT = "serforget-edge-predictions"
 PREDICTIONS_FORMAT_VERSION = 1
 MODEL_FILES: dict[str, str] = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 #: Windows per ONNX Runtime call: large enough to amortise call overhead, small enough for devices.
 MAX_WINDOWS_PER_RUN = 16
-#: File name of a pulled edge folder's pointer to its current release (see ``common.edge.pull``).
+#: File name of a pulled edge folder's pointer to its current release (see ``serforget.common.edge.pull``).
 _EDGE_POINTER = "current.json"
 
 
@@ -90,7 +90,7 @@ def resolve_model_file(model: str | os.PathLike[str], *, precision: str = "fp32"
     if not path.is_dir():
         raise EdgeModelError(f"{path}: no such model file or folder")
     if (path / _EDGE_POINTER).is_file():
-        from common.edge.pull import current_release  # only pulled folders need the release code
+        from serforget.common.edge.pull import current_release  # only pulled folders need the release code
 
         release = current_release(path)
         if release is None:

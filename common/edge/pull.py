@@ -38,8 +38,8 @@ from typing import Any, BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
-from common.release import (
+from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
+from serforget.common.release import (
     INDEX_NAME,
     INDEX_SIGNATURE_NAME,
     MANIFEST_NAME,
@@ -166,7 +166,7 @@ class _DirectorySource:
 
 
 class _HttpSource:
-    """A server started with :func:`common.release.serve_releases`."""
+    """A server started with :func:`serforget.common.release.serve_releases`."""
 
     def __init__(self, base_url: str, *, timeout_s: float) -> None:
         self.base_url = base_url.rstrip("/")

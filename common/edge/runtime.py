@@ -3,7 +3,7 @@
 Why a module of its own: edge devices have ONNX Runtime, numpy and soundfile but no torch, so
 everything the device needs to turn a file into model input lives here, importing nothing that
 pulls torch in (a test runs the edge path in a fresh interpreter and checks ``sys.modules``).
-The server-side exporter (:mod:`common.onnx_export`) imports the metadata keys and
+The server-side exporter (:mod:`serforget.common.onnx_export`) imports the metadata keys and
 :class:`OnnxModel` from here too, so both sides read and write one definition of the format.
 
 ONNX model format (``format`` = ``serforget-onnx``, ``format_version`` 1): one input
@@ -11,7 +11,7 @@ ONNX model format (``format`` = ``serforget-onnx``, ``format_version`` 1): one i
 ``probabilities`` ``float32[batch, n_labels]``; the log-mel front end is inside the graph. The
 model's ``metadata_props`` carry the strings listed in :data:`METADATA_KEYS`.
 
-Audio policy (the decoding and checks of :func:`common.audio_limits.decode_mono`, shared with training): channels
+Audio policy (the decoding and checks of :func:`serforget.common.audio_limits.decode_mono`, shared with training): channels
 averaged to mono, NaN/Inf and empty files rejected, resampling with the same band-limited
 Hann-windowed sinc interpolation as ``torchaudio.functional.resample`` (defaults: 6 zero
 crossings, roll-off 0.99), re-implemented in numpy because scipy is not a project dependency
@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from common.audio_limits import MAX_SECONDS, decode_mono
+from serforget.common.audio_limits import MAX_SECONDS, decode_mono
 
 #: Value of the ``format`` metadata entry that marks a serforget ONNX model.
 ONNX_FORMAT = "serforget-onnx"
@@ -240,7 +240,7 @@ def split_windows(wave: np.ndarray, *, window: int, hop: int) -> np.ndarray:
     """Cut a 1-D signal into ``[n_windows, window]`` analysis windows.
 
     A signal no longer than ``window`` becomes one window, zero-padded at the end exactly like
-    :func:`common.audio.fix_length` pads training clips. A longer one gets windows every ``hop``
+    :func:`serforget.common.audio.fix_length` pads training clips. A longer one gets windows every ``hop``
     samples plus one final window aligned to the end, so no tail audio is ignored.
     """
     if window <= 0 or hop <= 0:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from torch import nn
 
-from common.models.cnn import CNNConfig, LogMelCNN
+from serforget.common.models.cnn import CNNConfig, LogMelCNN
 
 ARCHS: tuple[str, ...] = ("logmel_cnn", "wav2vec2", "hubert")
 
@@ -21,7 +21,7 @@ def build_model(*, arch: str, config: dict, labels: Sequence[str]) -> nn.Module:
     if arch == "logmel_cnn":
         return LogMelCNN(n_classes=len(labels), config=CNNConfig.from_dict(config))
     if arch in ("wav2vec2", "hubert"):
-        from common.models.hf import build_hf_model
+        from serforget.common.models.hf import build_hf_model
 
         return build_hf_model(arch=arch, labels=labels, config=config)
     raise ValueError(f"unknown model arch {arch!r}; known: {', '.join(ARCHS)}")

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.models.frontend import LogMel
+from serforget.common.models.frontend import LogMel
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ class HFSpeechClassifier(nn.Module):
         _check_arch(arch)
         labels = _check_labels(labels)
         if (hf_config is None) == (pretrained_dir is None):
-            raise ValueError("HFSpeechClassifier needs exactly one of hf_config or pretrained_dir")
+            raise ValueError(f"model config of arch {arch!r} needs exactly one of 'hf_config' (random weights) or "
+                             "'pretrained_dir' (a local checkpoint folder)")
         if pretrained_dir is not None:
             directory = Path(pretrained_dir)
             backbone, head_from_checkpoint = _load_pretrained(arch=arch, directory=directory, labels=labels)

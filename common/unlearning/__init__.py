@@ -5,10 +5,10 @@ Also public: the importance maps the server aggregates (:func:`mas_importance`) 
 server-side :func:`elastic_constraint`. Plain PyTorch; no Flower import.
 """
 
-from common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
-from common.unlearning.elastic import elastic_constraint
-from common.unlearning.engine import UnlearnResult, unlearn
-from common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
+from serforget.common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
+from serforget.common.unlearning.elastic import elastic_constraint
+from serforget.common.unlearning.engine import UnlearnResult, unlearn
+from serforget.common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
 
 __all__ = [
     "FORGET_ONLY_METHODS",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.training import iterate_batches
+from serforget.common.training import iterate_batches
 
 _TINY = 1e-12
 AUDIO_MIN, AUDIO_MAX = -1.0, 1.0

@@ -26,11 +26,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.data import WaveformSet
-from common.models import build_model, model_spec
-from common.training import TrainConfig, TrainHistory, iterate_batches, train_model
-from common.unlearning.config import UnlearnConfig
-from common.unlearning.stopping import LoopOutcome, StopRule, run_until_stop
+from serforget.common.data import WaveformSet
+from serforget.common.models import build_model, model_spec
+from serforget.common.training import TrainConfig, TrainHistory, iterate_batches, train_model
+from serforget.common.unlearning.config import UnlearnConfig
+from serforget.common.unlearning.stopping import LoopOutcome, StopRule, run_until_stop
 
 
 class _RemainSampler:

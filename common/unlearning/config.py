@@ -1,4 +1,4 @@
-"""Every knob of :func:`common.unlearning.unlearn`, with its default and the reason for it.
+"""Every knob of :func:`serforget.common.unlearning.unlearn`, with its default and the reason for it.
 
 One frozen dataclass serves the library call, the CLI (``--set key=value``) and the Flower run
 config (``from_mapping``), so a default lives in exactly one place. The defaults were chosen on

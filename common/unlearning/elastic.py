@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from common.unlearning.importance import ImportanceMap, clip_importance, minmax_normalize
+from serforget.common.unlearning.importance import ImportanceMap, clip_importance, minmax_normalize
 
 
 def penalty_weights(importance: ImportanceMap, *, tau: float, strength: float) -> ImportanceMap:

@@ -26,17 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.data import WaveformSet
-from common.device import resolve_device
-from common.training import iterate_batches
-from common.unlearning.adversarial import AdversarialSet, make_adversarial_set
-from common.unlearning.baselines import REMAIN_LOOPS
-from common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
-from common.unlearning.elastic import ElasticPenalty, penalty_weights
-from common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
-from common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
-from common.unlearning.measure import ResourceMeter
-from common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, forget_logits, run_until_stop
+from serforget.common.data import WaveformSet
+from serforget.common.device import resolve_device
+from serforget.common.training import iterate_batches
+from serforget.common.unlearning.adversarial import AdversarialSet, make_adversarial_set
+from serforget.common.unlearning.baselines import REMAIN_LOOPS
+from serforget.common.unlearning.config import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig
+from serforget.common.unlearning.elastic import ElasticPenalty, penalty_weights
+from serforget.common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
+from serforget.common.unlearning.importance import ImportanceMap, compute_importance, minmax_normalize
+from serforget.common.unlearning.measure import ResourceMeter
+from serforget.common.unlearning.stopping import LoopOutcome, StopRule, forget_accuracy, forget_logits, run_until_stop
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 For the original model, the Retrain oracle and every method: forget accuracy, remaining-set
 accuracy, test UA and WA, membership inference on the forget set (loss, confidence and entropy
-attacks fitted on remaining-vs-test outputs; :mod:`common.privacy`), the mean absolute gap to the
+attacks fitted on remaining-vs-test outputs; :mod:`serforget.common.privacy`), the mean absolute gap to the
 retrained model over those metrics, wall time and peak memory of unlearning against retraining.
 
 Rows are flat dicts of JSON values (one per method and forget set), so the CLI report and the
@@ -24,16 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.data import WaveformSet
-from common.device import resolve_device
-from common.fsutil import atomic_write_json, atomic_write_text
-from common.metrics import classification_report
-from common.privacy import ATTACKS, membership_inference
-from common.training import TrainConfig, predict_logits
-from common.unlearning.baselines import retrain_from_scratch
-from common.unlearning.config import METHODS, REMAIN_METHODS, UnlearnConfig
-from common.unlearning.engine import unlearn
-from common.unlearning.measure import ResourceMeter
+from serforget.common.data import WaveformSet
+from serforget.common.device import resolve_device
+from serforget.common.fsutil import atomic_write_json, atomic_write_text
+from serforget.common.metrics import classification_report
+from serforget.common.privacy import ATTACKS, membership_inference
+from serforget.common.training import TrainConfig, predict_logits
+from serforget.common.unlearning.baselines import retrain_from_scratch
+from serforget.common.unlearning.config import METHODS, REMAIN_METHODS, UnlearnConfig
+from serforget.common.unlearning.engine import unlearn
+from serforget.common.unlearning.measure import ResourceMeter
 
 REPORT_FORMAT_VERSION = 1
 #: Metrics averaged (absolute difference, in points) into the gap to the retrained model.

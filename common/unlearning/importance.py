@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common.data import WaveformSet
-from common.device import resolve_device
+from serforget.common.data import WaveformSet
+from serforget.common.device import resolve_device
 
 ImportanceMap = dict[str, torch.Tensor]
 _TINY = 1e-12
@@ -64,7 +64,7 @@ def _per_utterance_average(
 def mas_importance(model: nn.Module, data: WaveformSet, *, device: str | torch.device = "auto") -> ImportanceMap:
     """Raw MAS importance: mean over utterances of ``|grad ||logits||_2^2|`` per parameter.
 
-    The model is moved to ``device`` (like :func:`common.training.predict_logits`); labels in
+    The model is moved to ``device`` (like :func:`serforget.common.training.predict_logits`); labels in
     ``data`` are not used.
     """
 

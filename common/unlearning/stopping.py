@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.training import iterate_batches
-from common.unlearning.config import STOP_RULES, UnlearnConfig
+from serforget.common.training import iterate_batches
+from serforget.common.unlearning.config import STOP_RULES, UnlearnConfig
 
 #: ``UnlearnResult.stop_reason`` values.
 REASON_ZERO = "forget_acc_zero"

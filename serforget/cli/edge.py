@@ -62,7 +62,7 @@ def _register_server(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from common.onnx_export import REPORT_FILE, export_release_models
+    from serforget.common.onnx_export import REPORT_FILE, export_release_models
 
     files = export_release_models(
         checkpoint_dir=args.checkpoint, out_dir=args.out, parity_manifest=args.parity_manifest,
@@ -79,8 +79,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from common.edge.pull import pull_release
-    from common.keys import load_signing_public
+    from serforget.common.edge.pull import pull_release
+    from serforget.common.keys import load_signing_public
 
     result = pull_release(
         source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout
@@ -91,7 +91,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from common.edge.predict import predict_files
+    from serforget.common.edge.predict import predict_files
 
     run = predict_files(
         model=args.model, files=args.files, precision="int8" if args.int8 else "fp32",
@@ -102,7 +102,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from common.release import serve_releases
+    from serforget.common.release import serve_releases
 
     if not args.root.is_dir():
         raise FileNotFoundError(f"{args.root}: release registry folder not found")

@@ -14,7 +14,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from common.training import TrainConfig
+from serforget.cli._args import add_progress
+from serforget.common.training import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _paper_rows() -> tuple[str, ...]:
-    from common.unlearning.evaluation import PAPER_ROWS
+    from serforget.common.unlearning.evaluation import PAPER_ROWS
 
     return PAPER_ROWS
 
@@ -61,11 +62,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an UnlearnConfig setting, e.g. --set tau=0.25 (repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    add_progress(parser)
 
 
 def _config(args: argparse.Namespace, **changes: object):
-    from common.unlearning import UnlearnConfig
+    from serforget.common.unlearning import UnlearnConfig
 
     values: dict[str, object] = {}
     for item in args.set:
@@ -79,20 +80,21 @@ def _config(args: argparse.Namespace, **changes: object):
 
 
 def _clip_seconds(meta) -> float:
-    from common.data import DEFAULT_CLIP_SECONDS
+    from serforget.common.data import DEFAULT_CLIP_SECONDS
 
     return float(meta.provenance.get("settings", {}).get("clip_seconds", DEFAULT_CLIP_SECONDS))
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from common.checkpoint import META_FILE, load_checkpoint, save_checkpoint
-    from common.data import load_waveforms
-    from common.fsutil import sha256_file
-    from common.manifest import read_manifest
-    from common.unlearning import FORGET_ONLY_METHODS, unlearn
+    from serforget.common.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+    from serforget.common.data import load_waveforms
+    from serforget.common.fsutil import check_output_dir, sha256_file
+    from serforget.common.manifest import read_manifest
+    from serforget.common.unlearning import FORGET_ONLY_METHODS, unlearn
 
     if args.method not in FORGET_ONLY_METHODS:
         raise ValueError(f"--method must be a forget-set-only method ({', '.join(FORGET_ONLY_METHODS)}), got {args.method!r}")
+    check_output_dir(args.out, what="--out")
     if args.out.resolve() == args.checkpoint.resolve():
         raise ValueError(f"--out {args.out} is the source checkpoint; write the unlearned model elsewhere")
     if (args.out / META_FILE).exists() and not args.overwrite:
@@ -134,8 +136,8 @@ def _read_forget_ids(path: Path) -> list[str]:
 
 
 def _load_splits(args: argparse.Namespace, labels: Sequence[str], clip_seconds: float):
-    from common.data import load_waveforms
-    from common.manifest import filter_labels, read_manifest, speaker_split
+    from serforget.common.data import load_waveforms
+    from serforget.common.manifest import filter_labels, read_manifest, speaker_split
 
     if args.manifest is not None:
         if any(p is not None for p in (args.train, args.valid, args.test)):
@@ -153,10 +155,12 @@ def _load_splits(args: argparse.Namespace, labels: Sequence[str], clip_seconds: 
 
 
 def _unlearn_eval(args: argparse.Namespace) -> int:
-    from common.checkpoint import load_checkpoint
-    from common.training import evaluate_model
-    from common.unlearning.evaluation import EvalSets, evaluate_unlearning, parse_run, run_retrain, write_report
+    from serforget.common.checkpoint import load_checkpoint
+    from serforget.common.fsutil import check_output_dir
+    from serforget.common.training import evaluate_model
+    from serforget.common.unlearning.evaluation import EvalSets, evaluate_unlearning, parse_run, run_retrain, write_report
 
+    check_output_dir(args.out, what="--out")
     original, meta = load_checkpoint(args.checkpoint)
     sets = _load_splits(args, meta.labels, _clip_seconds(meta))
     train, valid, test = sets["train"], sets["valid"], sets["test"]

@@ -6,12 +6,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from serforget.cli._args import add_progress
+from serforget.common.fsutil import check_output_dir, check_output_file
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     corpus = sub.add_parser("corpus", help="synthesize, index or split an emotional-speech corpus")
     csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
 
-    from common.corpora.synth import SynthConfig
+    from serforget.common.corpora.synth import SynthConfig
 
     synth = csub.add_parser("synth", help="generate the synthetic acted-emotion corpus (espeak-ng)")
     synth.add_argument("--out", type=Path, required=True, help="output folder (manifest.csv + wav/)")
@@ -19,11 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         if field.type in ("int", "float", int, float):
             kind = int if field.type in ("int", int) else float
             synth.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default, dest=field.name)
-    synth.add_argument("--no-progress", action="store_true")
+    add_progress(synth)
     synth.set_defaults(handler=_synth)
 
     index = csub.add_parser("index", help="index a real corpus from its on-disk layout into a manifest")
-    from common.corpora import FORMATS
+    from serforget.common.corpora import FORMATS
 
     index.add_argument("--format", choices=FORMATS, required=True)
     index.add_argument("--root", type=Path, required=True)
@@ -41,18 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from common.corpora.synth import SynthConfig, synthesize_corpus
+    from serforget.common.corpora.synth import SynthConfig, synthesize_corpus
 
+    check_output_dir(args.out, what="--out")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig) if hasattr(args, f.name)}
-    manifest = synthesize_corpus(out_dir=args.out, config=SynthConfig(**values), progress=not args.no_progress)
+    manifest = synthesize_corpus(out_dir=args.out, config=SynthConfig(**values), progress=args.progress)
     print(manifest)
     return 0
 
 
 def _index(args: argparse.Namespace) -> int:
-    from common.corpora import index_corpus
-    from common.manifest import write_manifest
+    from serforget.common.corpora import index_corpus
+    from serforget.common.manifest import write_manifest
 
+    check_output_file(args.out, what="--out")
+    if not args.root.is_dir():
+        raise ValueError(f"--root {args.root}: not a folder")
     result = index_corpus(fmt=args.format, root=args.root)
     write_manifest(args.out, result.utterances)
     for skipped in result.skipped:
@@ -63,9 +70,10 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from common.manifest import read_manifest
-    from common.pipeline import make_splits
+    from serforget.common.manifest import read_manifest
+    from serforget.common.pipeline import make_splits
 
+    check_output_dir(args.out_dir, what="--out-dir")
     paths = make_splits(manifest=args.manifest, out_dir=args.out_dir, task=args.task,
                         n_valid=args.n_valid, n_test=args.n_test, seed=args.seed)
     for name, path in paths.items():

@@ -13,13 +13,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.corpora.synth import SynthConfig, synthesize_corpus
-from common.federation import ServerDir
-from common.manifest import by_speaker, read_manifest
-from common.node import NodeDir, prepare_node_dir
-from common.pipeline import make_splits
-
-SERVER_HPKE_PIN = "server_hpke.pub"
+from serforget.common.corpora.synth import SynthConfig, synthesize_corpus
+from serforget.server.federation import ServerDir
+from serforget.common.manifest import by_speaker, read_manifest
+from serforget.client.node import NodeDir, prepare_node_dir
+from serforget.common.pipeline import make_splits
+from serforget.common.protocol import SERVER_HPKE_PIN
 
 
 @dataclass(frozen=True)

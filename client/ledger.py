@@ -51,8 +51,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from common.fsutil import fsync_dir, sha256_file
-from common.manifest import read_manifest, write_manifest
+from serforget.common.fsutil import fsync_dir, sha256_file
+from serforget.common.manifest import read_manifest, write_manifest
 
 #: Version of the SQLite schema below; stored in the ``schema_version`` table.
 SCHEMA_VERSION = 1

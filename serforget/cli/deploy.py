@@ -1,6 +1,6 @@
 """``serforget deploy up|run|down``: the Deployment Engine on one machine (TLS + SuperNode auth).
 
-Thin wrappers over :mod:`deploy.local`; the run directory remembers the endpoint and devices in
+Thin wrappers over :mod:`serforget.deploy.local`; the run directory remembers the endpoint and devices in
 ``deployment.json`` so ``run`` and ``down`` work from a later shell. For several hosts follow the
 steps in README ("Deployment Engine"), which these commands perform locally.
 """
@@ -39,7 +39,7 @@ def _state_path(run_dir: Path) -> Path:
 
 
 def _load(run_dir: Path):
-    from deploy.local import Deployment
+    from serforget.deploy.local import Deployment
 
     try:
         state = json.loads(_state_path(run_dir).read_text())
@@ -49,9 +49,9 @@ def _load(run_dir: Path):
 
 
 def _up(args: argparse.Namespace) -> int:
-    from common.fsutil import atomic_write_json
-    from common.manifest import by_speaker, read_manifest
-    from deploy.local import Deployment, free_port, up
+    from serforget.common.fsutil import atomic_write_json
+    from serforget.common.manifest import by_speaker, read_manifest
+    from serforget.deploy.local import Deployment, free_port, up
 
     deployment = Deployment(args.run_dir, host=args.host, port=args.port)
     n_devices = len(by_speaker(read_manifest(args.manifest)))
@@ -64,8 +64,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from common.cli.simulate import parse_overrides
-    from deploy.local import deployment_run_config, run_app
+    from serforget.deploy.flwr_program import parse_overrides
+    from serforget.deploy.local import deployment_run_config, run_app
 
     deployment, state = _load(args.run_dir)
     overrides = parse_overrides(args.run_config)
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from deploy.local import Deployment
+    from serforget.deploy.local import Deployment
 
     stopped = Deployment(args.run_dir).processes.stop_all(timeout=15.0)
     print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from common.node import file_deletion_request
+    from serforget.client.node import file_deletion_request
 
     request = file_deletion_request(data_dir=args.data_dir, utt_ids=args.utt, whole_speaker=args.all)
     print(json.dumps({"request_id": request.request_id, "state": request.state, "utt_ids": list(request.utt_ids),
@@ -31,7 +31,7 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from common.node import NodeDir
+    from serforget.client.node import NodeDir
 
     with NodeDir(args.data_dir).open_ledger() as ledger:
         rows = [{"request_id": r.request_id, "state": r.state, "n_utts": len(r.utt_ids), "whole_speaker": r.whole_speaker,

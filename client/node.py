@@ -26,13 +26,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from common.checkpoint import save_checkpoint, state_dict_bytes
-from common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
-from common.envelope import read_header_unverified, seal_delta
-from common.fsutil import atomic_write_json, sha256_bytes
-from common.keys import init_keys, load_signing_private
-from common.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
-from common.manifest import Utterance, read_manifest, write_manifest
+from serforget.common.checkpoint import save_checkpoint, state_dict_bytes, state_sha256
+from serforget.common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
+from serforget.common.envelope import read_header_unverified, seal_delta
+from serforget.common.fsutil import atomic_write_json
+from serforget.common.keys import init_keys, load_signing_private
+from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
+from serforget.common.manifest import Utterance, read_manifest, write_manifest
 
 NODE_FORMAT_VERSION = 1
 
@@ -162,11 +162,6 @@ def load_forget_set(
     wanted = {u for r in requests for u in r.utt_ids}
     rows = [u for u in node.utterances() if u.utt_id in wanted and u.emotion in labels]
     return load_waveforms(rows, labels=labels, clip_seconds=clip_seconds)
-
-
-def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """Identity of a global model: the SHA-256 of its safetensors serialisation."""
-    return sha256_bytes(state_dict_bytes(state))
 
 
 def weight_delta(updated: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

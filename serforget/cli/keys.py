@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from common.keys import fingerprint, init_keys, load_signing_public
+    from serforget.common.keys import fingerprint, init_keys, load_signing_public
 
     paths = init_keys(key_dir=args.dir, role=args.role, suite=args.suite)
     print(f"signing key {paths.sign_public} (fingerprint {fingerprint(load_signing_public(paths.sign_public))})")
@@ -33,7 +33,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from common.keys import enroll_node, fingerprint, load_signing_public
+    from serforget.common.keys import enroll_node, fingerprint, load_signing_public
 
     enroll_node(registry_path=args.registry, node_id=args.node_id, public_key_path=args.public_key, replace=args.replace)
     print(f"enrolled {args.node_id} ({fingerprint(load_signing_public(args.public_key))})")

@@ -34,10 +34,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from common.checkpoint import state_dict_from_bytes
-from common.envelope import EnvelopeError, EnvelopeHeader, open_delta
-from common.fsutil import atomic_write_json
-from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private
+from serforget.common.checkpoint import state_dict_from_bytes
+from serforget.common.envelope import EnvelopeError, EnvelopeHeader, open_delta
+from serforget.common.fsutil import atomic_write_json
+from serforget.common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private
 
 
 class DeltaError(ValueError):
@@ -71,7 +71,7 @@ class ServerDir:
     def init(self) -> "ServerDir":
         """Create the keys if missing and re-sign the release index (repairs an index left behind
         by a crash between a publish's revocation and its index update)."""
-        from common.release import ReleaseRegistry
+        from serforget.common.release import ReleaseRegistry
 
         init_keys(key_dir=self.keys_dir, role="server")
         registry = ReleaseRegistry(self.releases)
@@ -81,7 +81,7 @@ class ServerDir:
 
     def _index_is_stale(self, registry) -> bool:
         """Whether the signed index misses a release or a revocation (read-only: takes no lock)."""
-        from common.keys import load_signing_public
+        from serforget.common.keys import load_signing_public
 
         if not registry.has_index():
             return True
@@ -107,8 +107,8 @@ class ServerDir:
 
     def save_importance(self, importance: Mapping[str, torch.Tensor]) -> None:
         """Keep the global importance map so a later unlearning-only run can apply the elastic rule."""
-        from common.checkpoint import state_dict_bytes
-        from common.fsutil import atomic_write_bytes
+        from serforget.common.checkpoint import state_dict_bytes
+        from serforget.common.fsutil import atomic_write_bytes
 
         atomic_write_bytes(self.importance_path, state_dict_bytes(importance))
 
@@ -208,7 +208,7 @@ def merge_deltas(
     strength: float,
 ) -> dict[str, torch.Tensor]:
     """New global weights: base + sum of (elastically constrained) deltas."""
-    from common.unlearning.elastic import elastic_constraint
+    from serforget.common.unlearning.elastic import elastic_constraint
 
     merged = {k: v.clone() for k, v in base.items()}
     for delta in deltas:
@@ -262,7 +262,7 @@ def gate_on_held_out(
 
 def applied_request_ids(releases: Path) -> set[str]:
     """Every request id that a published release applies (the registry is the source of truth)."""
-    from common.release import ReleaseRegistry
+    from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(releases)
     return {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
@@ -274,8 +274,8 @@ def latest_release_state(server: ServerDir):
     Lets a deployment resume from what it published (e.g. an unlearning-only run with
     ``num-rounds = 0``) instead of a fresh model.
     """
-    from common.keys import load_signing_public
-    from common.release import ReleaseRegistry
+    from serforget.common.keys import load_signing_public
+    from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(server.releases)
     manifest = registry.latest(public_key=load_signing_public(server.keys_dir / "sign.pub"))
@@ -314,8 +314,8 @@ def publish_release(
     """
     import tempfile
 
-    from common.checkpoint import save_checkpoint
-    from common.release import ReleaseRegistry
+    from serforget.common.checkpoint import save_checkpoint
+    from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(server.releases)
     version = max(registry.versions(), default=0) + 1
@@ -324,7 +324,7 @@ def publish_release(
                                provenance={"release_version": version, "parent": parent})
         files = {"model.safetensors": ckpt / "model.safetensors", "model.json": ckpt / "model.json"}
         if onnx:
-            from common.onnx_export import export_release_models
+            from serforget.common.onnx_export import export_release_models
 
             files.update(export_release_models(checkpoint_dir=ckpt, out_dir=Path(tmp) / "onnx", parity_manifest=eval_manifest,
                                                release_version=version, int8=True, max_ua_drop=int8_max_ua_drop))

@@ -1,7 +1,0 @@
-"""``python -m common`` runs the ``serforget`` CLI."""
-
-import sys
-
-from common.cli import main
-
-sys.exit(main())

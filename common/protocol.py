@@ -1,0 +1,11 @@
+"""Protocol constants both sides share: file names that cross hosts, and the names of the pins.
+
+Why one module: the device and the aggregator must agree on every name that travels between
+them or is written on one side and read on the other; a name spelled twice drifts.
+"""
+
+from __future__ import annotations
+
+#: File, under a node's ``keys/`` folder, holding the server's pinned HPKE public key: deltas are
+#: sealed to this key only, so a server that swaps keys cannot read a device's delta.
+SERVER_HPKE_PIN = "server_hpke.pub"
