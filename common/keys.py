@@ -233,6 +233,14 @@ def _read_key_file(path: Path, *, private: bool) -> bytes:
     return data
 
 
+def read_private_key_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a private key file, refused (:class:`KeyFileError`) if group or others may read it.
+
+    The one file-mode policy for every private key of the project (signing, HPKE, TLS, SuperNode).
+    """
+    return _read_key_file(Path(path), private=True)
+
+
 def _pem_blocks(path: Path, data: bytes) -> list[bytes]:
     """Split a file into PEM blocks, refusing any stray content between or around them."""
     blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data)]
@@ -449,7 +457,9 @@ def init_keys(*, key_dir: Path, role: Role, suite: str = SUITE_X25519, overwrite
         raise ValueError(f"role must be 'server' or 'node', got {role!r}")
     check_suite(suite)
     paths = _key_paths(Path(key_dir), role, suite)
-    Path(key_dir).mkdir(parents=True, exist_ok=True)
+    # the folder of private keys is the owner's alone (a 0755 folder lists them and their rotations)
+    Path(key_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(key_dir, 0o700)
     if overwrite or not _reuse_existing(paths, paths.sign_private, paths.sign_public, _check_signing_pair):
         _write_signing_pair(paths)
     if role == "server":

@@ -7,10 +7,17 @@ on the host named in its docstring (``deploy/README.md`` walks through it). Run 
     RUN/superlink/       state.db: runs and registered SuperNode keys (survives restarts)
     RUN/server/          the ServerApp's data dir (common.federation.ServerDir)
     RUN/devices/NAME/    one device's node data dir; keys/flwr_auth(.pub) = its SuperNode key
-    RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection
+    RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection (the Control API)
     RUN/registered.json  SuperNode public key -> Flower node id (format_version 1)
     RUN/pids/, RUN/logs/ see deploy.processes
     RUN/work/            the ServerApp's report (run config work-dir)
+
+Two endpoints (see ``deploy.superlink``): devices dial the Fleet API at ``host:port``; the
+operator's CLI and the ServerApp reach the Control and Runtime APIs at ``control_host:control_port``
+(loopback unless the operator chooses otherwise; remote operators use an SSH tunnel). Flower
+programs are started with umask 077 and the run directory's state, logs, PID files and the
+server dir are 0700 directories: the SuperLink's ``state.db`` and logs, and the ServerApp's
+keys, are readable by the service account only.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from common.manifest import Utterance, by_speaker, read_manifest
 from common.node import NodeDir, prepare_node_dir
 from common.simulation import SERVER_HPKE_PIN, node_id_for
 from deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
-from deploy.processes import ManagedProcess, ProcessTable
+from deploy.processes import ManagedProcess, ProcessTable, private_dir
 
 CONNECTION = "serforget"
 SUPERLINK = "superlink"
@@ -93,16 +100,28 @@ class Deployment:
     """Paths and endpoints of one deployment run directory (see the module docstring)."""
 
     root: Path
+    #: the Fleet API: the one endpoint devices reach
     host: str = "127.0.0.1"
     port: int = 9092
+    #: the Control and Runtime (ServerAppIo) APIs: the operator's CLI and the ServerApp only
+    control_host: str = "127.0.0.1"
+    control_port: int = 9093
 
     def __post_init__(self) -> None:
         # Flower's connection config and node config need absolute paths
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        if self.port == self.control_port:
+            raise ValueError(f"the Fleet port ({self.port}) and the Control API port ({self.control_port}) must differ")
 
     @property
     def address(self) -> str:
+        """The Fleet API address devices dial."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The Control API address of the operator's CLI (``$FLWR_HOME/config.toml``)."""
+        return f"{self.control_host}:{self.control_port}"
 
     @property
     def pki_dir(self) -> Path:
@@ -158,13 +177,19 @@ _tables: dict[Path, ProcessTable] = {}
 def create_pki(deployment: Deployment, *, hosts: Sequence[str]) -> ServerTLSFiles:
     """Operator host: the CA and the SuperLink certificate for the names devices dial."""
     ca = create_ca(out_dir=deployment.pki_dir)
-    return issue_server_certificate(ca=ca, out_dir=deployment.pki_dir, hosts=hosts)
+    # the CLI dials the Control API by its own address, so the certificate names it too
+    names = list(dict.fromkeys([*hosts, deployment.control_host]))
+    return issue_server_certificate(ca=ca, out_dir=deployment.pki_dir, hosts=names)
 
 
 def write_connection(deployment: Deployment, *, name: str = CONNECTION) -> Path:
-    """CLI host: ``$FLWR_HOME/config.toml`` with a TLS connection to the SuperLink as default."""
+    """CLI host: ``$FLWR_HOME/config.toml`` with a TLS connection to the Control API as default.
+
+    The Control API is not on the devices' Fleet port; from another host reach it through an SSH
+    tunnel (``ssh -L 9093:127.0.0.1:9093 superlink-host``) and keep this address.
+    """
     text = "\n".join(["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-                      f'address = "{deployment.address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
+                      f'address = "{deployment.control_address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
     return atomic_write_text(deployment.flwr_home / "config.toml", text)
 
 
@@ -216,16 +241,33 @@ def flwr(deployment: Deployment, args: Sequence[str], *, timeout: float) -> subp
         raise DeployError(f"`flwr {' '.join(args)}` did not finish within {timeout:.0f} s") from exc
 
 
-def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
-    """Server host: ``flower-superlink`` with TLS, SuperNode authentication and a state database."""
+def superlink_argv(deployment: Deployment) -> list[str]:
+    """Server host: the SuperLink command line (``deploy.superlink``: Fleet API alone on the devices' port)."""
     tls = deployment.tls
-    deployment.state_db.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
-            "--ssl-keyfile", str(tls.key), "--enable-supernode-auth", "--database", str(deployment.state_db),
-            "--host", deployment.host, "--port", str(deployment.port), "--disable-runtime-dependency-installation"]
-    process = deployment.processes.start(name=SUPERLINK, argv=_resolve(argv, deployment), env=deployment.env())
+    return [sys.executable, "-m", "deploy.superlink", "--fleet-host", deployment.host, "--fleet-port", str(deployment.port),
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth", "--database", str(deployment.state_db),
+            "--host", deployment.control_host, "--port", str(deployment.control_port),
+            "--disable-runtime-dependency-installation"]
+
+
+def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
+    """Server host: the SuperLink with TLS, SuperNode authentication and a state database.
+
+    Its state directory is 0700 and ``state.db`` 0600 (a database left 0644 by an older
+    version is tightened); the process runs with umask 077 (``ProcessTable.start``).
+    """
+    private_dir(deployment.state_db.parent)
+    if deployment.state_db.exists():
+        os.chmod(deployment.state_db, 0o600)
+    env = deployment.env()
+    # the launcher must be this checkout's deploy package, whatever is installed
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    process = deployment.processes.start(name=SUPERLINK, argv=superlink_argv(deployment), env=env)
     deadline = time.monotonic() + timeout
-    wait_for_port(deployment.host, deployment.port, timeout=timeout, process=process)
+    wait_for_port(deployment.control_host, deployment.control_port, timeout=timeout, process=process)
+    wait_for_port(deployment.host, deployment.port, timeout=max(deadline - time.monotonic(), 1.0), process=process)
     # an open port is not a ready Control API (a restart on an existing state database takes longer)
     _poll_superlink(deployment, lambda nodes: True, deadline=deadline, what="the SuperLink's Control API to answer")
     return process
@@ -410,6 +452,8 @@ def up(deployment: Deployment, *, manifest: Path, ports: Sequence[int], online_t
 
     Idempotent on disk; processes already running (PID files) are an error, not a second copy.
     """
+    private_dir(deployment.root)
+    private_dir(deployment.server.root)
     create_pki(deployment, hosts=[deployment.host, "localhost"])
     write_connection(deployment)
     devices = provision_devices(deployment, manifest=manifest, ports=ports)
