@@ -42,7 +42,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from common.checkpoint import state_dict_from_bytes
-from common.envelope import EnvelopeError, EnvelopeHeader, open_delta
+from common.envelope import EnvelopeError, EnvelopeHeader, open_delta, read_header_unverified
 from common.fsutil import atomic_write_json
 
 #: How old an envelope may be (``created_at``) and how far ahead of the server clock, when opened.
@@ -57,7 +57,7 @@ OWNERS_FORMAT_VERSION = 1
 
 class ServerStateError(ValueError):
     """A server state file (``seen.json``, ``request_owners.json``) is malformed; the message names it."""
-from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private
+from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private, revoked_nodes
 
 
 class DeltaError(ValueError):
@@ -120,6 +120,10 @@ class ServerDir:
 
     def node_keys(self) -> dict:
         return load_enrolled_nodes(self.nodes_registry) if self.nodes_registry.exists() else {}
+
+    def revoked_nodes(self) -> set[str]:
+        """Node ids revoked with ``serforget keys revoke`` (and not enrolled again with a new key)."""
+        return revoked_nodes(self.nodes_registry)
 
     @property
     def importance_path(self) -> Path:
@@ -286,8 +290,12 @@ def open_and_check(
     own keys are loaded first, outside that net: a broken server is not a node's fault.
     """
     start = time.perf_counter()
-    hpke_private, node_keys = server.hpke_private(), server.node_keys()
+    hpke_private, node_keys, revoked = server.hpke_private(), server.node_keys(), server.revoked_nodes()
     try:
+        # a revoked node is no longer in node_keys; name the reason instead of "unknown-node"
+        named = read_header_unverified(envelope).node_id
+        if named in revoked:
+            raise DeltaError("revoked", f"node {named!r} was revoked (serforget keys revoke)")
         header, payload = open_delta(
             envelope=envelope, server_hpke_private=hpke_private, node_keys=node_keys,
             expected_base_version=base_version, expected_base_sha256=base_sha256, seen_ids=seen,

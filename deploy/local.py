@@ -311,6 +311,54 @@ def register_supernode(deployment: Deployment, *, public_key: Path, timeout: flo
     return node_id
 
 
+def unregister_supernode(deployment: Deployment, *, public_key: Path, timeout: float = 60.0) -> int | None:
+    """Operator (CLI host): ``flwr supernode unregister ID CONNECTION`` for a registered key.
+
+    The SuperLink then refuses that key (its SuperNode cannot connect again). Returns the Flower
+    node id that was unregistered, or None if this deployment never registered the key.
+    """
+    fingerprint = sha256_file(public_key)
+    known = _registrations(deployment)
+    if fingerprint not in known:
+        return None
+    node_id = int(known[fingerprint]["flower_node_id"])
+    out = flwr(deployment, ["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"], timeout=timeout)
+    try:
+        ok = json.loads(out.stdout).get("success") is True
+    except (json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise DeployError(f"unregistering {public_key} (Flower node {node_id}) failed:\n{out.stdout}\n{out.stderr}")
+    del known[fingerprint]
+    atomic_write_json(deployment.registry_path, {"format_version": REGISTRY_FORMAT_VERSION, "nodes": known})
+    return node_id
+
+
+def device_of_node(deployment: Deployment, node_id: str) -> Device:
+    """The provisioned device (``RUN/devices/NAME``) whose node data dir holds ``node_id``."""
+    for data_dir in sorted((deployment.root / "devices").glob("*/")):
+        if (data_dir / "node.json").exists() and NodeDir(data_dir).node_id == node_id:
+            return deployment.device(data_dir.name, port=0)
+    raise DeployError(f"{deployment.root / 'devices'}: no device holds node {node_id!r}")
+
+
+def revoke_device(deployment: Deployment, node_id: str, *, timeout: float = 60.0) -> int | None:
+    """Operator: revoke a device everywhere this deployment trusts it.
+
+    Its signing key leaves the server's ``nodes.json`` (``common.keys.revoke_node``: its envelopes
+    are refused), its SuperNode key is unregistered from the SuperLink, and its SuperNode is
+    stopped if this machine runs it. Returns the Flower node id that was unregistered.
+    """
+    from common.keys import revoke_node
+
+    device = device_of_node(deployment, node_id)
+    if node_id in deployment.server.node_keys():
+        revoke_node(registry_path=deployment.server.nodes_registry, node_id=node_id)
+    flower_id = unregister_supernode(deployment, public_key=device.auth_key.public, timeout=timeout)
+    deployment.processes.stop(device.process_name)
+    return flower_id
+
+
 def supernode_argv(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> list[str]:
     """Device host: the ``flower-supernode`` command line of one device."""
     config = f"speaker-id='{device.node.info()['speaker']}' data-dir='{device.data_dir.resolve()}'"

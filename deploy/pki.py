@@ -162,6 +162,7 @@ def issue_server_certificate(*, ca: CAFiles, out_dir: Path, hosts: Sequence[str]
     if files.cert.exists() and files.key.exists():
         existing = _load_certificate(files.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if set(wanted) <= set(existing):
+            _load_pem_private_key(files.key)  # reused as it is: still under the private-key policy
             return files
     ca_cert, ca_key = _load_certificate(ca.cert), _load_pem_private_key(ca.key)
     key = _load_pem_private_key(files.key) if files.key.exists() else ec.generate_private_key(ec.SECP384R1())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import (CONNECTION, Deployment, create_pki, down, flwr, free_port, register_supernode, start_superlink,
-                          write_connection)
+                          unregister_supernode, write_connection)
 from deploy.pki import create_node_auth_key
 from deploy.superlink import FleetOnlySocket, fleet_paths
 
@@ -80,11 +80,18 @@ def test_control_api_is_not_reachable_with_only_the_ca_certificate(tmp_path: Pat
 
         # the operator, on the local Control API, can do both
         operator_key = create_node_auth_key(out_dir=tmp_path / "device-keys")
-        assert register_supernode(deployment, public_key=operator_key.public) > 0
+        flower_id = register_supernode(deployment, public_key=operator_key.public)
+        assert flower_id > 0
         started = _json(flwr(deployment, ["run", str(APP), CONNECTION, "--format", "json", "--run-config",
                                           "mode='deployment' num-rounds=0 round-timeout=1.0"], timeout=180))
         assert started.get("success") is True and int(started["run-id"]) > 0, started
         flwr(deployment, ["stop", str(started["run-id"]), CONNECTION], timeout=60)
+
+        # revoke (serforget keys revoke --deployment): the operator unregisters the device's SuperNode key
+        assert unregister_supernode(deployment, public_key=operator_key.public) == flower_id
+        listed = _json(flwr(deployment, ["supernode", "list", CONNECTION, "--format", "json"], timeout=60))
+        assert [n["status"] for n in listed["nodes"] if int(n["node-id"]) == flower_id] == ["unregistered"], listed
+        assert unregister_supernode(deployment, public_key=operator_key.public) is None  # no longer registered here
 
         # what a run could read if it were started by someone else: private files in private folders
         keys = deployment.server.keys_dir
