@@ -44,6 +44,7 @@ import torch
 from common.checkpoint import state_dict_from_bytes
 from common.envelope import EnvelopeError, EnvelopeHeader, open_delta, read_header_unverified
 from common.fsutil import atomic_write_json
+from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private, revoked_nodes
 
 #: How old an envelope may be (``created_at``) and how far ahead of the server clock, when opened.
 ENVELOPE_MAX_AGE_S = 3600.0
@@ -57,7 +58,6 @@ OWNERS_FORMAT_VERSION = 1
 
 class ServerStateError(ValueError):
     """A server state file (``seen.json``, ``request_owners.json``) is malformed; the message names it."""
-from common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private, revoked_nodes
 
 
 class DeltaError(ValueError):
