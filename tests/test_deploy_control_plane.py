@@ -145,3 +145,14 @@ def test_control_api_paths_are_refused_on_the_fleet_socket_only() -> None:
 def test_control_api_port_must_differ_from_the_fleet_port(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must differ"):
         Deployment(tmp_path, port=9092, control_port=9092)
+
+
+def test_control_api_launcher_finds_the_flower_internals_it_builds_on() -> None:
+    """``deploy.superlink`` reuses flwr 1.41's parser, lifespan and app factory: an upgrade that moves them fails here."""
+    import importlib
+
+    from flwr.superlink.main import create_app
+
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    assert callable(module._parse_superlink_lifespan_config) and isinstance(module.SuperLinkLifespan, type)
+    assert callable(create_app)
