@@ -37,6 +37,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,6 +232,14 @@ def _read_key_file(path: Path, *, private: bool) -> bytes:
             "run chmod 600 on it"
         )
     return data
+
+
+def read_private_key_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a private key file, refused (:class:`KeyFileError`) if group or others may read it.
+
+    The one file-mode policy for every private key of the project (signing, HPKE, TLS, SuperNode).
+    """
+    return _read_key_file(Path(path), private=True)
 
 
 def _pem_blocks(path: Path, data: bytes) -> list[bytes]:
@@ -449,7 +458,9 @@ def init_keys(*, key_dir: Path, role: Role, suite: str = SUITE_X25519, overwrite
         raise ValueError(f"role must be 'server' or 'node', got {role!r}")
     check_suite(suite)
     paths = _key_paths(Path(key_dir), role, suite)
-    Path(key_dir).mkdir(parents=True, exist_ok=True)
+    # the folder of private keys is the owner's alone (a 0755 folder lists them and their rotations)
+    Path(key_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(key_dir, 0o700)
     if overwrite or not _reuse_existing(paths, paths.sign_private, paths.sign_public, _check_signing_pair):
         _write_signing_pair(paths)
     if role == "server":
@@ -506,6 +517,47 @@ def _read_registry(
     return nodes, keys
 
 
+def _read_revoked(registry_path: Path) -> dict[str, dict]:
+    """Revoked key fingerprint -> ``{"node_id", "revoked_at"}`` (absent field: none revoked)."""
+    document = json.loads(registry_path.read_text(encoding="utf-8"))  # _read_registry validated it
+    revoked = document.get("revoked", {})
+    if not isinstance(revoked, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("node_id"), str) for v in revoked.values()):
+        raise KeyFileError(f"{registry_path}: field 'revoked' must map fingerprints to {{'node_id', 'revoked_at'}}")
+    return revoked
+
+
+def revoked_nodes(registry_path: str | os.PathLike[str]) -> set[str]:
+    """Node ids whose key was revoked and that hold no new key since (their envelopes are refused)."""
+    registry = Path(registry_path)
+    if not registry.exists():
+        return set()
+    nodes, _ = _read_registry(registry)
+    return {entry["node_id"] for entry in _read_revoked(registry).values()} - set(nodes)
+
+
+def revoke_node(*, registry_path: Path, node_id: str) -> str:
+    """Stop trusting ``node_id``'s signing key: it leaves the registry and may never be enrolled again.
+
+    For a lost, stolen or misbehaving device. The server refuses its envelopes from then on
+    (``revoked``). Its key's fingerprint is kept under ``revoked`` so the same key cannot be
+    enrolled again, for this or any node id; the node id itself may later be enrolled with a
+    new key (a replacement device). Returns the revoked key's fingerprint.
+    """
+    _check_node_id(node_id)
+    registry = Path(registry_path)
+    with _registry_lock(registry):
+        nodes = _read_registry(registry)[0]
+        if node_id not in nodes:
+            raise EnrollmentError(f"{registry}: node {node_id!r} is not enrolled")
+        revoked = _read_revoked(registry)
+        entry = nodes.pop(node_id)
+        revoked[entry["fingerprint"]] = {"node_id": node_id, "revoked_at": time.time()}
+        atomic_write_json(registry, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "nodes": nodes,
+                                     "revoked": revoked})
+    return entry["fingerprint"]
+
+
 def _check_registry_entry(registry_path: Path, node_id: str, entry: object) -> ed25519.Ed25519PublicKey:
     where = f"{registry_path}: nodes[{node_id!r}]"
     try:
@@ -553,6 +605,10 @@ def enroll_node(
     entry = {"fingerprint": fingerprint(key), "public_key_pem": _public_pem(key).decode("ascii")}
     with _registry_lock(registry):
         nodes = _read_registry(registry)[0] if registry.exists() else {}
+        revoked = _read_revoked(registry) if registry.exists() else {}
+        if entry["fingerprint"] in revoked:
+            raise EnrollmentError(f"{registry}: key {entry['fingerprint']} from {public_key_path} was revoked "
+                                  f"(node {revoked[entry['fingerprint']]['node_id']!r}); enroll a new key")
         current = nodes.get(node_id)
         if current == entry:
             return
@@ -567,4 +623,5 @@ def enroll_node(
                     f"{registry}: key {entry['fingerprint']} from {public_key_path} is already enrolled for node {other_id!r}"
                 )
         nodes[node_id] = entry
-        atomic_write_json(registry, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "nodes": nodes})
+        document = {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "nodes": nodes}
+        atomic_write_json(registry, {**document, "revoked": revoked} if revoked else document)

@@ -7,10 +7,17 @@ on the host named in its docstring (``deploy/README.md`` walks through it). Run 
     RUN/superlink/       state.db: runs and registered SuperNode keys (survives restarts)
     RUN/server/          the ServerApp's data dir (serforget.server.federation.ServerDir)
     RUN/devices/NAME/    one device's node data dir; keys/flwr_auth(.pub) = its SuperNode key
-    RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection
+    RUN/flwr-home/       $FLWR_HOME of the CLI: config.toml with the connection (the Control API)
     RUN/registered.json  SuperNode public key -> Flower node id (format_version 1)
     RUN/pids/, RUN/logs/ see deploy.processes
     RUN/work/            the ServerApp's report (run config work-dir)
+
+Two endpoints (see ``serforget.deploy.superlink``): devices dial the Fleet API at ``host:port``; the
+operator's CLI and the ServerApp reach the Control and Runtime APIs at ``control_host:control_port``
+(loopback unless the operator chooses otherwise; remote operators use an SSH tunnel). Flower
+programs are started with umask 077 and the run directory's state, logs, PID files and the
+server dir are 0700 directories: the SuperLink's ``state.db`` and logs, and the ServerApp's
+keys, are readable by the service account only.
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256
 from serforget.server.federation import ServerDir
 from serforget.common.manifest import Utterance, by_speaker, read_manifest
 from serforget.client.node import NodeDir, prepare_node_dir
-from serforget.common.protocol import SERVER_HPKE_PIN
 from serforget.server.simulation import node_id_for
+from serforget.common.protocol import SERVER_HPKE_PIN
 from serforget.deploy.flwr_program import flwr_env, run_config_text
 from serforget.deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
-from serforget.deploy.processes import ManagedProcess, ProcessTable
+from serforget.deploy.processes import ManagedProcess, ProcessTable, private_dir
 
 CONNECTION = "serforget"
 SUPERLINK = "superlink"
@@ -95,16 +102,28 @@ class Deployment:
     """Paths and endpoints of one deployment run directory (see the module docstring)."""
 
     root: Path
+    #: the Fleet API: the one endpoint devices reach
     host: str = "127.0.0.1"
     port: int = 9092
+    #: the Control and Runtime (ServerAppIo) APIs: the operator's CLI and the ServerApp only
+    control_host: str = "127.0.0.1"
+    control_port: int = 9093
 
     def __post_init__(self) -> None:
         # Flower's connection config and node config need absolute paths
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        if self.port == self.control_port:
+            raise ValueError(f"the Fleet port ({self.port}) and the Control API port ({self.control_port}) must differ")
 
     @property
     def address(self) -> str:
+        """The Fleet API address devices dial."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The Control API address of the operator's CLI (``$FLWR_HOME/config.toml``)."""
+        return f"{self.control_host}:{self.control_port}"
 
     @property
     def pki_dir(self) -> Path:
@@ -157,13 +176,19 @@ _tables: dict[Path, ProcessTable] = {}
 def create_pki(deployment: Deployment, *, hosts: Sequence[str]) -> ServerTLSFiles:
     """Operator host: the CA and the SuperLink certificate for the names devices dial."""
     ca = create_ca(out_dir=deployment.pki_dir)
-    return issue_server_certificate(ca=ca, out_dir=deployment.pki_dir, hosts=hosts)
+    # the CLI dials the Control API by its own address, so the certificate names it too
+    names = list(dict.fromkeys([*hosts, deployment.control_host]))
+    return issue_server_certificate(ca=ca, out_dir=deployment.pki_dir, hosts=names)
 
 
 def write_connection(deployment: Deployment, *, name: str = CONNECTION) -> Path:
-    """CLI host: ``$FLWR_HOME/config.toml`` with a TLS connection to the SuperLink as default."""
+    """CLI host: ``$FLWR_HOME/config.toml`` with a TLS connection to the Control API as default.
+
+    The Control API is not on the devices' Fleet port; from another host reach it through an SSH
+    tunnel (``ssh -L 9093:127.0.0.1:9093 superlink-host``) and keep this address.
+    """
     text = "\n".join(["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-                      f'address = "{deployment.address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
+                      f'address = "{deployment.control_address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
     return atomic_write_text(deployment.flwr_home / "config.toml", text)
 
 
@@ -215,16 +240,33 @@ def flwr(deployment: Deployment, args: Sequence[str], *, timeout: float) -> subp
         raise DeployError(f"`flwr {' '.join(args)}` did not finish within {timeout:.0f} s") from exc
 
 
-def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
-    """Server host: ``flower-superlink`` with TLS, SuperNode authentication and a state database."""
+def superlink_argv(deployment: Deployment) -> list[str]:
+    """Server host: the SuperLink command line (``serforget.deploy.superlink``: Fleet API alone on the devices' port)."""
     tls = deployment.tls
-    deployment.state_db.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
-            "--ssl-keyfile", str(tls.key), "--enable-supernode-auth", "--database", str(deployment.state_db),
-            "--host", deployment.host, "--port", str(deployment.port), "--disable-runtime-dependency-installation"]
-    process = deployment.processes.start(name=SUPERLINK, argv=_resolve(argv, deployment), env=deployment.env())
+    return [sys.executable, "-m", "serforget.deploy.superlink", "--fleet-host", deployment.host, "--fleet-port", str(deployment.port),
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth", "--database", str(deployment.state_db),
+            "--host", deployment.control_host, "--port", str(deployment.control_port),
+            "--disable-runtime-dependency-installation"]
+
+
+def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
+    """Server host: the SuperLink with TLS, SuperNode authentication and a state database.
+
+    Its state directory is 0700 and ``state.db`` 0600 (a database left 0644 by an older
+    version is tightened); the process runs with umask 077 (``ProcessTable.start``).
+    """
+    private_dir(deployment.state_db.parent)
+    if deployment.state_db.exists():
+        os.chmod(deployment.state_db, 0o600)
+    env = deployment.env()
+    # the launcher must be this checkout's deploy package, whatever is installed
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    process = deployment.processes.start(name=SUPERLINK, argv=superlink_argv(deployment), env=env)
     deadline = time.monotonic() + timeout
-    wait_for_port(deployment.host, deployment.port, timeout=timeout, process=process)
+    wait_for_port(deployment.control_host, deployment.control_port, timeout=timeout, process=process)
+    wait_for_port(deployment.host, deployment.port, timeout=max(deadline - time.monotonic(), 1.0), process=process)
     # an open port is not a ready Control API (a restart on an existing state database takes longer)
     _poll_superlink(deployment, lambda nodes: True, deadline=deadline, what="the SuperLink's Control API to answer")
     return process
@@ -266,6 +308,54 @@ def register_supernode(deployment: Deployment, *, public_key: Path, timeout: flo
     known[fingerprint] = {"public_key": str(public_key), "flower_node_id": node_id}
     atomic_write_json(deployment.registry_path, {"format_version": REGISTRY_FORMAT_VERSION, "nodes": known})
     return node_id
+
+
+def unregister_supernode(deployment: Deployment, *, public_key: Path, timeout: float = 60.0) -> int | None:
+    """Operator (CLI host): ``flwr supernode unregister ID CONNECTION`` for a registered key.
+
+    The SuperLink then refuses that key (its SuperNode cannot connect again). Returns the Flower
+    node id that was unregistered, or None if this deployment never registered the key.
+    """
+    fingerprint = sha256_file(public_key)
+    known = _registrations(deployment)
+    if fingerprint not in known:
+        return None
+    node_id = int(known[fingerprint]["flower_node_id"])
+    out = flwr(deployment, ["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"], timeout=timeout)
+    try:
+        ok = json.loads(out.stdout).get("success") is True
+    except (json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise DeployError(f"unregistering {public_key} (Flower node {node_id}) failed:\n{out.stdout}\n{out.stderr}")
+    del known[fingerprint]
+    atomic_write_json(deployment.registry_path, {"format_version": REGISTRY_FORMAT_VERSION, "nodes": known})
+    return node_id
+
+
+def device_of_node(deployment: Deployment, node_id: str) -> Device:
+    """The provisioned device (``RUN/devices/NAME``) whose node data dir holds ``node_id``."""
+    for data_dir in sorted((deployment.root / "devices").glob("*/")):
+        if (data_dir / "node.json").exists() and NodeDir(data_dir).node_id == node_id:
+            return deployment.device(data_dir.name, port=0)
+    raise DeployError(f"{deployment.root / 'devices'}: no device holds node {node_id!r}")
+
+
+def revoke_device(deployment: Deployment, node_id: str, *, timeout: float = 60.0) -> int | None:
+    """Operator: revoke a device everywhere this deployment trusts it.
+
+    Its signing key leaves the server's ``nodes.json`` (``serforget.common.keys.revoke_node``: its envelopes
+    are refused), its SuperNode key is unregistered from the SuperLink, and its SuperNode is
+    stopped if this machine runs it. Returns the Flower node id that was unregistered.
+    """
+    from serforget.common.keys import revoke_node
+
+    device = device_of_node(deployment, node_id)
+    if node_id in deployment.server.node_keys():
+        revoke_node(registry_path=deployment.server.nodes_registry, node_id=node_id)
+    flower_id = unregister_supernode(deployment, public_key=device.auth_key.public, timeout=timeout)
+    deployment.processes.stop(device.process_name)
+    return flower_id
 
 
 def supernode_argv(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> list[str]:
@@ -402,6 +492,8 @@ def up(deployment: Deployment, *, manifest: Path, ports: Sequence[int], online_t
 
     Idempotent on disk; processes already running (PID files) are an error, not a second copy.
     """
+    private_dir(deployment.root)
+    private_dir(deployment.server.root)
     create_pki(deployment, hosts=[deployment.host, "localhost"])
     write_connection(deployment)
     devices = provision_devices(deployment, manifest=manifest, ports=ports)

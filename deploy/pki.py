@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from serforget.common.fsutil import atomic_write_bytes
+from serforget.common.keys import KeyFileError, read_private_key_file
 
 #: Validity of the CA and of the SuperLink certificate; long enough for a study, short enough
 #: that a forgotten deployment does not trust its CA forever.
@@ -76,11 +77,20 @@ def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey, *, openssh: 
     atomic_write_bytes(path, data, mode=0o600)
 
 
-def _load_pem_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def _read_private(path: Path) -> bytes:
+    """A private key's bytes under common.keys' policy: a file group/others may read is refused."""
+    if not path.exists():
+        raise PKIError(f"{path}: private key missing")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise PKIError(f"{path}: private key missing") from None
+        return read_private_key_file(path)
+    except KeyFileError as exc:
+        raise PKIError(str(exc)) from None
+
+
+def _load_pem_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    data = _read_private(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise PKIError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -152,6 +162,7 @@ def issue_server_certificate(*, ca: CAFiles, out_dir: Path, hosts: Sequence[str]
     if files.cert.exists() and files.key.exists():
         existing = _load_certificate(files.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if set(wanted) <= set(existing):
+            _load_pem_private_key(files.key)  # reused as it is: still under the private-key policy
             return files
     ca_cert, ca_key = _load_certificate(ca.cert), _load_pem_private_key(ca.key)
     key = _load_pem_private_key(files.key) if files.key.exists() else ec.generate_private_key(ec.SECP384R1())
@@ -181,6 +192,7 @@ def create_node_auth_key(*, out_dir: Path, name: str = "flwr_auth") -> NodeAuthK
     out_dir = Path(out_dir)
     files = NodeAuthKey(out_dir / name, out_dir / f"{name}.pub")
     if files.private.exists() and files.public.exists():
+        _read_private(files.private)
         load_node_auth_public(files.public)
         return files
     key = ec.generate_private_key(ec.SECP384R1())

@@ -11,6 +11,10 @@ and only processes that started no earlier than the leader (never a recycled PID
 PID file (``RUN/pids/NAME.json``, atomic, ``format_version`` 1)::
 
     {"format_version": 1, "name": ..., "pid": ..., "start_ticks": ..., "argv": [...], "log": ...}
+
+Programs start with umask 077 and their logs are 0600 in a 0700 folder: the SuperLink's state
+database, its logs (which name runs and nodes) and whatever a ServerApp writes stay readable by
+the service account only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ from typing import Mapping, Sequence
 from serforget.common.fsutil import atomic_write_json
 
 PIDFILE_FORMAT_VERSION = 1
+#: what started programs may not grant: group and others get nothing
+PROCESS_UMASK = 0o077
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700, also when it already existed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
 
 
 class ProcessError(RuntimeError):
@@ -133,11 +147,14 @@ class ProcessTable:
         existing = self.get(name)
         if existing is not None and existing.is_running():
             raise ProcessError(f"{name} is already running (pid {existing.pid}, {self._pidfile(name)})")
-        self.logs.mkdir(parents=True, exist_ok=True)
+        private_dir(self.logs)
+        private_dir(self.dir)
         log = self.logs / f"{name}.log"
-        with open(log, "ab") as out:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # a log left 0644 by an older version is tightened
+        with os.fdopen(fd, "ab") as out:
             child = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, umask=PROCESS_UMASK)
         ticks = start_ticks(child.pid)
         if ticks is None:
             child.wait()

@@ -19,7 +19,7 @@ from serforget.common.settings import RunSettings
 from serforget.server.report import build_report
 from serforget.server.scenario import Scenario
 from serforget.server.strategy import ImportanceFedAvg
-from serforget.server.unlearning_round import announce_release, run_unlearning_round
+from serforget.server.unlearning_round import announce_release, retry_by_node, run_unlearning_round
 
 app = ServerApp()
 log = logging.getLogger("serforget.server")
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
                                       reason="applies deletion requests " + ", ".join(outcome.applied_request_ids), **release)
     final_state = outcome.merged if outcome.merged is not None else trained
     applied = sorted(applied_request_ids(scenario.server.releases))
-    retry = [rid for rs in outcome.pending.values() for rid in rs if rid not in applied]
+    retry = retry_by_node(outcome, set(applied))
     release_replies = announce_release(grid, cfg=cfg, state=final_state, version=(v_unlearned or v_trained).version,
                                        applied=applied, retry=retry)
     report = build_report(scenario=scenario, requests=requests, outcome=outcome, trained=trained, final=final_state,

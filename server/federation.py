@@ -5,13 +5,20 @@ The ServerApp in ``server/`` is glue around these functions. Server data directo
     SERVER/keys/            sign.key/.pub (Ed25519, releases) + hpke.key/.pub (X25519 HPKE)
     SERVER/nodes.json       enrolled node signing keys (common.keys registry)
     SERVER/importance.safetensors  global MAS importance map (example-weighted mean of the nodes')
-    SERVER/seen.json        envelope ids already accepted (replay protection, atomic)
+    SERVER/seen.json        envelope ids already accepted and when (replay protection, atomic;
+                            entries older than the envelope freshness window are pruned)
+    SERVER/request_owners.json  request id -> the node that first reported it (atomic)
     SERVER/releases/        the signed, append-only release registry (common.release)
 
 Rules (also in README):
 - a delta is accepted only if its envelope verifies (common.envelope) and it fits the global
-  model: same tensor names and shapes, finite values, and a global L2 norm at most
+  model: same tensor names, shapes and dtypes, finite values, and a global L2 norm at most
   ``max_delta_ratio`` x the norm of the global weights;
+- a request id belongs to the node that first reported it (``query.pending`` or its first
+  accepted envelope); an envelope naming another node's id, or an id another delta of the same
+  round already names, is refused (that delta only);
+- whatever goes wrong while opening or checking one node's delta is that delta's verdict; the
+  round goes on with the others;
 - several accepted deltas of one round are **summed**: forget sets of different nodes are
   disjoint, each delta removes one node's recordings, and removing all of them is the sum of
   the removals (averaging would remove only 1/k of each);
@@ -35,9 +42,22 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from serforget.common.checkpoint import state_dict_from_bytes
-from serforget.common.envelope import EnvelopeError, EnvelopeHeader, open_delta
+from serforget.common.envelope import EnvelopeError, EnvelopeHeader, open_delta, read_header_unverified
 from serforget.common.fsutil import atomic_write_json
-from serforget.common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private
+from serforget.common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private, revoked_nodes
+
+#: How old an envelope may be (``created_at``) and how far ahead of the server clock, when opened.
+ENVELOPE_MAX_AGE_S = 3600.0
+ENVELOPE_MAX_SKEW_S = 300.0
+#: An accepted envelope id must be remembered this long after acceptance; any later replay of it
+#: is refused as ``expired`` by the freshness check, so the entry can go.
+REPLAY_WINDOW_S = ENVELOPE_MAX_AGE_S + ENVELOPE_MAX_SKEW_S
+SEEN_FORMAT_VERSION = 2
+OWNERS_FORMAT_VERSION = 1
+
+
+class ServerStateError(ValueError):
+    """A server state file (``seen.json``, ``request_owners.json``) is malformed; the message names it."""
 
 
 class DeltaError(ValueError):
@@ -101,6 +121,10 @@ class ServerDir:
     def node_keys(self) -> dict:
         return load_enrolled_nodes(self.nodes_registry) if self.nodes_registry.exists() else {}
 
+    def revoked_nodes(self) -> set[str]:
+        """Node ids revoked with ``serforget keys revoke`` (and not enrolled again with a new key)."""
+        return revoked_nodes(self.nodes_registry)
+
     @property
     def importance_path(self) -> Path:
         return self.root / "importance.safetensors"
@@ -117,15 +141,89 @@ class ServerDir:
             return None
         return state_dict_from_bytes(self.importance_path.read_bytes(), source=str(self.importance_path))
 
-    def seen_ids(self) -> set[str]:
+    def _read_state(self, path: Path, version: int, field_name: str) -> dict | None:
+        """A JSON object ``{"format_version": version, field_name: {str: ...}}``, or None if absent."""
         try:
-            return set(json.loads(self.seen_path.read_text())["envelope_ids"])
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
-            return set()
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ServerStateError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("format_version") != version:
+            found = raw.get("format_version") if isinstance(raw, dict) else type(raw).__name__
+            raise ServerStateError(f"{path}: expected format_version {version}, found {found!r}")
+        entries = raw.get(field_name)
+        if not isinstance(entries, dict) or not all(isinstance(k, str) for k in entries):
+            raise ServerStateError(f"{path}: field {field_name!r} must be an object keyed by id")
+        return entries
 
-    def remember(self, envelope_ids: Sequence[str]) -> None:
-        """Persist accepted envelope ids before the release that applies them is published."""
-        atomic_write_json(self.seen_path, {"format_version": 1, "envelope_ids": sorted(self.seen_ids() | set(envelope_ids))})
+    def seen_envelopes(self) -> dict[str, float]:
+        """Accepted envelope id -> Unix time it was accepted.
+
+        A version-1 file (ids without times) is read as accepted now, so its ids are kept one
+        more full window before pruning.
+        """
+        try:
+            raw = json.loads(self.seen_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ServerStateError(f"{self.seen_path}: unreadable ({exc})") from None
+        if isinstance(raw, dict) and raw.get("format_version") == 1:
+            ids = raw.get("envelope_ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ServerStateError(f"{self.seen_path}: field 'envelope_ids' must be a list of strings")
+            return dict.fromkeys(ids, time.time())
+        entries = self._read_state(self.seen_path, SEEN_FORMAT_VERSION, "envelopes") or {}
+        for envelope_id, when in entries.items():
+            if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+                raise ServerStateError(f"{self.seen_path}: envelopes[{envelope_id!r}] must be a Unix time, got {when!r}")
+        return {k: float(v) for k, v in entries.items()}
+
+    def seen_ids(self) -> set[str]:
+        return set(self.seen_envelopes())
+
+    def remember(self, envelope_ids: Sequence[str], *, now: float | None = None) -> None:
+        """Persist accepted envelope ids before the release that applies them is published.
+
+        Entries accepted more than :data:`REPLAY_WINDOW_S` ago are dropped in the same atomic
+        write: an envelope that old is refused as ``expired`` before the replay list matters.
+        """
+        now = time.time() if now is None else now
+        kept = {k: v for k, v in self.seen_envelopes().items() if now - v <= REPLAY_WINDOW_S}
+        kept.update(dict.fromkeys(envelope_ids, now))
+        atomic_write_json(self.seen_path, {"format_version": SEEN_FORMAT_VERSION, "envelopes": kept})
+
+    @property
+    def request_owners_path(self) -> Path:
+        return self.root / "request_owners.json"
+
+    def request_owners(self) -> dict[str, str]:
+        """Request id -> enrolled node id that first reported it."""
+        entries = self._read_state(self.request_owners_path, OWNERS_FORMAT_VERSION, "owners") or {}
+        for request_id, owner in entries.items():
+            if not isinstance(owner, str) or not owner:
+                raise ServerStateError(f"{self.request_owners_path}: owners[{request_id!r}] must be a node id, got {owner!r}")
+        return dict(entries)
+
+    def bind_requests(self, claims: Mapping[str, Sequence[str]]) -> dict[str, str]:
+        """Bind each request id not yet owned to the node claiming it; returns the owners after.
+
+        ``claims`` is node id -> request ids it reports. An unowned id claimed by two nodes at
+        once is bound to neither (logged by the caller as contested); an owned id never moves.
+        Written atomically (a crash leaves the old or the new bindings, never a mix) and before
+        any delta for the ids is asked for, so a restart keeps who owns what.
+        """
+        owners = self.request_owners()
+        claimants: dict[str, set[str]] = {}
+        for node_id, request_ids in claims.items():
+            for request_id in request_ids:
+                claimants.setdefault(request_id, set()).add(node_id)
+        new = {rid: next(iter(nodes)) for rid, nodes in claimants.items() if rid not in owners and len(nodes) == 1}
+        if new:
+            owners.update(new)
+            atomic_write_json(self.request_owners_path, {"format_version": OWNERS_FORMAT_VERSION, "owners": owners})
+        return owners
 
 
 def check_delta(delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *, max_delta_ratio: float) -> float:
@@ -138,6 +236,9 @@ def check_delta(delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
     for name, tensor in delta.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise DeltaError("wrong-shape", f"{name}: {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+        # the model's own dtype only: exotic ones (float8, complex) break the checks below
+        if tensor.dtype != expected[name].dtype:
+            raise DeltaError("wrong-dtype", f"{name}: {tensor.dtype} but the model holds {expected[name].dtype}")
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise DeltaError("non-finite", f"{name} holds NaN/Inf or is not floating point")
         sq_delta += float(tensor.double().pow(2).sum())
@@ -172,29 +273,56 @@ def open_and_check(
     seen: set[str],
     max_delta_ratio: float,
     applied_requests: set[str] = frozenset(),
+    owners: Mapping[str, str] | None = None,
+    round_requests: set[str] | None = None,
 ) -> DeltaVerdict:
     """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict.
 
     ``applied_requests`` are request ids some published release already applies: a second delta
     for them (a node that missed the announcement re-sends) is refused, so it is applied once.
+    ``owners`` (request id -> node id, :meth:`ServerDir.request_owners`) refuses an envelope that
+    names another node's request (``not-owner``). ``round_requests`` holds the ids accepted
+    deltas of this round already name; a second delta naming one is refused
+    (``duplicate-request``) and an accepted delta adds its ids to it.
+
+    Whatever one delta makes go wrong while it is opened and checked - also an exception no
+    check anticipated - is that delta's ``invalid`` verdict, never the round's end. The server's
+    own keys are loaded first, outside that net: a broken server is not a node's fault.
     """
     start = time.perf_counter()
+    hpke_private, node_keys, revoked = server.hpke_private(), server.node_keys(), server.revoked_nodes()
     try:
+        # a revoked node is no longer in node_keys; name the reason instead of "unknown-node"
+        named = read_header_unverified(envelope).node_id
+        if named in revoked:
+            raise DeltaError("revoked", f"node {named!r} was revoked (serforget keys revoke)")
         header, payload = open_delta(
-            envelope=envelope, server_hpke_private=server.hpke_private(), node_keys=server.node_keys(),
+            envelope=envelope, server_hpke_private=hpke_private, node_keys=node_keys,
             expected_base_version=base_version, expected_base_sha256=base_sha256, seen_ids=seen,
+            max_age_s=ENVELOPE_MAX_AGE_S, max_skew_s=ENVELOPE_MAX_SKEW_S,
         )
+        if header.node_id != claimed_node:
+            raise DeltaError("node-mismatch", f"envelope signed by {header.node_id!r} arrived from {claimed_node!r}")
+        foreign = sorted(rid for rid in header.request_ids if (owners or {}).get(rid, header.node_id) != header.node_id)
+        if foreign:
+            raise DeltaError("not-owner", f"requests {foreign} belong to another node")
         again = sorted(set(header.request_ids) & set(applied_requests))
         if again:
             raise DeltaError("already-applied", f"requests {again} are applied by an earlier release")
-        if header.node_id != claimed_node:
-            raise DeltaError("node-mismatch", f"envelope signed by {header.node_id!r} arrived from {claimed_node!r}")
+        twice = sorted(set(header.request_ids) & (round_requests or set()))
+        if twice:
+            raise DeltaError("duplicate-request", f"requests {twice} are named by another delta of this round")
         delta = state_dict_from_bytes(payload, source=f"delta from {header.node_id}")
         ratio = check_delta(delta, base_state, max_delta_ratio=max_delta_ratio)
     except (EnvelopeError, DeltaError, ValueError) as exc:
         return DeltaVerdict(claimed_node, False, f"{getattr(exc, 'reason', 'invalid')}: {exc}",
                             open_seconds=time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - one hostile delta must not end the round for the others
+        return DeltaVerdict(claimed_node, False, f"invalid: {type(exc).__name__}: {exc}",
+                            open_seconds=time.perf_counter() - start)
     seen.add(header.envelope_id)
+    if round_requests is not None:
+        round_requests.update(header.request_ids)
     return DeltaVerdict(header.node_id, True, "accepted", header, delta, ratio, time.perf_counter() - start)
 
 

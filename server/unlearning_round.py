@@ -1,4 +1,9 @@
-"""The unlearning round: find pending deletions, collect sealed deltas, verify, merge elastically."""
+"""The unlearning round: find pending deletions, collect sealed deltas, verify, merge elastically.
+
+Every node's reply is hostile input: a malformed reply or delta is that node's verdict, and the
+round goes on with the others. Request ids are bound to the node that first reports them
+(``ServerDir.bind_requests``) and a node is only ever told its own ids.
+"""
 
 from __future__ import annotations
 
@@ -62,14 +67,41 @@ def find_pending(grid: Grid, *, timeout: float) -> tuple[dict[int, list[str]], d
     replies = _query(grid, list(grid.get_node_ids()), "pending", RecordDict({"config": ConfigRecord({})}), timeout)
     pending, names = {}, {}
     for reply in replies:
+        src = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("query.pending failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("query.pending failed on node %s: %s", src, reply.error.reason)
             continue
-        names[reply.metadata.src_node_id] = str(reply.content["pending"]["node-id"])
-        ids = [r for r in reply.content["pending"]["request-ids"] if r]
+        try:
+            name = reply.content["pending"]["node-id"]
+            ids = [r for r in reply.content["pending"]["request-ids"] if r]
+            if not isinstance(name, str) or not all(isinstance(r, str) for r in ids):
+                raise TypeError("node-id and request-ids must be strings")
+        except Exception as exc:  # noqa: BLE001 - a malformed reply costs that node its turn, not the round
+            log.warning("query.pending reply of node %s is malformed: %s: %s", src, type(exc).__name__, exc)
+            continue
+        names[src] = name
         if ids:
-            pending[reply.metadata.src_node_id] = ids
+            pending[src] = list(dict.fromkeys(ids))
     return pending, names
+
+
+def bind_pending(server: ServerDir, pending: Mapping[int, list[str]], names: Mapping[int, str]) -> dict[str, str]:
+    """Bind every reported request id to the node that first reported it; returns all owners.
+
+    A node reporting an id another node owns is logged; its delta naming it will be refused. An
+    id first reported by two nodes in the same round is owned by nobody (``""``) this round.
+    """
+    claims: dict[str, list[str]] = {}
+    for src, ids in pending.items():
+        claims.setdefault(names[src], []).extend(ids)
+    owners = server.bind_requests(claims)
+    for node, ids in claims.items():
+        foreign = sorted(rid for rid in ids if owners.get(rid) != node)
+        if foreign:
+            log.warning("node %s reports requests it does not own (or contested): %s", node, foreign)
+    # an id two nodes first reported at once belongs to nobody yet: every delta naming it is refused
+    contested = {rid for ids in claims.values() for rid in ids if rid not in owners}
+    return {**owners, **dict.fromkeys(contested, "")}
 
 
 def run_unlearning_round(
@@ -94,6 +126,7 @@ def run_unlearning_round(
     outcome = RoundOutcome(pending=pending, node_names=names)
     if not outcome.pending:
         return outcome
+    owners = bind_pending(server, pending, names)
     arrays = ArrayRecord(dict(base_state))
     config = ConfigRecord({"base-version": base_version, "base-sha256": state_sha256(base_state),
                            "target-forget-acc": float(target_forget_acc)})
@@ -101,20 +134,27 @@ def run_unlearning_round(
     outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
     seen = server.seen_ids()
     already = applied_request_ids(server.releases)
+    round_requests: set[str] = set()
     for reply in replies:
         src = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("query.unlearn failed on node %s: %s", src, reply.error.reason)
             outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"node-error: {reply.error.reason}"))
             continue
-        envelope = bytes(reply.content["envelope"]["envelope"])
+        try:
+            envelope = bytes(reply.content["envelope"]["envelope"])
+            metrics = dict(reply.content["metrics"])
+        except Exception as exc:  # noqa: BLE001 - a malformed reply is that node's verdict
+            outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"invalid: reply: {type(exc).__name__}: {exc}"))
+            continue
         outcome.bytes_received += len(envelope)
         verdict = open_and_check(envelope=envelope, claimed_node=names.get(src, ""), server=server,
                                  base_state=base_state, base_version=base_version, base_sha256=config["base-sha256"],
-                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio, applied_requests=already)
+                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio, applied_requests=already,
+                                 owners=owners, round_requests=round_requests)
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
-        outcome.node_metrics[verdict.node_id] = dict(reply.content["metrics"])
+        outcome.node_metrics[verdict.node_id] = metrics
     merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
     if score is not None:
         gated = gate_on_held_out(outcome.verdicts, base=base_state, score=score, max_ua_drop=cfg.max_ua_drop, **merge)
@@ -126,6 +166,8 @@ def run_unlearning_round(
         log.warning("no held-out set on the server: deltas are not gated on held-out UA")
     accepted = [v for v in outcome.verdicts if v.accepted]
     if accepted:
+        # an id first named by an accepted envelope (not reported in query.pending) is its signer's
+        server.bind_requests({v.header.node_id: list(v.header.request_ids) for v in accepted})
         server.remember([v.header.envelope_id for v in accepted])
         deltas = [v.delta for v in accepted]
         outcome.merged = merge_deltas(base_state, deltas, **merge)
@@ -134,13 +176,27 @@ def run_unlearning_round(
     return outcome
 
 
+def retry_by_node(outcome: RoundOutcome, applied: set[str]) -> dict[int, list[str]]:
+    """Flower node id -> its own pending request ids that no release applies (to re-offer)."""
+    return {src: [rid for rid in ids if rid not in applied] for src, ids in outcome.pending.items()}
+
+
 def announce_release(
-    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str], retry: list[str]
+    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str],
+    retry: Mapping[int, list[str]],
 ) -> list[Message]:
-    """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones."""
-    content = RecordDict({"arrays": ArrayRecord(dict(state)), "config": ConfigRecord({
-        "version": version, "applied-request-ids": applied or [""], "retry-request-ids": retry or [""]})})
-    replies = _query(grid, list(grid.get_node_ids()), "release", content, cfg.round_timeout)
+    """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones.
+
+    ``retry`` is per node: each node is sent only the ids it reported itself, never another
+    node's (a leaked id is what a squatter needs).
+    """
+    arrays = ArrayRecord(dict(state))
+    messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({
+                    "version": version, "applied-request-ids": applied or [""],
+                    "retry-request-ids": list(retry.get(node, [])) or [""]})}),
+                        message_type="query.release", dst_node_id=node)
+                for node in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     for reply in replies:
         if reply.has_error():
             log.warning("query.release failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)

@@ -51,7 +51,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
     utts = [Utterance(f"spk{s}_{e}_{t}", _save(root / "corpus" / f"spk{s}_{e}_{t}.wav", tone(base[e] * (1 + 0.03 * s), 0.5, seed=s * 100 + t)),
                       f"spk{s}", e) for s in range(3) for e in FOUR_CLASS for t in range(2)]
     write_manifest(root / "corpus" / "manifest.csv", utts)
-    deployment = Deployment(root / "run", port=free_port())
+    deployment = Deployment(root / "run", port=free_port(), control_port=free_port())
     try:
         devices = up(deployment, manifest=root / "corpus" / "manifest.csv", ports=[free_port() for _ in range(3)])
         ids = {register_supernode(deployment, public_key=d.auth_key.public) for d in devices}

@@ -16,12 +16,15 @@ from serforget.common.settings import RunSettings
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: The only modules that may import ``flwr``: the Flower glue of each side. Everything else is
-#: plain Python that the CLI, the benchmarks and the tests call without a Flower runtime.
+#: The only modules that may import ``flwr``: the Flower glue of each side (and the SuperLink
+#: launcher). Everything else is plain Python that the CLI, the benchmarks and the tests call
+#: without a Flower runtime; the rest of deploy/ runs Flower's programs, never imports them.
 FLWR_ALLOWED = {
     "client/app.py", "client/runtime.py",
     "server/app.py", "server/inprocess.py", "server/report.py", "server/scenario.py", "server/strategy.py",
     "server/unlearning_round.py",
+    # the SuperLink launcher that serves Flower's own app with the Fleet API alone on the devices' port
+    "deploy/superlink.py",
 }
 #: Which role folders each folder may import from (``serforget.<role>``). ``common`` is shared by
 #: everyone and imports no other role; the CLI (``serforget/``) sits on top of all of them.

@@ -1,4 +1,4 @@
-"""``serforget keys init|enroll``: server and node keys, and node enrollment on the server."""
+"""``serforget keys init|enroll|revoke``: server and node keys, node enrollment and revocation on the server."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     enroll.add_argument("--public-key", type=Path, required=True, help="the node's sign.pub")
     enroll.add_argument("--replace", action="store_true", help="rotate the key of an enrolled node")
     enroll.set_defaults(handler=_enroll)
+    revoke = ksub.add_parser("revoke", help="stop trusting a node: its envelopes are refused, its key never re-enrolled")
+    revoke.add_argument("--registry", type=Path, required=True, help="SERVER/nodes.json")
+    revoke.add_argument("--node-id", required=True)
+    revoke.add_argument("--deployment", type=Path, default=None,
+                        help="a `serforget deploy up` run dir: also unregister the node's SuperNode key from the SuperLink")
+    revoke.set_defaults(handler=_revoke)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -37,4 +43,22 @@ def _enroll(args: argparse.Namespace) -> int:
 
     enroll_node(registry_path=args.registry, node_id=args.node_id, public_key_path=args.public_key, replace=args.replace)
     print(f"enrolled {args.node_id} ({fingerprint(load_signing_public(args.public_key))})")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from serforget.common.keys import revoke_node
+
+    fingerprint = revoke_node(registry_path=args.registry, node_id=args.node_id)
+    print(f"revoked {args.node_id} (key {fingerprint}): its envelopes are refused from now on")
+    if args.deployment is not None:
+        from serforget.cli.deploy import _load
+        from serforget.deploy.local import device_of_node, unregister_supernode
+
+        deployment, _ = _load(args.deployment)
+        device = device_of_node(deployment, args.node_id)
+        flower_id = unregister_supernode(deployment, public_key=device.auth_key.public)
+        deployment.processes.stop(device.process_name)
+        print(f"SuperNode key {device.auth_key.public} " + (f"unregistered (Flower node {flower_id})" if flower_id is not None
+                                                             else "was not registered by this deployment"))
     return 0
