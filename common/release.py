@@ -150,6 +150,9 @@ def _load_json_object(data: bytes, *, source: str) -> dict[str, Any]:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReleaseError(f"{source}: not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        # a few KB of "[" nest deeper than the parser's recursion limit; hostile input, not a crash
+        raise ReleaseError(f"{source}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ReleaseError(f"{source}: expected a JSON object, got {type(obj).__name__}")
     return obj

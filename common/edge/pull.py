@@ -229,7 +229,7 @@ def _read_state(dest: Path) -> _LocalState:
         return _LocalState(version=None, manifest_sha256=None, index_sequence=0)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PullError(f"{path}: unreadable ({exc})") from None
     expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
     if not isinstance(doc, dict) or set(doc) != expected:
