@@ -39,7 +39,10 @@ def _register_edge(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("--from", dest="source", required=True, help="registry folder or http(s):// URL")
     pull.add_argument("--to", dest="dest", type=Path, required=True, help="local edge folder")
     pull.add_argument("--server-key", type=Path, required=True, help="pinned server Ed25519 public key (sign.pub)")
-    pull.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
+    pull.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds each HTTP file may take on top of its size at --min-rate (default 60)")
+    pull.add_argument("--min-rate", type=float, default=64.0,
+                      help="slowest average download rate in KiB/s before a file's deadline cuts it off (default 64)")
     pull.set_defaults(handler=_pull)
 
     predict = edge_sub.add_parser("predict", help="emotion of audio files, as JSON (ONNX Runtime only)")
@@ -83,7 +86,8 @@ def _pull(args: argparse.Namespace) -> int:
     from common.keys import load_signing_public
 
     result = pull_release(
-        source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout
+        source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout,
+        min_rate=args.min_rate * 1024,
     )
     print(json.dumps({"version": result.version, "path": str(result.path), "changed": result.changed,
                       "removed_revoked": result.removed_revoked}, indent=2))

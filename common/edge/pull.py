@@ -24,17 +24,21 @@ This module must not import torch: edge devices run ONNX Runtime only.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -66,6 +70,8 @@ MAX_INDEX_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SIGNATURE_BYTES = 4 << 10
 DEFAULT_TIMEOUT_S = 60.0
+#: Slowest transfer rate (bytes/s) a download may average before its deadline cuts it off.
+DEFAULT_MIN_RATE = 64 << 10
 
 _INCOMING_PREFIX = ".incoming-"
 _TRASH_PREFIX = ".trash-"
@@ -166,42 +172,96 @@ class _DirectorySource:
 
 
 class _HttpSource:
-    """A server started with :func:`common.release.serve_releases`."""
+    """A server started with :func:`common.release.serve_releases`.
 
-    def __init__(self, base_url: str, *, timeout_s: float) -> None:
+    Why not ``urlopen``: its timeout bounds each socket read, not a download, so a server that
+    sends one byte just before every timeout holds a pull forever (slow retrieval). Here every
+    file gets a total deadline, ``timeout_s`` plus its size budget divided by ``min_rate``,
+    enforced by a timer that shuts the socket down, so connecting, headers and body together
+    can never take longer. The size budget is the signed size for release files and a fixed
+    limit for the index, manifest and signatures; a ``Content-Length`` above it is refused
+    before the body is read, and a body that runs past it is cut off (endless data).
+    Redirects are not followed: a release server has no reason to send one.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float, min_rate: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        parts = urllib.parse.urlsplit(self.base_url)
+        if not parts.hostname:
+            raise PullError(f"{base_url}: URL has no host")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._path = parts.hostname, parts.port, parts.path
 
     def __str__(self) -> str:
         return self.base_url
 
-    def _open(self, relpath: str) -> Any:
+    def _deadline_s(self, budget: int) -> float:
+        return self.timeout_s + budget / self.min_rate
+
+    def _chunks(self, relpath: str, *, budget: int, budget_name: str, out: Callable[[bytes], None]) -> None:
+        """GET ``relpath`` and pass its body to ``out`` chunk by chunk, within the budget and deadline."""
         url = f"{self.base_url}/{relpath}"
+        deadline_s = self._deadline_s(budget)
+        connection_class = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        connection = connection_class(self._host, self._port, timeout=self.timeout_s)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            sock = connection.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(deadline_s, expire)
+        timer.daemon = True
+        timer.start()
         try:
-            return urllib.request.urlopen(url, timeout=self.timeout_s)  # noqa: S310 - scheme checked in _open_source
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code == 410:
-                raise PullError(f"{url}: release is revoked (410 Gone)") from None
-            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise PullError(f"{url}: cannot fetch ({getattr(exc, 'reason', exc)})") from None
+            connection.request("GET", f"{self._path}/{relpath}", headers={"Accept-Encoding": "identity"})
+            response = connection.getresponse()
+            if response.status == 410:
+                raise PullError(f"{url}: release is revoked (410 Gone)")
+            if response.status != 200:
+                raise PullError(f"{url}: HTTP {response.status} {response.reason}")
+            if response.length is not None and response.length > budget:
+                raise PullError(f"{url}: larger than {budget_name} (announces {response.length} bytes)")
+            received = 0
+            while not expired.is_set():
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > budget:
+                    raise PullError(f"{url}: larger than {budget_name}")
+                out(chunk)
+            if expired.is_set():
+                raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)")
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)") from None
+            raise PullError(f"{url}: cannot fetch ({exc})") from None
+        finally:
+            timer.cancel()
+            connection.close()
 
     def read_small(self, relpath: str, *, limit: int) -> bytes:
-        url = f"{self.base_url}/{relpath}"
-        with self._open(relpath) as response:
-            try:
-                return _read_limited(response, limit=limit, what=url)
-            except OSError as exc:
-                raise PullError(f"{url}: download interrupted ({exc})") from None
+        parts: list[bytes] = []
+        self._chunks(relpath, budget=limit, budget_name=f"the {limit}-byte limit", out=parts.append)
+        return b"".join(parts)
 
     def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
         url = f"{self.base_url}/{relpath}"
-        with self._open(relpath) as response:
-            try:
-                _copy_limited(response, target, expected_size=expected_size, what=url)
-            except OSError as exc:
-                raise PullError(f"{url}: download interrupted ({exc})") from None
+        with open(target, "xb") as handle:
+            self._chunks(relpath, budget=expected_size, budget_name=f"the signed size {expected_size}", out=handle.write)
+            written = handle.tell()
+            handle.flush()
+            os.fsync(handle.fileno())
+        if written != expected_size:
+            raise PullError(f"{url}: got {written} bytes, the signed size is {expected_size}")
 
     def read_index(self) -> tuple[bytes, bytes]:
         return (
@@ -210,10 +270,10 @@ class _HttpSource:
         )
 
 
-def _open_source(source: str | os.PathLike[str], *, timeout_s: float) -> _DirectorySource | _HttpSource:
+def _open_source(source: str | os.PathLike[str], *, timeout_s: float, min_rate: float) -> _DirectorySource | _HttpSource:
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
-        return _HttpSource(text, timeout_s=timeout_s)
+        return _HttpSource(text, timeout_s=timeout_s, min_rate=min_rate)
     root = Path(text)
     if not root.is_dir():
         raise PullError(f"{text}: source is neither an existing registry folder nor an http(s):// URL")
@@ -416,18 +476,23 @@ def pull_release(
     dest: Path,
     server_public_key: Ed25519PublicKey,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> PullResult:
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
     ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
     ``server_public_key`` is the pinned key every index and manifest must be signed with.
+    Over HTTP each file must arrive within ``timeout_s`` plus its size budget at ``min_rate``
+    bytes per second, or the pull fails (a slow-retrieval attacker cannot hold it).
     Any verification failure raises :class:`PullError` and keeps the installed release, except
     that releases the (authentic) index lists as revoked are always deleted locally.
     """
     if not isinstance(server_public_key, Ed25519PublicKey):
         raise TypeError(f"server_public_key must be an Ed25519PublicKey, got {type(server_public_key).__name__}")
     dest = Path(dest)
-    origin = _open_source(source, timeout_s=timeout_s)
+    if not (math.isfinite(timeout_s) and timeout_s > 0 and math.isfinite(min_rate) and min_rate > 0):
+        raise PullError(f"timeout_s ({timeout_s!r}) and min_rate ({min_rate!r}) must be positive")
+    origin = _open_source(source, timeout_s=timeout_s, min_rate=min_rate)
     dest.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dest / _LOCK_NAME):
         _remove_leftovers(dest)
