@@ -52,7 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from common.fsutil import fsync_dir, sha256_file
-from common.manifest import read_manifest, write_manifest
+from common.manifest import IdError, check_id, read_manifest, write_manifest
 
 #: Version of the SQLite schema below; stored in the ``schema_version`` table.
 SCHEMA_VERSION = 1
@@ -373,8 +373,7 @@ class Ledger:
         return [LedgerEvent(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
 
     def _fetch(self, request_id: str) -> DeletionRequest:
-        if not isinstance(request_id, str):
-            raise LedgerError(f"request id must be a string, got {type(request_id).__name__}")
+        _require_id(request_id, what="request id")
         found = self._requests_where("request_id = ?", (request_id,))
         if not found:
             raise LedgerError(f"{self.path}: no deletion request {request_id!r}")
@@ -695,9 +694,8 @@ def _asked_utt_ids(
         raise LedgerError("give utt_ids or whole_speaker=True")
     if isinstance(utt_ids, str):
         raise LedgerError(f"utt_ids must be a sequence of ids, got the string {utt_ids!r}")
-    bad_types = [u for u in utt_ids if not isinstance(u, str)]
-    if bad_types:
-        raise LedgerError(f"utt ids must be strings, got {bad_types!r}")
+    for utt in utt_ids:
+        _require_id(utt, what="utt id")
     asked = sorted(set(utt_ids))
     if not asked:
         raise LedgerError("utt_ids is empty: nothing to forget")
@@ -720,6 +718,14 @@ def _check_transition(request: DeletionRequest, to_state: str) -> None:
             f"request {request.request_id}: illegal transition {request.state} -> {to_state}; "
             f"from {request.state} it may move to {options}"
         )
+
+
+def _require_id(value: object, *, what: str) -> str:
+    """An id as :func:`common.manifest.check_id` defines it, or :class:`LedgerError`."""
+    try:
+        return check_id(value, what=what)
+    except IdError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 def _require_text(value: object, *, field: str) -> None:

@@ -57,6 +57,7 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.manifest import IdError, check_id
 from common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -331,8 +332,10 @@ def _parse_requests(value: Any, *, what: str) -> tuple[str, ...]:
         raise ReleaseError(f"{what}: expected a list of request ids, got {value!r}")
     requests = tuple(value)
     for request in requests:
-        if not isinstance(request, str) or not request.strip():
-            raise ReleaseError(f"{what}: request ids must be non-empty strings, got {request!r}")
+        try:
+            check_id(request, what=what)
+        except IdError as exc:
+            raise ReleaseError(str(exc)) from None
     if len(set(requests)) != len(requests):
         raise ReleaseError(f"{what}: duplicate request ids in {list(requests)}")
     return requests
