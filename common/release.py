@@ -63,7 +63,16 @@ from common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha2
 logger = logging.getLogger(__name__)
 
 RELEASE_FORMAT_VERSION = 1
+#: The index has its own version: format 2 added the signed ``expires`` (freeze protection).
+#: Format 1 indexes still parse (``expires`` is ``None``) so a server can read what it wrote
+#: before the upgrade and re-sign it; devices refuse them.
+INDEX_FORMAT_VERSION = 2
 SIGNATURE_ALGORITHM = "ed25519"
+#: How long a signed index stays valid by default. The server re-signs it on every publish and
+#: revoke, and an operator job (``serforget server refresh-index``) re-signs it in between.
+DEFAULT_INDEX_LIFETIME_S = 7 * 24 * 3600.0
+#: Longest lifetime a device accepts: an index signed to live for years would defeat expiry.
+MAX_INDEX_LIFETIME_S = 90 * 24 * 3600.0
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -408,12 +417,19 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class ReleaseIndex:
-    """Signed table of contents of a registry; ``sequence`` increases with every rewrite."""
+    """Signed table of contents of a registry; ``sequence`` increases with every rewrite.
+
+    ``expires`` (epoch seconds, signed) bounds how long a device may act on this index: past
+    it a replayed index, however authentic, is refused, so an attacker who withholds new
+    indexes (freeze) can keep a device on an old view for at most one lifetime. ``None`` only
+    for format-1 indexes written before expiry existed; devices refuse those.
+    """
 
     sequence: int
     generated_at: float
     releases: tuple[IndexEntry, ...]
-    format_version: int = RELEASE_FORMAT_VERSION
+    expires: float | None = None
+    format_version: int = INDEX_FORMAT_VERSION
 
     def newest_available(self) -> IndexEntry | None:
         """The newest release that is not revoked, or ``None``."""
@@ -430,6 +446,7 @@ class ReleaseIndex:
             "format_version": self.format_version,
             "sequence": self.sequence,
             "generated_at": self.generated_at,
+            **({"expires": self.expires} if self.format_version >= 2 else {}),
             "releases": [
                 {"version": e.version, "manifest_sha256": e.manifest_sha256, "revoked": e.revoked, "reason": e.reason}
                 for e in self.releases
@@ -441,8 +458,17 @@ class ReleaseIndex:
     def from_bytes(cls, data: bytes, *, source: str) -> ReleaseIndex:
         """Parse and strictly validate index bytes (the signature is checked by parse_signed_index)."""
         obj = _load_json_object(data, source=source)
-        _require_fields(obj, {"format_version", "sequence", "generated_at", "releases"}, source=source)
-        _require_format_version(obj, source=source)
+        version = obj.get("format_version")
+        if isinstance(version, bool) or version not in (1, INDEX_FORMAT_VERSION):
+            raise ReleaseError(
+                f"{source}: format_version {version!r} is not supported (this code reads 1 and {INDEX_FORMAT_VERSION})"
+            )
+        fields = {"format_version", "sequence", "generated_at", "releases"} | ({"expires"} if version >= 2 else set())
+        _require_fields(obj, fields, source=source)
+        generated_at = _require_number(obj["generated_at"], what=f"{source}: generated_at")
+        expires = _require_number(obj["expires"], what=f"{source}: expires") if version >= 2 else None
+        if expires is not None and expires <= generated_at:
+            raise ReleaseError(f"{source}: expires ({expires}) is not after generated_at ({generated_at})")
         if not isinstance(obj["releases"], list):
             raise ReleaseError(f"{source}: 'releases' must be a list")
         entries = tuple(_parse_index_entry(raw, source=f"{source}: releases[{i}]") for i, raw in enumerate(obj["releases"]))
@@ -451,8 +477,10 @@ class ReleaseIndex:
             raise ReleaseError(f"{source}: a version is listed twice")
         return cls(
             sequence=_check_version_number(obj["sequence"], what=f"{source}: sequence"),
-            generated_at=_require_number(obj["generated_at"], what=f"{source}: generated_at"),
+            generated_at=generated_at,
             releases=entries,
+            expires=expires,
+            format_version=version,
         )
 
 
@@ -685,15 +713,19 @@ class ReleaseRegistry:
             self._append_revocation(requested, reason, signing_key=signing_key)
             self._write_index(signing_key=signing_key)
 
-    def refresh_index(self, *, signing_key: Ed25519PrivateKey) -> ReleaseIndex:
-        """Re-sign the index from the releases and revocation log on disk.
+    def refresh_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
+        """Re-sign the index (next sequence, new expiry) from the releases and revocation log on disk.
 
         Why public: a crash after a release was renamed into place but before the index was
         rewritten leaves the release complete but unlisted; this repairs it without publishing.
+        And since an index expires, a registry with no publish for a while must be re-signed
+        periodically or devices stop accepting it (``serforget server refresh-index``).
         """
         _require_private_key(signing_key)
+        if isinstance(lifetime_s, bool) or not isinstance(lifetime_s, (int, float)) or not 0 < lifetime_s <= MAX_INDEX_LIFETIME_S:
+            raise ReleaseError(f"refresh_index: lifetime_s must be in (0, {MAX_INDEX_LIFETIME_S:.0f}] seconds, got {lifetime_s!r}")
         with exclusive_lock(self.root / _LOCK_NAME):
-            return self._write_index(signing_key=signing_key)
+            return self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
 
     # ---------------------------------------------------------------- internals
 
@@ -765,7 +797,7 @@ class ReleaseRegistry:
         _require_format_version(head, source=str(head_path))
         return _check_version_number(head["generation"], what=f"{head_path}: generation")
 
-    def _write_index(self, *, signing_key: Ed25519PrivateKey) -> ReleaseIndex:
+    def _write_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
         """Sign a fresh index generation, then point HEAD at it (the one atomic switch)."""
         public_key = signing_key.public_key()
         revoked = self._revocation_reasons(public_key=public_key)
@@ -776,7 +808,10 @@ class ReleaseRegistry:
             # Refuse to vouch for a release whose manifest someone altered on disk.
             verify_signature(manifest_bytes, self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(folder / MANIFEST_NAME))
             entries.append(IndexEntry(version, sha256_bytes(manifest_bytes), version in revoked, revoked.get(version, "")))
-        index = ReleaseIndex(sequence=self._index_generation() + 1, generated_at=time.time(), releases=tuple(entries))
+        now = time.time()
+        index = ReleaseIndex(
+            sequence=self._index_generation() + 1, generated_at=now, releases=tuple(entries), expires=now + lifetime_s
+        )
         data = index.to_bytes()
         folder = self.root / _INDEX_DIR
         stem = folder / f"g{index.sequence:06d}"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +24,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.edge.pull import PullError, current_release, pull_release
 from common.keys import init_keys, load_signing_private
-from common.release import ReleaseError, ReleaseRegistry, check_signed_manifest, parse_signed_index
+from common.release import (
+    DEFAULT_INDEX_LIFETIME_S,
+    IndexEntry,
+    ReleaseError,
+    ReleaseIndex,
+    ReleaseRegistry,
+    check_signed_manifest,
+    parse_signed_index,
+    sign_bytes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NESTED = b"[" * 4096
@@ -172,3 +183,158 @@ def test_endless_data_is_refused_at_the_size_budget(mode: str, attacker, dest: P
     with pytest.raises(PullError, match="larger than the 16777216-byte limit"):
         pull_release(source=attacker(mode), dest=dest, server_public_key=key.public_key())
     assert current_release(dest) is None
+
+
+# --------------------------------------------------------------------------- freshness: freeze, rollback
+
+
+DAY = 24 * 3600.0
+
+
+def _plant_index(registry: ReleaseRegistry, index: ReleaseIndex, key: Ed25519PrivateKey) -> None:
+    """Make ``index`` (signed with ``key``) the one the registry serves, as a hostile mirror would."""
+    folder = registry.root / "index"
+    data = index.to_bytes()
+    (folder / f"g{index.sequence:06d}.json").write_bytes(data)
+    (folder / f"g{index.sequence:06d}.sig").write_bytes(sign_bytes(data, signing_key=key))
+    (folder / "HEAD.json").write_text(json.dumps({"format_version": 1, "generation": index.sequence}))
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, offset_s: float) -> None:
+    """Move the device's clock (and the registry's) ``offset_s`` into the future."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + offset_s)
+
+
+def test_freeze_an_expired_index_is_refused_and_a_resigned_one_accepted(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published()
+    pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    frozen = registry.read_index(public_key=key.public_key())
+    assert frozen.expires == pytest.approx(frozen.generated_at + DEFAULT_INDEX_LIFETIME_S)
+
+    _clock(monkeypatch, DEFAULT_INDEX_LIFETIME_S + 60)  # the attacker keeps serving the same index
+    with pytest.raises(PullError, match=r"expired .* \(freeze\)"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    assert current_release(dest) == dest / "releases" / "v0001"  # availability kept, nothing new trusted
+
+    registry.refresh_index(signing_key=key)  # the honest server re-signs on schedule
+    assert pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key()).version == 1
+
+
+def test_freeze_an_index_without_expiry_is_refused(registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path) -> None:
+    published()
+    current = registry.read_index(public_key=key.public_key())
+    legacy = ReleaseIndex(sequence=current.sequence + 1, generated_at=time.time(), releases=current.releases, format_version=1)
+    _plant_index(registry, legacy, key)
+    with pytest.raises(PullError, match="no signed expiry"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+
+
+@pytest.mark.parametrize(("generated", "expires", "message"), [
+    (0.0, 400 * DAY, "more than"),              # an index signed to live for a year defeats expiry
+    (3600.0, 3600.0 + DAY, "in the future"),    # generated_at is checked against the device clock
+])
+def test_freeze_implausible_index_lifetimes_are_refused(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, generated: float, expires: float, message: str
+) -> None:
+    published()
+    current = registry.read_index(public_key=key.public_key())
+    now = time.time()
+    odd = ReleaseIndex(sequence=current.sequence + 1, generated_at=now + generated, releases=current.releases, expires=now + expires)
+    _plant_index(registry, odd, key)
+    with pytest.raises(PullError, match=message):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+
+
+def test_rollback_a_fresh_device_refuses_an_old_index_below_its_trust_anchor(
+    tmp_path: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published()
+    stale_mirror = tmp_path / "stale-mirror"
+    shutil.copytree(registry.root, stale_mirror)  # still lists v1 as live
+    published(revoke_previous=True, applies_requests=["del-1"])
+    anchor = registry.read_index(public_key=key.public_key()).sequence  # shipped in the device image
+
+    with pytest.raises(PullError, match="rollback"):
+        pull_release(source=str(stale_mirror), dest=dest, server_public_key=key.public_key(), min_sequence=anchor)
+    assert current_release(dest) is None and not (dest / "releases" / "v0001").exists()
+
+    # without an anchor, expiry still bounds the replay: a week later the stale index is dead
+    _clock(monkeypatch, DEFAULT_INDEX_LIFETIME_S + 60)
+    with pytest.raises(PullError, match="expired"):
+        pull_release(source=str(stale_mirror), dest=tmp_path / "other-device", server_public_key=key.public_key())
+    assert not (tmp_path / "other-device" / "releases" / "v0001").exists()
+
+
+def test_rollback_the_seen_sequence_is_persisted_even_when_the_download_fails(
+    tmp_path: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    stale_mirror = tmp_path / "stale-mirror"
+    shutil.copytree(registry.root, stale_mirror)
+    published(revoke_previous=True, applies_requests=["del-1"])
+    (registry.path(2) / "model.onnx").write_bytes(b"truncated")  # the new release cannot be installed
+    with pytest.raises(PullError):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    with pytest.raises(PullError, match="rollback"):
+        pull_release(source=str(stale_mirror), dest=dest, server_public_key=key.public_key())
+    assert not (dest / "releases" / "v0001").exists()
+
+
+def test_rollback_a_different_index_under_an_accepted_sequence_is_refused(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    published(revoke_previous=True, applies_requests=["del-1"])
+    pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    # the byte-identical index again is fine (nothing changed on the server)
+    assert pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key()).changed is False
+
+    current = registry.read_index(public_key=key.public_key())
+    unrevoked = tuple(IndexEntry(e.version, e.manifest_sha256, False, "") for e in current.releases)
+    twin = ReleaseIndex(sequence=current.sequence, generated_at=current.generated_at + 1, releases=unrevoked[:1],
+                        expires=current.expires)
+    _plant_index(registry, twin, key)
+    with pytest.raises(PullError, match="differs from the index already accepted"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    assert current_release(dest) == dest / "releases" / "v0002"
+
+
+# --------------------------------------------------------------------------- arbitrary software, mix-and-match, extraneous files
+
+
+def test_arbitrary_software_unsigned_model_and_foreign_key_are_refused(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    (registry.path(1) / "model.onnx").write_bytes(b"\x00" * 4096)  # same size, attacker's bytes
+    with pytest.raises(PullError, match="SHA-256 does not match"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    with pytest.raises(PullError, match="does not verify"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=Ed25519PrivateKey.generate().public_key())
+    assert current_release(dest) is None
+
+
+def test_mix_and_match_a_manifest_from_another_release_is_refused(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    published()
+    for name in ("manifest.json", "manifest.sig"):  # v2's folder now carries v1's (validly signed) manifest
+        shutil.copy(registry.path(1) / name, registry.path(2) / name)
+    with pytest.raises(PullError, match="does not match the hash in the signed index"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+
+
+def test_extraneous_dependencies_unlisted_files_are_never_installed(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    (registry.path(1) / "evil.onnx").write_bytes(b"not in the manifest")
+    installed = pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key()).path
+    assert sorted(p.name for p in installed.iterdir()) == ["manifest.json", "manifest.sig", "model.onnx"]
+    (installed / "evil.onnx").write_bytes(b"planted on the device")  # a local extra is caught too
+    result = pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+    assert result.changed and not (result.path / "evil.onnx").exists()

@@ -10,14 +10,27 @@ revoked: privacy wins over availability).
 
 Local layout, format version 1, under ``dest``::
 
-    current.json            {"format_version", "version", "path", "manifest_sha256",
-                             "index_sequence", "updated_at"}; written atomically
+    current.json            {"format_version": 2, "version", "path", "manifest_sha256",
+                             "index_sequence", "index_sha256", "updated_at"}; written
+                             atomically (format 1, without index_sha256, is still read)
     releases/v0003/         installed releases (manifest.json, manifest.sig, files)
     .incoming-* .trash-*    interrupted downloads / replacements, removed by the next pull
     .lock                   flock so two pulls never interleave
 
-``index_sequence`` is the highest signed index sequence seen; an older index is refused,
-because replaying a stale (validly signed) index could hide a later revocation.
+``index_sequence``/``index_sha256`` are the newest signed index this device accepted; they are
+persisted as soon as an index verifies, before anything is downloaded. Freshness rules (the
+properties TUF's timestamp role gives, see docs/release-distribution.md):
+
+* an index with a lower sequence is refused (rollback: a replayed index could hide a later
+  revocation); one with the same sequence only if it is byte-identical (nothing changed), never
+  a different document under a sequence already seen;
+* an index past its signed ``expires`` is refused (freeze: an attacker withholding new
+  indexes keeps a device on an old view for at most one index lifetime); so is one without
+  an expiry, one whose lifetime exceeds ``MAX_INDEX_LIFETIME_S``, and one generated in the
+  future beyond ``MAX_CLOCK_SKEW_S``;
+* a fresh device has no history, so it starts from a trust anchor shipped with it: the pinned
+  key and ``min_sequence`` (the sequence current when the device image was built); expiry
+  bounds the rest.
 
 This module must not import torch: edge devices run ONNX Runtime only.
 """
@@ -29,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -36,7 +50,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -45,9 +59,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
 from common.release import (
     INDEX_NAME,
+    MAX_INDEX_LIFETIME_S,
     INDEX_SIGNATURE_NAME,
     MANIFEST_NAME,
-    RELEASE_FORMAT_VERSION,
     SIGNATURE_NAME,
     IndexEntry,
     ReleaseError,
@@ -70,6 +84,10 @@ MAX_INDEX_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SIGNATURE_BYTES = 4 << 10
 DEFAULT_TIMEOUT_S = 60.0
+#: How far in the future an index's generated_at may lie before the device blames its clock.
+MAX_CLOCK_SKEW_S = 300.0
+_STATE_FORMAT_VERSION = 2
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 #: Slowest transfer rate (bytes/s) a download may average before its deadline cuts it off.
 DEFAULT_MIN_RATE = 64 << 10
 
@@ -103,6 +121,7 @@ class _LocalState:
     version: int | None
     manifest_sha256: str | None
     index_sequence: int
+    index_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- sources
@@ -286,16 +305,21 @@ def _open_source(source: str | os.PathLike[str], *, timeout_s: float, min_rate: 
 def _read_state(dest: Path) -> _LocalState:
     path = dest / CURRENT_NAME
     if not path.exists():
-        return _LocalState(version=None, manifest_sha256=None, index_sequence=0)
+        return _LocalState(version=None, manifest_sha256=None, index_sequence=0, index_sha256=None)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PullError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") not in (1, _STATE_FORMAT_VERSION) or isinstance(doc.get("format_version"), bool):
+        raise PullError(f"{path}: format_version {doc.get('format_version') if isinstance(doc, dict) else doc!r} is not supported")
     expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
-    if not isinstance(doc, dict) or set(doc) != expected:
+    if doc["format_version"] >= 2:
+        expected.add("index_sha256")
+    if set(doc) != expected:
         raise PullError(f"{path}: expected exactly the fields {sorted(expected)}")
-    if doc["format_version"] != RELEASE_FORMAT_VERSION:
-        raise PullError(f"{path}: format_version {doc['format_version']!r} is not supported")
+    index_digest = doc.get("index_sha256")
+    if index_digest is not None and not (isinstance(index_digest, str) and _SHA256_HEX.fullmatch(index_digest)):
+        raise PullError(f"{path}: index_sha256 must be 64 lower-case hex digits or null")
     version, sequence = doc["version"], doc["index_sequence"]
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise PullError(f"{path}: version must be a positive integer or null, got {version!r}")
@@ -304,7 +328,7 @@ def _read_state(dest: Path) -> _LocalState:
     digest = doc["manifest_sha256"]
     if (version is None) != (digest is None) or not (digest is None or isinstance(digest, str)):
         raise PullError(f"{path}: manifest_sha256 must be a string exactly when version is set")
-    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence)
+    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence, index_sha256=index_digest)
 
 
 def _write_state(dest: Path, state: _LocalState) -> None:
@@ -312,11 +336,12 @@ def _write_state(dest: Path, state: _LocalState) -> None:
     atomic_write_json(
         dest / CURRENT_NAME,
         {
-            "format_version": RELEASE_FORMAT_VERSION,
+            "format_version": _STATE_FORMAT_VERSION,
             "version": state.version,
             "path": relpath,
             "manifest_sha256": state.manifest_sha256,
             "index_sequence": state.index_sequence,
+            "index_sha256": state.index_sha256,
             "updated_at": time.time(),
         },
     )
@@ -354,10 +379,10 @@ def _discard_folder(dest: Path, folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int], *, index_sequence: int) -> list[int]:
+def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int]) -> list[int]:
     """Stop pointing at a revoked release, then delete every local copy of a revoked release."""
     if state.version in revoked:
-        _write_state(dest, _LocalState(version=None, manifest_sha256=None, index_sequence=index_sequence))
+        _write_state(dest, replace(state, version=None, manifest_sha256=None))
     removed = []
     releases = dest / RELEASES_DIR
     if releases.is_dir():
@@ -374,7 +399,8 @@ def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int], *, inde
 # --------------------------------------------------------------------------- verification
 
 
-def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, min_sequence: int) -> ReleaseIndex:
+def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _LocalState, min_sequence: int) -> tuple[ReleaseIndex, str]:
+    """The verified, fresh index and its SHA-256 (see the module docstring for the rules)."""
     failure: ReleaseError | None = None
     for _ in range(_INDEX_ATTEMPTS):
         index_bytes, signature = origin.read_index()
@@ -385,12 +411,29 @@ def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, min_sequence:
             failure = exc
     else:
         raise PullError(str(failure)) from failure
-    if index.sequence < min_sequence:
+    digest = sha256_bytes(index_bytes)
+    where = f"{origin} index (sequence {index.sequence})"
+    floor = max(state.index_sequence, min_sequence)
+    if index.sequence < floor:
         raise PullError(
-            f"{origin} index: sequence {index.sequence} is older than {min_sequence}, already seen; "
-            "refusing a replayed index that could hide revocations"
+            f"{where}: older than sequence {floor}, already seen or required by the trust anchor; "
+            "refusing a replayed index that could hide revocations (rollback)"
         )
-    return index
+    if index.sequence == state.index_sequence and state.index_sha256 is not None and digest != state.index_sha256:
+        raise PullError(f"{where}: differs from the index already accepted under this sequence; refusing it")
+    now = time.time()
+    if index.expires is None:
+        raise PullError(f"{where}: has no signed expiry (index format 1); the server must re-sign it")
+    if index.expires - index.generated_at > MAX_INDEX_LIFETIME_S:
+        raise PullError(f"{where}: signed to live {index.expires - index.generated_at:.0f} s, more than {MAX_INDEX_LIFETIME_S:.0f} s")
+    if index.generated_at > now + MAX_CLOCK_SKEW_S:
+        raise PullError(f"{where}: generated {index.generated_at - now:.0f} s in the future; check this device's clock")
+    if now > index.expires:
+        raise PullError(
+            f"{where}: expired {now - index.expires:.0f} s ago; refusing a stale index (freeze) - "
+            "the server must re-sign it (serforget server refresh-index)"
+        )
+    return index, digest
 
 
 def _check_manifest(
@@ -477,11 +520,14 @@ def pull_release(
     server_public_key: Ed25519PublicKey,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     min_rate: float = DEFAULT_MIN_RATE,
+    min_sequence: int = 0,
 ) -> PullResult:
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
     ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
     ``server_public_key`` is the pinned key every index and manifest must be signed with.
+    ``min_sequence`` is the trust anchor of a fresh device: the oldest index sequence it may
+    accept (the device's own history raises that floor with every pull).
     Over HTTP each file must arrive within ``timeout_s`` plus its size budget at ``min_rate``
     bytes per second, or the pull fails (a slow-retrieval attacker cannot hold it).
     Any verification failure raises :class:`PullError` and keeps the installed release, except
@@ -492,12 +538,18 @@ def pull_release(
     dest = Path(dest)
     if not (math.isfinite(timeout_s) and timeout_s > 0 and math.isfinite(min_rate) and min_rate > 0):
         raise PullError(f"timeout_s ({timeout_s!r}) and min_rate ({min_rate!r}) must be positive")
+    if isinstance(min_sequence, bool) or not isinstance(min_sequence, int) or min_sequence < 0:
+        raise PullError(f"min_sequence must be a non-negative integer, got {min_sequence!r}")
     origin = _open_source(source, timeout_s=timeout_s, min_rate=min_rate)
     dest.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dest / _LOCK_NAME):
         _remove_leftovers(dest)
         state = _read_state(dest)
-        index = _fetch_index(origin, public_key=server_public_key, min_sequence=state.index_sequence)
+        index, index_digest = _fetch_index(origin, public_key=server_public_key, state=state, min_sequence=min_sequence)
+        if (index.sequence, index_digest) != (state.index_sequence, state.index_sha256):
+            # remember the newest verified index before downloading: the floor only ever rises
+            state = replace(state, index_sequence=index.sequence, index_sha256=index_digest)
+            _write_state(dest, state)
         revoked = set(index.revoked())
         newest = index.newest_available()
         try:
@@ -505,10 +557,10 @@ def pull_release(
                 raise PullError(f"{origin} index: every release is revoked; nothing to install")
             folder, downloaded = _ensure_installed(origin, dest, newest, public_key=server_public_key)
         except PullError:
-            _withdraw_revoked(dest, state, revoked, index_sequence=index.sequence)
+            _withdraw_revoked(dest, state, revoked)
             raise
-        new_state = _LocalState(version=newest.version, manifest_sha256=newest.manifest_sha256, index_sequence=index.sequence)
+        new_state = replace(state, version=newest.version, manifest_sha256=newest.manifest_sha256)
         _write_state(dest, new_state)
-        removed = _withdraw_revoked(dest, new_state, revoked, index_sequence=index.sequence)
+        removed = _withdraw_revoked(dest, new_state, revoked)
     changed = downloaded or state.version != newest.version
     return PullResult(version=newest.version, path=folder, removed_revoked=removed, changed=changed)
