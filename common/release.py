@@ -377,11 +377,13 @@ def check_signed_manifest(
     return ReleaseManifest.from_bytes(manifest_bytes, source=source)
 
 
-def check_release_dir(folder: Path, manifest: ReleaseManifest) -> None:
+def check_release_dir(folder: Path, manifest: ReleaseManifest, *, tombstone: bool = False) -> None:
     """Raise unless ``folder`` holds exactly the manifest's files with matching sizes and hashes.
 
     Extra files are refused too: anything in a release folder that the signature does not
-    cover could be picked up by a loader and must not be trusted.
+    cover could be picked up by a loader and must not be trusted. With ``tombstone`` (a
+    revoked release, whose model files are deleted) the manifest's files may be missing, but
+    any still present must match and nothing else may be there.
     """
     expected = set(manifest.files) | _RESERVED_NAMES
     try:
@@ -389,10 +391,14 @@ def check_release_dir(folder: Path, manifest: ReleaseManifest) -> None:
     except OSError as exc:
         raise ReleaseError(f"{folder}: cannot list release folder ({exc.strerror})") from None
     missing, extra = sorted(expected - present), sorted(present - expected)
+    if tombstone:
+        missing = sorted(_RESERVED_NAMES - present)
     if missing or extra:
         raise ReleaseError(f"{folder}: files do not match the signed manifest (missing {missing}, extra {extra})")
     for name, meta in sorted(manifest.files.items()):
         path = folder / name
+        if tombstone and name not in present:
+            continue
         if path.is_symlink() or not path.is_file():
             raise ReleaseError(f"{path}: not a regular file")
         size = path.stat().st_size
@@ -591,14 +597,18 @@ class ReleaseRegistry:
         return manifest
 
     def verify(self, version: int, *, public_key: Ed25519PublicKey) -> ReleaseManifest:
-        """Check the manifest signature and every file's size and hash; return the manifest."""
+        """Check the manifest signature and every file's size and hash; return the manifest.
+
+        A revoked release is a tombstone: its model files are deleted (or being deleted), so
+        only the files still present are checked, and its signed manifest must remain.
+        """
         folder = self.path(version)
         manifest_path = folder / MANIFEST_NAME
         manifest = check_signed_manifest(
             self._read(manifest_path), self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(manifest_path)
         )
         self._check_manifest_version(manifest, version, manifest_path)
-        check_release_dir(folder, manifest)
+        check_release_dir(folder, manifest, tombstone=version in self._revocation_reasons(public_key=public_key))
         return manifest
 
     def revoked(self) -> dict[int, str]:
@@ -694,6 +704,7 @@ class ReleaseRegistry:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             self._write_index(signing_key=signing_key)
+            self._bury_revoked(public_key=signing_key.public_key())
         logger.info("published release %s with files %s", version_dirname(version), sorted(manifest.files))
         return manifest
 
@@ -712,6 +723,7 @@ class ReleaseRegistry:
                 raise ReleaseError(f"{self.root}: cannot revoke unknown releases {unknown}")
             self._append_revocation(requested, reason, signing_key=signing_key)
             self._write_index(signing_key=signing_key)
+            self._bury_revoked(public_key=signing_key.public_key())
 
     def refresh_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
         """Re-sign the index (next sequence, new expiry) from the releases and revocation log on disk.
@@ -725,7 +737,9 @@ class ReleaseRegistry:
         if isinstance(lifetime_s, bool) or not isinstance(lifetime_s, (int, float)) or not 0 < lifetime_s <= MAX_INDEX_LIFETIME_S:
             raise ReleaseError(f"refresh_index: lifetime_s must be in (0, {MAX_INDEX_LIFETIME_S:.0f}] seconds, got {lifetime_s!r}")
         with exclusive_lock(self.root / _LOCK_NAME):
-            return self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
+            index = self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
+            self._bury_revoked(public_key=signing_key.public_key())  # finishes a burial a crash cut short
+            return index
 
     # ---------------------------------------------------------------- internals
 
@@ -778,6 +792,31 @@ class ReleaseRegistry:
         folder.mkdir(parents=True, exist_ok=True)
         _create_no_clobber(folder / f"r{entry.sequence:06d}.json", _encode_revocation(entry, signing_key=signing_key))
         logger.info("revoked releases %s: %s", list(fresh), reason)
+
+    def _bury_revoked(self, *, public_key: Ed25519PublicKey) -> None:
+        """Delete the model files of every revoked release, keeping its signed manifest as a tombstone.
+
+        Why: a revoked release still encodes the recordings whose deletion was requested; its
+        weights must not stay on the server. The manifest (file hashes and sizes, the requests
+        it applied) and its signature stay so an auditor can tell what existed and was removed.
+        Called with the writer lock held, after the index that lists the revocation is signed,
+        so no device is pointed at files that are gone; a crash midway is finished by the next
+        publish, revoke or refresh_index.
+        """
+        for version in sorted(self._revocation_reasons(public_key=public_key)):
+            folder = self.path(version)
+            if not folder.is_dir():
+                continue
+            manifest = self.manifest(version)
+            buried = []
+            for name in sorted(manifest.files):
+                path = folder / check_file_name(name, what=str(folder / MANIFEST_NAME))
+                if path.exists() or path.is_symlink():
+                    path.unlink()
+                    buried.append(name)
+            if buried:
+                fsync_dir(folder)
+                logger.info("deleted the files %s of revoked release %s (manifest kept as tombstone)", buried, version_dirname(version))
 
     def _revoke_earlier(self, version: int, requests: tuple[str, ...], reason: str, *, signing_key: Ed25519PrivateKey) -> None:
         earlier = [v for v in self.versions() if v < version]

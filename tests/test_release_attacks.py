@@ -338,3 +338,59 @@ def test_extraneous_dependencies_unlisted_files_are_never_installed(
     (installed / "evil.onnx").write_bytes(b"planted on the device")  # a local extra is caught too
     result = pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
     assert result.changed and not (result.path / "evil.onnx").exists()
+
+
+# --------------------------------------------------------------------------- tombstones of revoked releases
+
+
+def test_tombstone_revoked_release_files_are_deleted_and_its_signed_manifest_kept(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
+    published()
+    manifest_before = (registry.path(1) / "manifest.json").read_bytes()
+    published(revoke_previous=True, applies_requests=["del-1"])
+    assert sorted(p.name for p in registry.path(1).iterdir()) == ["manifest.json", "manifest.sig"]
+    assert (registry.path(1) / "manifest.json").read_bytes() == manifest_before
+    tombstone = registry.verify(1, public_key=key.public_key())  # the hashes still verify as a signed record
+    assert set(tombstone.files) == {"model.onnx"}
+    assert registry.latest(public_key=key.public_key()).version == 2
+    # an explicit revoke of the newest buries it too, and the device is left with nothing to install
+    registry.revoke(versions=[2], reason="test", signing_key=key)
+    assert not (registry.path(2) / "model.onnx").exists()
+    with pytest.raises(PullError, match="every release is revoked"):
+        pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
+
+
+def test_tombstone_a_burial_cut_short_is_finished_by_the_next_writer(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published()
+    monkeypatch.setattr(ReleaseRegistry, "_bury_revoked", lambda self, **kwargs: None)  # crash before the deletion
+    registry.revoke(versions=[1], reason="test", signing_key=key)
+    assert (registry.path(1) / "model.onnx").exists()
+    monkeypatch.undo()
+    registry.refresh_index(signing_key=key)
+    assert not (registry.path(1) / "model.onnx").exists()
+
+
+def test_tombstone_revoked_release_is_not_served_over_http(registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+    import urllib.error
+    import urllib.request
+
+    from common.release import serve_releases
+
+    published()
+    published(revoke_previous=True, applies_requests=["del-1"])
+    server = serve_releases(root=registry.root, port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        for name in ("model.onnx", "manifest.json"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/v0001/{name}", timeout=5)
+            assert refused.value.code == 410
+            refused.value.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
