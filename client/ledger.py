@@ -38,9 +38,12 @@ write lock up front, ``BEGIN IMMEDIATE``, so two writers never deadlock on a loc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import stat
 import sqlite3
 import time
 import uuid
@@ -51,8 +54,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from serforget.common.fsutil import fsync_dir, sha256_file
-from serforget.common.manifest import read_manifest, write_manifest
+from serforget.common.fsutil import sha256_file
+from serforget.common.manifest import IdError, check_id, read_manifest, write_manifest
 
 #: Version of the SQLite schema below; stored in the ``schema_version`` table.
 SCHEMA_VERSION = 1
@@ -373,8 +376,7 @@ class Ledger:
         return [LedgerEvent(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
 
     def _fetch(self, request_id: str) -> DeletionRequest:
-        if not isinstance(request_id, str):
-            raise LedgerError(f"request id must be a string, got {type(request_id).__name__}")
+        _require_id(request_id, what="request id")
         found = self._requests_where("request_id = ?", (request_id,))
         if not found:
             raise LedgerError(f"{self.path}: no deletion request {request_id!r}")
@@ -570,11 +572,15 @@ def purge_request(
        A file already missing at survey time is recorded with ``status: "already_gone"``; an
        utterance absent from the manifest with ``status: "not_in_manifest"``.
     2. Delete the audio files (only inside ``data_dir``: a manifest pointing elsewhere, e.g. at
-       a shared corpus, is refused before anything is deleted).
+       a shared corpus, is refused before anything is deleted). Deletion walks from a file
+       descriptor of ``data_dir`` one component at a time with ``O_NOFOLLOW``, re-checking
+       every stored plan path, so a folder swapped for a symlink after the survey (say after
+       a crash) is refused with an error naming it instead of followed out of the data dir;
+       once it is put right the same call completes the purge.
     3. Delete the whole ``<data_dir>/cache`` folder. Why all of it: caches may hold pooled
        artefacts (normalisation statistics, feature batches) derived from the forgotten audio
        that no file name ties to an utterance, and every cache can be rebuilt from the audio
-       that remains.
+       that remains. A ``cache`` that is a symlink is unlinked, never followed.
     4. Rewrite the manifest atomically without the request's rows.
     5. ``mark_purged`` with the receipt ``{receipt_version, request_id, release_version, files:
        [{utt_id, path, sha256, size, status}], cache_files, purged_at}`` (paths relative to
@@ -592,8 +598,13 @@ def purge_request(
     plan = ledger._purge_plan(request_id)
     if plan is None:
         plan = ledger._stage_purge_plan(request_id, plan=_survey(request, root=root, manifest=manifest))
-    _delete_audio(plan["files"], root=root)
-    _remove_cache_dir(root / CACHE_DIR)
+    root_fd = _open_data_dir(root)
+    try:
+        # the stored plan is re-validated here: it may predate a folder being swapped for a link
+        _delete_audio(plan["files"], root=root, root_fd=root_fd)
+        _remove_cache_dir(root / CACHE_DIR, root_fd=root_fd)
+    finally:
+        os.close(root_fd)
     _rewrite_manifest_without(manifest, utt_ids=set(request.utt_ids))
     receipt = {
         "receipt_version": RECEIPT_VERSION,
@@ -642,29 +653,95 @@ def _survey_audio(utt_id: str, *, audio: Path | None, root: Path, manifest: Path
 
 
 def _list_cache_files(cache: Path, *, root: Path) -> list[str]:
-    if not cache.is_dir():
+    """Regular files under ``cache``, never looking through a symlink (the cache itself or inside)."""
+    if cache.is_symlink() or not cache.is_dir():
         return []
-    return sorted(path.relative_to(root).as_posix() for path in cache.rglob("*") if path.is_file())
+    found = []
+    for folder, _dirs, names in os.walk(cache, followlinks=False):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                found.append(path.relative_to(root).as_posix())
+    return sorted(found)
 
 
-def _delete_audio(files: list[dict[str, Any]], *, root: Path) -> None:
+def _open_data_dir(root: Path) -> int:
+    """A directory descriptor for the (already resolved) data dir: every deletion starts from it."""
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise LedgerError(f"{root}: cannot open the data dir ({exc.strerror})") from None
+
+
+def _plan_parts(relpath: object, *, root: Path) -> list[str]:
+    """Components of a stored plan path, refusing anything that is not a plain path under ``root``."""
+    if not isinstance(relpath, str) or not relpath:
+        raise LedgerError(f"{root}: purge plan holds a malformed path {relpath!r}")
+    parts = relpath.split("/")
+    if relpath.startswith("/") or any(part in ("", ".", "..") or "\x00" in part for part in parts):
+        raise LedgerError(f"{root}: purge plan path {relpath!r} does not stay inside the data dir; refusing it")
+    return parts
+
+
+def _open_folder_at(root_fd: int, parts: Sequence[str], *, root: Path) -> int | None:
+    """Open ``root/parts...`` one component at a time without following links.
+
+    ``None`` when a component is missing (a rerun: the folder is already gone). A component
+    that is a symlink or not a folder raises :class:`LedgerError` naming it.
+    """
+    fd = os.dup(root_fd)
+    for depth, part in enumerate(parts):
+        try:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            where = root.joinpath(*parts[: depth + 1])
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise LedgerError(
+                    f"{where}: is a symlink or not a folder; the purge never follows a link out of the data dir "
+                    f"{root} - replace it with the real folder and run the purge again"
+                ) from None
+            raise LedgerError(f"{where}: cannot open ({exc.strerror})") from None
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def _delete_audio(files: list[dict[str, Any]], *, root: Path, root_fd: int) -> None:
     """Unlink the surveyed audio (missing ones are fine on a rerun) and flush the deletions."""
-    touched: set[Path] = set()
     for entry in files:
         if entry["path"] is None:
             continue
-        audio = root / entry["path"]
-        audio.unlink(missing_ok=True)
-        touched.add(audio.parent)
-    for folder in touched:
-        if folder.is_dir():
-            fsync_dir(folder)
+        parts = _plan_parts(entry["path"], root=root)
+        folder_fd = _open_folder_at(root_fd, parts[:-1], root=root)
+        if folder_fd is None:
+            continue
+        try:
+            os.unlink(parts[-1], dir_fd=folder_fd)  # removes a link itself, never its target
+            os.fsync(folder_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LedgerError(f"{root / entry['path']}: cannot delete ({exc.strerror})") from None
+        finally:
+            os.close(folder_fd)
 
 
-def _remove_cache_dir(cache: Path) -> None:
-    if cache.exists():
-        shutil.rmtree(cache)
-        fsync_dir(cache.parent)
+def _remove_cache_dir(cache: Path, *, root_fd: int) -> None:
+    """Delete ``cache`` (a direct child of the data dir) without following any symlink."""
+    try:
+        info = os.lstat(cache.name, dir_fd=root_fd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        # fd-based rmtree: it checks the folder it opened is the one it lstat-ed, and never follows links inside
+        shutil.rmtree(cache.name, dir_fd=root_fd)
+    else:
+        os.unlink(cache.name, dir_fd=root_fd)  # a symlink (or stray file) named cache: drop the name only
+    os.fsync(root_fd)
 
 
 def _rewrite_manifest_without(manifest: Path, *, utt_ids: set[str]) -> None:
@@ -695,9 +772,8 @@ def _asked_utt_ids(
         raise LedgerError("give utt_ids or whole_speaker=True")
     if isinstance(utt_ids, str):
         raise LedgerError(f"utt_ids must be a sequence of ids, got the string {utt_ids!r}")
-    bad_types = [u for u in utt_ids if not isinstance(u, str)]
-    if bad_types:
-        raise LedgerError(f"utt ids must be strings, got {bad_types!r}")
+    for utt in utt_ids:
+        _require_id(utt, what="utt id")
     asked = sorted(set(utt_ids))
     if not asked:
         raise LedgerError("utt_ids is empty: nothing to forget")
@@ -720,6 +796,14 @@ def _check_transition(request: DeletionRequest, to_state: str) -> None:
             f"request {request.request_id}: illegal transition {request.state} -> {to_state}; "
             f"from {request.state} it may move to {options}"
         )
+
+
+def _require_id(value: object, *, what: str) -> str:
+    """An id as :func:`serforget.common.manifest.check_id` defines it, or :class:`LedgerError`."""
+    try:
+        return check_id(value, what=what)
+    except IdError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 def _require_text(value: object, *, field: str) -> None:

@@ -32,7 +32,7 @@ from serforget.common.envelope import read_header_unverified, seal_delta
 from serforget.common.fsutil import atomic_write_json
 from serforget.common.keys import init_keys, load_signing_private
 from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
-from serforget.common.manifest import Utterance, read_manifest, write_manifest
+from serforget.common.manifest import IdError, Utterance, check_id, read_manifest, write_manifest
 
 NODE_FORMAT_VERSION = 1
 
@@ -106,13 +106,25 @@ def prepare_node_dir(*, root: Path, node_id: str, speaker: str, utterances: Sequ
     device's copy without touching the corpus it was provisioned from.
     """
     node = NodeDir(Path(root))
+    wav = node.root / "wav"
+    try:
+        check_id(node_id, what=f"{node.info_path}: node_id")
+    except IdError as exc:
+        raise NodeError(str(exc)) from None
+    targets = []
+    for utt in utterances:
+        # the id becomes a file name: "../../x" or "/etc/x" must never leave DIR/wav
+        try:
+            check_id(utt.utt_id, what=f"node {node_id}: utterance")
+        except IdError as exc:
+            raise NodeError(str(exc)) from None
+        targets.append(wav / f"{utt.utt_id}{utt.path.suffix or '.wav'}")
     if node.info_path.exists() and node.manifest.exists():
         if node.node_id != node_id:
             raise NodeError(f"{node.info_path}: holds node {node.node_id!r}, not {node_id!r}")
         return node
     local = []
-    for utt in utterances:
-        target = node.root / "wav" / f"{utt.utt_id}{utt.path.suffix or '.wav'}"
+    for utt, target in zip(utterances, targets):
         _link_or_copy(utt.path, target)
         local.append(Utterance(utt.utt_id, target, utt.speaker, utt.emotion))
     write_manifest(node.manifest, local)

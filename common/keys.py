@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from serforget.common.fsutil import atomic_write_bytes, atomic_write_json
+from serforget.common.manifest import ID_PATTERN
 
 SUITE_X25519 = "x25519"
 SUITE_MLKEM768_X25519 = "mlkem768-x25519"
@@ -64,7 +65,8 @@ REGISTRY_VERSION = 1
 
 #: Node ids appear in file names, logs and envelope headers, so they are restricted to a
 #: conservative ASCII alphabet (Flower's integer node ids and readable device names both fit).
-NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", re.ASCII)
+#: Node ids follow the one id syntax of :func:`serforget.common.manifest.check_id`.
+NODE_ID_PATTERN = ID_PATTERN
 
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_KEY_MODE = 0o644

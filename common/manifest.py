@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,35 @@ from serforget.common.labels import check_emotion
 
 COLUMNS: tuple[str, ...] = ("utt_id", "path", "speaker", "emotion")
 
+#: The one syntax of every identifier the system passes around: utterance ids, request ids,
+#: node ids. Why this narrow: ids become file names (``wav/<utt_id>.wav``), ledger keys and
+#: signed fields, so an id must be a single, non-hidden path component (no ``/``, no leading
+#: ``.``, so never ``..``), printable ASCII with no whitespace, and short.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", re.ASCII)
+ID_SYNTAX = "1-128 chars of [A-Za-z0-9._:@-] starting with a letter or digit"
+
 
 class ManifestError(ValueError):
     """A manifest file is malformed; the message names the file and line."""
+
+
+class IdError(ValueError):
+    """An identifier does not follow :data:`ID_PATTERN`; the message names where it came from."""
+
+
+def check_id(value: object, *, what: str) -> str:
+    """Return ``value`` if it is a valid id, else raise :class:`IdError` naming ``what``.
+
+    Surrounding whitespace is an error, not something to strip: ``"a "`` and ``"a"`` would
+    otherwise be two spellings of one recording, and a deletion could miss one of them.
+    """
+    if not isinstance(value, str):
+        raise IdError(f"{what}: ids must be strings, got {type(value).__name__}")
+    if value != value.strip():
+        raise IdError(f"{what}: id {value!r} has surrounding whitespace")
+    if not ID_PATTERN.fullmatch(value):
+        raise IdError(f"{what}: id {value!r} must be {ID_SYNTAX}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,10 @@ def read_manifest(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
         where = f"{manifest}:{line_no}"
         if len(fields) != len(COLUMNS):
             raise ManifestError(f"{where}: expected {len(COLUMNS)} fields, got {len(fields)}")
+        try:
+            check_id(fields[index["utt_id"]], what=f"{where}: utt_id")
+        except IdError as exc:
+            raise ManifestError(str(exc)) from None
         values = {name: fields[i].strip() for name, i in index.items()}
         for name, value in values.items():
             if not value:

@@ -57,12 +57,22 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from serforget.common.manifest import IdError, check_id
 from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
 RELEASE_FORMAT_VERSION = 1
+#: The index has its own version: format 2 added the signed ``expires`` (freeze protection).
+#: Format 1 indexes still parse (``expires`` is ``None``) so a server can read what it wrote
+#: before the upgrade and re-sign it; devices refuse them.
+INDEX_FORMAT_VERSION = 2
 SIGNATURE_ALGORITHM = "ed25519"
+#: How long a signed index stays valid by default. The server re-signs it on every publish and
+#: revoke, and an operator job (``serforget server refresh-index``) re-signs it in between.
+DEFAULT_INDEX_LIFETIME_S = 7 * 24 * 3600.0
+#: Longest lifetime a device accepts: an index signed to live for years would defeat expiry.
+MAX_INDEX_LIFETIME_S = 90 * 24 * 3600.0
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -150,6 +160,9 @@ def _load_json_object(data: bytes, *, source: str) -> dict[str, Any]:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReleaseError(f"{source}: not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        # a few KB of "[" nest deeper than the parser's recursion limit; hostile input, not a crash
+        raise ReleaseError(f"{source}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ReleaseError(f"{source}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -328,8 +341,10 @@ def _parse_requests(value: Any, *, what: str) -> tuple[str, ...]:
         raise ReleaseError(f"{what}: expected a list of request ids, got {value!r}")
     requests = tuple(value)
     for request in requests:
-        if not isinstance(request, str) or not request.strip():
-            raise ReleaseError(f"{what}: request ids must be non-empty strings, got {request!r}")
+        try:
+            check_id(request, what=what)
+        except IdError as exc:
+            raise ReleaseError(str(exc)) from None
     if len(set(requests)) != len(requests):
         raise ReleaseError(f"{what}: duplicate request ids in {list(requests)}")
     return requests
@@ -362,11 +377,13 @@ def check_signed_manifest(
     return ReleaseManifest.from_bytes(manifest_bytes, source=source)
 
 
-def check_release_dir(folder: Path, manifest: ReleaseManifest) -> None:
+def check_release_dir(folder: Path, manifest: ReleaseManifest, *, tombstone: bool = False) -> None:
     """Raise unless ``folder`` holds exactly the manifest's files with matching sizes and hashes.
 
     Extra files are refused too: anything in a release folder that the signature does not
-    cover could be picked up by a loader and must not be trusted.
+    cover could be picked up by a loader and must not be trusted. With ``tombstone`` (a
+    revoked release, whose model files are deleted) the manifest's files may be missing, but
+    any still present must match and nothing else may be there.
     """
     expected = set(manifest.files) | _RESERVED_NAMES
     try:
@@ -374,10 +391,14 @@ def check_release_dir(folder: Path, manifest: ReleaseManifest) -> None:
     except OSError as exc:
         raise ReleaseError(f"{folder}: cannot list release folder ({exc.strerror})") from None
     missing, extra = sorted(expected - present), sorted(present - expected)
+    if tombstone:
+        missing = sorted(_RESERVED_NAMES - present)
     if missing or extra:
         raise ReleaseError(f"{folder}: files do not match the signed manifest (missing {missing}, extra {extra})")
     for name, meta in sorted(manifest.files.items()):
         path = folder / name
+        if tombstone and name not in present:
+            continue
         if path.is_symlink() or not path.is_file():
             raise ReleaseError(f"{path}: not a regular file")
         size = path.stat().st_size
@@ -402,12 +423,19 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class ReleaseIndex:
-    """Signed table of contents of a registry; ``sequence`` increases with every rewrite."""
+    """Signed table of contents of a registry; ``sequence`` increases with every rewrite.
+
+    ``expires`` (epoch seconds, signed) bounds how long a device may act on this index: past
+    it a replayed index, however authentic, is refused, so an attacker who withholds new
+    indexes (freeze) can keep a device on an old view for at most one lifetime. ``None`` only
+    for format-1 indexes written before expiry existed; devices refuse those.
+    """
 
     sequence: int
     generated_at: float
     releases: tuple[IndexEntry, ...]
-    format_version: int = RELEASE_FORMAT_VERSION
+    expires: float | None = None
+    format_version: int = INDEX_FORMAT_VERSION
 
     def newest_available(self) -> IndexEntry | None:
         """The newest release that is not revoked, or ``None``."""
@@ -424,6 +452,7 @@ class ReleaseIndex:
             "format_version": self.format_version,
             "sequence": self.sequence,
             "generated_at": self.generated_at,
+            **({"expires": self.expires} if self.format_version >= 2 else {}),
             "releases": [
                 {"version": e.version, "manifest_sha256": e.manifest_sha256, "revoked": e.revoked, "reason": e.reason}
                 for e in self.releases
@@ -435,8 +464,17 @@ class ReleaseIndex:
     def from_bytes(cls, data: bytes, *, source: str) -> ReleaseIndex:
         """Parse and strictly validate index bytes (the signature is checked by parse_signed_index)."""
         obj = _load_json_object(data, source=source)
-        _require_fields(obj, {"format_version", "sequence", "generated_at", "releases"}, source=source)
-        _require_format_version(obj, source=source)
+        version = obj.get("format_version")
+        if isinstance(version, bool) or version not in (1, INDEX_FORMAT_VERSION):
+            raise ReleaseError(
+                f"{source}: format_version {version!r} is not supported (this code reads 1 and {INDEX_FORMAT_VERSION})"
+            )
+        fields = {"format_version", "sequence", "generated_at", "releases"} | ({"expires"} if version >= 2 else set())
+        _require_fields(obj, fields, source=source)
+        generated_at = _require_number(obj["generated_at"], what=f"{source}: generated_at")
+        expires = _require_number(obj["expires"], what=f"{source}: expires") if version >= 2 else None
+        if expires is not None and expires <= generated_at:
+            raise ReleaseError(f"{source}: expires ({expires}) is not after generated_at ({generated_at})")
         if not isinstance(obj["releases"], list):
             raise ReleaseError(f"{source}: 'releases' must be a list")
         entries = tuple(_parse_index_entry(raw, source=f"{source}: releases[{i}]") for i, raw in enumerate(obj["releases"]))
@@ -445,8 +483,10 @@ class ReleaseIndex:
             raise ReleaseError(f"{source}: a version is listed twice")
         return cls(
             sequence=_check_version_number(obj["sequence"], what=f"{source}: sequence"),
-            generated_at=_require_number(obj["generated_at"], what=f"{source}: generated_at"),
+            generated_at=generated_at,
             releases=entries,
+            expires=expires,
+            format_version=version,
         )
 
 
@@ -557,14 +597,18 @@ class ReleaseRegistry:
         return manifest
 
     def verify(self, version: int, *, public_key: Ed25519PublicKey) -> ReleaseManifest:
-        """Check the manifest signature and every file's size and hash; return the manifest."""
+        """Check the manifest signature and every file's size and hash; return the manifest.
+
+        A revoked release is a tombstone: its model files are deleted (or being deleted), so
+        only the files still present are checked, and its signed manifest must remain.
+        """
         folder = self.path(version)
         manifest_path = folder / MANIFEST_NAME
         manifest = check_signed_manifest(
             self._read(manifest_path), self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(manifest_path)
         )
         self._check_manifest_version(manifest, version, manifest_path)
-        check_release_dir(folder, manifest)
+        check_release_dir(folder, manifest, tombstone=version in self._revocation_reasons(public_key=public_key))
         return manifest
 
     def revoked(self) -> dict[int, str]:
@@ -660,6 +704,7 @@ class ReleaseRegistry:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             self._write_index(signing_key=signing_key)
+            self._bury_revoked(public_key=signing_key.public_key())
         logger.info("published release %s with files %s", version_dirname(version), sorted(manifest.files))
         return manifest
 
@@ -678,16 +723,23 @@ class ReleaseRegistry:
                 raise ReleaseError(f"{self.root}: cannot revoke unknown releases {unknown}")
             self._append_revocation(requested, reason, signing_key=signing_key)
             self._write_index(signing_key=signing_key)
+            self._bury_revoked(public_key=signing_key.public_key())
 
-    def refresh_index(self, *, signing_key: Ed25519PrivateKey) -> ReleaseIndex:
-        """Re-sign the index from the releases and revocation log on disk.
+    def refresh_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
+        """Re-sign the index (next sequence, new expiry) from the releases and revocation log on disk.
 
         Why public: a crash after a release was renamed into place but before the index was
         rewritten leaves the release complete but unlisted; this repairs it without publishing.
+        And since an index expires, a registry with no publish for a while must be re-signed
+        periodically or devices stop accepting it (``serforget server refresh-index``).
         """
         _require_private_key(signing_key)
+        if isinstance(lifetime_s, bool) or not isinstance(lifetime_s, (int, float)) or not 0 < lifetime_s <= MAX_INDEX_LIFETIME_S:
+            raise ReleaseError(f"refresh_index: lifetime_s must be in (0, {MAX_INDEX_LIFETIME_S:.0f}] seconds, got {lifetime_s!r}")
         with exclusive_lock(self.root / _LOCK_NAME):
-            return self._write_index(signing_key=signing_key)
+            index = self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
+            self._bury_revoked(public_key=signing_key.public_key())  # finishes a burial a crash cut short
+            return index
 
     # ---------------------------------------------------------------- internals
 
@@ -741,6 +793,31 @@ class ReleaseRegistry:
         _create_no_clobber(folder / f"r{entry.sequence:06d}.json", _encode_revocation(entry, signing_key=signing_key))
         logger.info("revoked releases %s: %s", list(fresh), reason)
 
+    def _bury_revoked(self, *, public_key: Ed25519PublicKey) -> None:
+        """Delete the model files of every revoked release, keeping its signed manifest as a tombstone.
+
+        Why: a revoked release still encodes the recordings whose deletion was requested; its
+        weights must not stay on the server. The manifest (file hashes and sizes, the requests
+        it applied) and its signature stay so an auditor can tell what existed and was removed.
+        Called with the writer lock held, after the index that lists the revocation is signed,
+        so no device is pointed at files that are gone; a crash midway is finished by the next
+        publish, revoke or refresh_index.
+        """
+        for version in sorted(self._revocation_reasons(public_key=public_key)):
+            folder = self.path(version)
+            if not folder.is_dir():
+                continue
+            manifest = self.manifest(version)
+            buried = []
+            for name in sorted(manifest.files):
+                path = folder / check_file_name(name, what=str(folder / MANIFEST_NAME))
+                if path.exists() or path.is_symlink():
+                    path.unlink()
+                    buried.append(name)
+            if buried:
+                fsync_dir(folder)
+                logger.info("deleted the files %s of revoked release %s (manifest kept as tombstone)", buried, version_dirname(version))
+
     def _revoke_earlier(self, version: int, requests: tuple[str, ...], reason: str, *, signing_key: Ed25519PrivateKey) -> None:
         earlier = [v for v in self.versions() if v < version]
         if not earlier:
@@ -759,7 +836,7 @@ class ReleaseRegistry:
         _require_format_version(head, source=str(head_path))
         return _check_version_number(head["generation"], what=f"{head_path}: generation")
 
-    def _write_index(self, *, signing_key: Ed25519PrivateKey) -> ReleaseIndex:
+    def _write_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
         """Sign a fresh index generation, then point HEAD at it (the one atomic switch)."""
         public_key = signing_key.public_key()
         revoked = self._revocation_reasons(public_key=public_key)
@@ -770,7 +847,10 @@ class ReleaseRegistry:
             # Refuse to vouch for a release whose manifest someone altered on disk.
             verify_signature(manifest_bytes, self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(folder / MANIFEST_NAME))
             entries.append(IndexEntry(version, sha256_bytes(manifest_bytes), version in revoked, revoked.get(version, "")))
-        index = ReleaseIndex(sequence=self._index_generation() + 1, generated_at=time.time(), releases=tuple(entries))
+        now = time.time()
+        index = ReleaseIndex(
+            sequence=self._index_generation() + 1, generated_at=now, releases=tuple(entries), expires=now + lifetime_s
+        )
         data = index.to_bytes()
         folder = self.root / _INDEX_DIR
         stem = folder / f"g{index.sequence:06d}"

@@ -112,7 +112,7 @@ def test_pull_installs_newest_and_is_idempotent(source: str, dest: Path, registr
     assert current_release(dest) == dest / "releases" / "v0002"
     assert _snapshot(newer.path) == _snapshot(registry.path(2))
     state = json.loads((dest / "current.json").read_text())
-    assert state["format_version"] == 1 and state["path"] == "releases/v0002"
+    assert state["format_version"] == 2 and state["path"] == "releases/v0002"
     assert _no_leftovers(dest)
 
 

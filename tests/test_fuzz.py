@@ -189,7 +189,7 @@ def test_delta_payload_parser_on_mutated_safetensors(position: int, value: int, 
 
 MANIFEST = {"format_version": 1, "version": 2, "parent": 1, "created_at": 1.5, "applies_requests": ["r1"],
             "files": {"model.onnx": {"sha256": "0" * 64, "size": 3}}, "metrics": {}, "notes": {}}
-INDEX = {"format_version": 1, "sequence": 3, "generated_at": 2.0,
+INDEX = {"format_version": 2, "sequence": 3, "generated_at": 2.0, "expires": 3.0,
          "releases": [{"version": 1, "manifest_sha256": "0" * 64, "revoked": False, "reason": ""}]}
 
 

@@ -93,8 +93,9 @@ def test_publish_verify_round_trip(registry: ReleaseRegistry, checkpoint: dict[s
     assert first.metrics == {"uar": 0.61} and first.notes == {"round": 3}
     assert first.format_version == RELEASE_FORMAT_VERSION
     for name, source in checkpoint.items():
-        assert (registry.path(1) / name).read_bytes() == source.read_bytes()
+        assert (registry.path(2) / name).read_bytes() == source.read_bytes()
         assert first.files[name]["size"] == source.stat().st_size
+        assert not (registry.path(1) / name).exists()  # v1 is revoked: a tombstone, see test_release_attacks
     # The manifest on disk is exactly the canonical bytes that were signed.
     assert (registry.path(2) / "manifest.json").read_bytes() == second.to_bytes()
 

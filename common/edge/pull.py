@@ -10,40 +10,58 @@ revoked: privacy wins over availability).
 
 Local layout, format version 1, under ``dest``::
 
-    current.json            {"format_version", "version", "path", "manifest_sha256",
-                             "index_sequence", "updated_at"}; written atomically
+    current.json            {"format_version": 2, "version", "path", "manifest_sha256",
+                             "index_sequence", "index_sha256", "updated_at"}; written
+                             atomically (format 1, without index_sha256, is still read)
     releases/v0003/         installed releases (manifest.json, manifest.sig, files)
     .incoming-* .trash-*    interrupted downloads / replacements, removed by the next pull
     .lock                   flock so two pulls never interleave
 
-``index_sequence`` is the highest signed index sequence seen; an older index is refused,
-because replaying a stale (validly signed) index could hide a later revocation.
+``index_sequence``/``index_sha256`` are the newest signed index this device accepted; they are
+persisted as soon as an index verifies, before anything is downloaded. Freshness rules (the
+properties TUF's timestamp role gives, see docs/release-distribution.md):
+
+* an index with a lower sequence is refused (rollback: a replayed index could hide a later
+  revocation); one with the same sequence only if it is byte-identical (nothing changed), never
+  a different document under a sequence already seen;
+* an index past its signed ``expires`` is refused (freeze: an attacker withholding new
+  indexes keeps a device on an old view for at most one index lifetime); so is one without
+  an expiry, one whose lifetime exceeds ``MAX_INDEX_LIFETIME_S``, and one generated in the
+  future beyond ``MAX_CLOCK_SKEW_S``;
+* a fresh device has no history, so it starts from a trust anchor shipped with it: the pinned
+  key and ``min_sequence`` (the sequence current when the device image was built); expiry
+  bounds the rest.
 
 This module must not import torch: edge devices run ONNX Runtime only.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
 from serforget.common.release import (
     INDEX_NAME,
+    MAX_INDEX_LIFETIME_S,
     INDEX_SIGNATURE_NAME,
     MANIFEST_NAME,
-    RELEASE_FORMAT_VERSION,
     SIGNATURE_NAME,
     IndexEntry,
     ReleaseError,
@@ -66,6 +84,12 @@ MAX_INDEX_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SIGNATURE_BYTES = 4 << 10
 DEFAULT_TIMEOUT_S = 60.0
+#: How far in the future an index's generated_at may lie before the device blames its clock.
+MAX_CLOCK_SKEW_S = 300.0
+_STATE_FORMAT_VERSION = 2
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: Slowest transfer rate (bytes/s) a download may average before its deadline cuts it off.
+DEFAULT_MIN_RATE = 64 << 10
 
 _INCOMING_PREFIX = ".incoming-"
 _TRASH_PREFIX = ".trash-"
@@ -97,6 +121,7 @@ class _LocalState:
     version: int | None
     manifest_sha256: str | None
     index_sequence: int
+    index_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- sources
@@ -166,42 +191,96 @@ class _DirectorySource:
 
 
 class _HttpSource:
-    """A server started with :func:`serforget.common.release.serve_releases`."""
+    """A server started with :func:`serforget.common.release.serve_releases`.
 
-    def __init__(self, base_url: str, *, timeout_s: float) -> None:
+    Why not ``urlopen``: its timeout bounds each socket read, not a download, so a server that
+    sends one byte just before every timeout holds a pull forever (slow retrieval). Here every
+    file gets a total deadline, ``timeout_s`` plus its size budget divided by ``min_rate``,
+    enforced by a timer that shuts the socket down, so connecting, headers and body together
+    can never take longer. The size budget is the signed size for release files and a fixed
+    limit for the index, manifest and signatures; a ``Content-Length`` above it is refused
+    before the body is read, and a body that runs past it is cut off (endless data).
+    Redirects are not followed: a release server has no reason to send one.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float, min_rate: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        parts = urllib.parse.urlsplit(self.base_url)
+        if not parts.hostname:
+            raise PullError(f"{base_url}: URL has no host")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._path = parts.hostname, parts.port, parts.path
 
     def __str__(self) -> str:
         return self.base_url
 
-    def _open(self, relpath: str) -> Any:
+    def _deadline_s(self, budget: int) -> float:
+        return self.timeout_s + budget / self.min_rate
+
+    def _chunks(self, relpath: str, *, budget: int, budget_name: str, out: Callable[[bytes], None]) -> None:
+        """GET ``relpath`` and pass its body to ``out`` chunk by chunk, within the budget and deadline."""
         url = f"{self.base_url}/{relpath}"
+        deadline_s = self._deadline_s(budget)
+        connection_class = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        connection = connection_class(self._host, self._port, timeout=self.timeout_s)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            sock = connection.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(deadline_s, expire)
+        timer.daemon = True
+        timer.start()
         try:
-            return urllib.request.urlopen(url, timeout=self.timeout_s)  # noqa: S310 - scheme checked in _open_source
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code == 410:
-                raise PullError(f"{url}: release is revoked (410 Gone)") from None
-            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise PullError(f"{url}: cannot fetch ({getattr(exc, 'reason', exc)})") from None
+            connection.request("GET", f"{self._path}/{relpath}", headers={"Accept-Encoding": "identity"})
+            response = connection.getresponse()
+            if response.status == 410:
+                raise PullError(f"{url}: release is revoked (410 Gone)")
+            if response.status != 200:
+                raise PullError(f"{url}: HTTP {response.status} {response.reason}")
+            if response.length is not None and response.length > budget:
+                raise PullError(f"{url}: larger than {budget_name} (announces {response.length} bytes)")
+            received = 0
+            while not expired.is_set():
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > budget:
+                    raise PullError(f"{url}: larger than {budget_name}")
+                out(chunk)
+            if expired.is_set():
+                raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)")
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)") from None
+            raise PullError(f"{url}: cannot fetch ({exc})") from None
+        finally:
+            timer.cancel()
+            connection.close()
 
     def read_small(self, relpath: str, *, limit: int) -> bytes:
-        url = f"{self.base_url}/{relpath}"
-        with self._open(relpath) as response:
-            try:
-                return _read_limited(response, limit=limit, what=url)
-            except OSError as exc:
-                raise PullError(f"{url}: download interrupted ({exc})") from None
+        parts: list[bytes] = []
+        self._chunks(relpath, budget=limit, budget_name=f"the {limit}-byte limit", out=parts.append)
+        return b"".join(parts)
 
     def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
         url = f"{self.base_url}/{relpath}"
-        with self._open(relpath) as response:
-            try:
-                _copy_limited(response, target, expected_size=expected_size, what=url)
-            except OSError as exc:
-                raise PullError(f"{url}: download interrupted ({exc})") from None
+        with open(target, "xb") as handle:
+            self._chunks(relpath, budget=expected_size, budget_name=f"the signed size {expected_size}", out=handle.write)
+            written = handle.tell()
+            handle.flush()
+            os.fsync(handle.fileno())
+        if written != expected_size:
+            raise PullError(f"{url}: got {written} bytes, the signed size is {expected_size}")
 
     def read_index(self) -> tuple[bytes, bytes]:
         return (
@@ -210,10 +289,10 @@ class _HttpSource:
         )
 
 
-def _open_source(source: str | os.PathLike[str], *, timeout_s: float) -> _DirectorySource | _HttpSource:
+def _open_source(source: str | os.PathLike[str], *, timeout_s: float, min_rate: float) -> _DirectorySource | _HttpSource:
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
-        return _HttpSource(text, timeout_s=timeout_s)
+        return _HttpSource(text, timeout_s=timeout_s, min_rate=min_rate)
     root = Path(text)
     if not root.is_dir():
         raise PullError(f"{text}: source is neither an existing registry folder nor an http(s):// URL")
@@ -226,16 +305,21 @@ def _open_source(source: str | os.PathLike[str], *, timeout_s: float) -> _Direct
 def _read_state(dest: Path) -> _LocalState:
     path = dest / CURRENT_NAME
     if not path.exists():
-        return _LocalState(version=None, manifest_sha256=None, index_sequence=0)
+        return _LocalState(version=None, manifest_sha256=None, index_sequence=0, index_sha256=None)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PullError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") not in (1, _STATE_FORMAT_VERSION) or isinstance(doc.get("format_version"), bool):
+        raise PullError(f"{path}: format_version {doc.get('format_version') if isinstance(doc, dict) else doc!r} is not supported")
     expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
-    if not isinstance(doc, dict) or set(doc) != expected:
+    if doc["format_version"] >= 2:
+        expected.add("index_sha256")
+    if set(doc) != expected:
         raise PullError(f"{path}: expected exactly the fields {sorted(expected)}")
-    if doc["format_version"] != RELEASE_FORMAT_VERSION:
-        raise PullError(f"{path}: format_version {doc['format_version']!r} is not supported")
+    index_digest = doc.get("index_sha256")
+    if index_digest is not None and not (isinstance(index_digest, str) and _SHA256_HEX.fullmatch(index_digest)):
+        raise PullError(f"{path}: index_sha256 must be 64 lower-case hex digits or null")
     version, sequence = doc["version"], doc["index_sequence"]
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise PullError(f"{path}: version must be a positive integer or null, got {version!r}")
@@ -244,7 +328,7 @@ def _read_state(dest: Path) -> _LocalState:
     digest = doc["manifest_sha256"]
     if (version is None) != (digest is None) or not (digest is None or isinstance(digest, str)):
         raise PullError(f"{path}: manifest_sha256 must be a string exactly when version is set")
-    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence)
+    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence, index_sha256=index_digest)
 
 
 def _write_state(dest: Path, state: _LocalState) -> None:
@@ -252,11 +336,12 @@ def _write_state(dest: Path, state: _LocalState) -> None:
     atomic_write_json(
         dest / CURRENT_NAME,
         {
-            "format_version": RELEASE_FORMAT_VERSION,
+            "format_version": _STATE_FORMAT_VERSION,
             "version": state.version,
             "path": relpath,
             "manifest_sha256": state.manifest_sha256,
             "index_sequence": state.index_sequence,
+            "index_sha256": state.index_sha256,
             "updated_at": time.time(),
         },
     )
@@ -294,10 +379,10 @@ def _discard_folder(dest: Path, folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int], *, index_sequence: int) -> list[int]:
+def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int]) -> list[int]:
     """Stop pointing at a revoked release, then delete every local copy of a revoked release."""
     if state.version in revoked:
-        _write_state(dest, _LocalState(version=None, manifest_sha256=None, index_sequence=index_sequence))
+        _write_state(dest, replace(state, version=None, manifest_sha256=None))
     removed = []
     releases = dest / RELEASES_DIR
     if releases.is_dir():
@@ -314,7 +399,8 @@ def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int], *, inde
 # --------------------------------------------------------------------------- verification
 
 
-def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, min_sequence: int) -> ReleaseIndex:
+def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _LocalState, min_sequence: int) -> tuple[ReleaseIndex, str]:
+    """The verified, fresh index and its SHA-256 (see the module docstring for the rules)."""
     failure: ReleaseError | None = None
     for _ in range(_INDEX_ATTEMPTS):
         index_bytes, signature = origin.read_index()
@@ -325,12 +411,29 @@ def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, min_sequence:
             failure = exc
     else:
         raise PullError(str(failure)) from failure
-    if index.sequence < min_sequence:
+    digest = sha256_bytes(index_bytes)
+    where = f"{origin} index (sequence {index.sequence})"
+    floor = max(state.index_sequence, min_sequence)
+    if index.sequence < floor:
         raise PullError(
-            f"{origin} index: sequence {index.sequence} is older than {min_sequence}, already seen; "
-            "refusing a replayed index that could hide revocations"
+            f"{where}: older than sequence {floor}, already seen or required by the trust anchor; "
+            "refusing a replayed index that could hide revocations (rollback)"
         )
-    return index
+    if index.sequence == state.index_sequence and state.index_sha256 is not None and digest != state.index_sha256:
+        raise PullError(f"{where}: differs from the index already accepted under this sequence; refusing it")
+    now = time.time()
+    if index.expires is None:
+        raise PullError(f"{where}: has no signed expiry (index format 1); the server must re-sign it")
+    if index.expires - index.generated_at > MAX_INDEX_LIFETIME_S:
+        raise PullError(f"{where}: signed to live {index.expires - index.generated_at:.0f} s, more than {MAX_INDEX_LIFETIME_S:.0f} s")
+    if index.generated_at > now + MAX_CLOCK_SKEW_S:
+        raise PullError(f"{where}: generated {index.generated_at - now:.0f} s in the future; check this device's clock")
+    if now > index.expires:
+        raise PullError(
+            f"{where}: expired {now - index.expires:.0f} s ago; refusing a stale index (freeze) - "
+            "the server must re-sign it (serforget server refresh-index)"
+        )
+    return index, digest
 
 
 def _check_manifest(
@@ -416,23 +519,37 @@ def pull_release(
     dest: Path,
     server_public_key: Ed25519PublicKey,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    min_rate: float = DEFAULT_MIN_RATE,
+    min_sequence: int = 0,
 ) -> PullResult:
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
     ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
     ``server_public_key`` is the pinned key every index and manifest must be signed with.
+    ``min_sequence`` is the trust anchor of a fresh device: the oldest index sequence it may
+    accept (the device's own history raises that floor with every pull).
+    Over HTTP each file must arrive within ``timeout_s`` plus its size budget at ``min_rate``
+    bytes per second, or the pull fails (a slow-retrieval attacker cannot hold it).
     Any verification failure raises :class:`PullError` and keeps the installed release, except
     that releases the (authentic) index lists as revoked are always deleted locally.
     """
     if not isinstance(server_public_key, Ed25519PublicKey):
         raise TypeError(f"server_public_key must be an Ed25519PublicKey, got {type(server_public_key).__name__}")
     dest = Path(dest)
-    origin = _open_source(source, timeout_s=timeout_s)
+    if not (math.isfinite(timeout_s) and timeout_s > 0 and math.isfinite(min_rate) and min_rate > 0):
+        raise PullError(f"timeout_s ({timeout_s!r}) and min_rate ({min_rate!r}) must be positive")
+    if isinstance(min_sequence, bool) or not isinstance(min_sequence, int) or min_sequence < 0:
+        raise PullError(f"min_sequence must be a non-negative integer, got {min_sequence!r}")
+    origin = _open_source(source, timeout_s=timeout_s, min_rate=min_rate)
     dest.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dest / _LOCK_NAME):
         _remove_leftovers(dest)
         state = _read_state(dest)
-        index = _fetch_index(origin, public_key=server_public_key, min_sequence=state.index_sequence)
+        index, index_digest = _fetch_index(origin, public_key=server_public_key, state=state, min_sequence=min_sequence)
+        if (index.sequence, index_digest) != (state.index_sequence, state.index_sha256):
+            # remember the newest verified index before downloading: the floor only ever rises
+            state = replace(state, index_sequence=index.sequence, index_sha256=index_digest)
+            _write_state(dest, state)
         revoked = set(index.revoked())
         newest = index.newest_available()
         try:
@@ -440,10 +557,10 @@ def pull_release(
                 raise PullError(f"{origin} index: every release is revoked; nothing to install")
             folder, downloaded = _ensure_installed(origin, dest, newest, public_key=server_public_key)
         except PullError:
-            _withdraw_revoked(dest, state, revoked, index_sequence=index.sequence)
+            _withdraw_revoked(dest, state, revoked)
             raise
-        new_state = _LocalState(version=newest.version, manifest_sha256=newest.manifest_sha256, index_sequence=index.sequence)
+        new_state = replace(state, version=newest.version, manifest_sha256=newest.manifest_sha256)
         _write_state(dest, new_state)
-        removed = _withdraw_revoked(dest, new_state, revoked, index_sequence=index.sequence)
+        removed = _withdraw_revoked(dest, new_state, revoked)
     changed = downloaded or state.version != newest.version
     return PullResult(version=newest.version, path=folder, removed_revoked=removed, changed=changed)

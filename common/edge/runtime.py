@@ -110,7 +110,7 @@ def parse_model_info(metadata: Mapping[str, str], *, source: str) -> ModelInfo:
         raise EdgeModelError(f"{source}: unsupported format_version {metadata['format_version']!r}")
     try:
         labels = json.loads(metadata["labels"])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise EdgeModelError(f"{source}: metadata labels is not JSON ({exc})") from None
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         raise EdgeModelError(f"{source}: metadata labels must be a non-empty JSON list of strings")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +46,8 @@ SAMPLE_RATE = 16_000
 #: Same epsilon as ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``, so a checkpoint sees the
 #: input scaling it was trained with.
 _NORM_EPS = 1e-7
+#: Weights files transformers reads with torch.load (pickle), unlike model.safetensors.
+_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt"})
 
 _CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2ForSequenceClassification),
@@ -381,6 +384,16 @@ def _load_pretrained(
         )
     except (OSError, ValueError) as exc:
         raise ValueError(f"pretrained_dir {directory}: cannot load a {arch} checkpoint: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) blocked a pickle that would run code: a tampered or
+        # foreign file, to be reported like any other bad checkpoint, naming the file
+        from serforget.common.checkpoint import CheckpointError  # lazy: common.checkpoint imports this package
+
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES) or ["a pickle weights file"]
+        raise CheckpointError(
+            f"pretrained_dir {directory}: {', '.join(pickles)} holds a pickle payload that is not plain tensors; "
+            "refused by torch's weights-only loader (replace the file with a trusted copy or model.safetensors)"
+        ) from None
     missing = set(info.get("missing_keys", ()))
     _check_backbone_loaded(model=model, missing=missing, directory=directory)
     head_trained = not {"classifier.weight", "classifier.bias"} & missing

@@ -39,7 +39,12 @@ def _register_edge(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("--from", dest="source", required=True, help="registry folder or http(s):// URL")
     pull.add_argument("--to", dest="dest", type=Path, required=True, help="local edge folder")
     pull.add_argument("--server-key", type=Path, required=True, help="pinned server Ed25519 public key (sign.pub)")
-    pull.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
+    pull.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds each HTTP file may take on top of its size at --min-rate (default 60)")
+    pull.add_argument("--min-rate", type=float, default=64.0,
+                      help="slowest average download rate in KiB/s before a file's deadline cuts it off (default 64)")
+    pull.add_argument("--min-sequence", type=int, default=0,
+                      help="trust anchor of a fresh device: oldest index sequence to accept (default 0)")
     pull.set_defaults(handler=_pull)
 
     predict = edge_sub.add_parser("predict", help="emotion of audio files, as JSON (ONNX Runtime only)")
@@ -59,6 +64,11 @@ def _register_server(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.set_defaults(handler=_serve)
+    refresh = server_sub.add_parser("refresh-index", help="re-sign the release index with a new expiry (run daily)")
+    refresh.add_argument("--root", type=Path, required=True, help="release registry folder")
+    refresh.add_argument("--key", type=Path, required=True, help="the server's Ed25519 signing key (sign.key)")
+    refresh.add_argument("--lifetime-days", type=float, default=7.0, help="days until the new index expires (default 7)")
+    refresh.set_defaults(handler=_refresh)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -83,7 +93,8 @@ def _pull(args: argparse.Namespace) -> int:
     from serforget.common.keys import load_signing_public
 
     result = pull_release(
-        source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout
+        source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout,
+        min_rate=args.min_rate * 1024, min_sequence=args.min_sequence,
     )
     print(json.dumps({"version": result.version, "path": str(result.path), "changed": result.changed,
                       "removed_revoked": result.removed_revoked}, indent=2))
@@ -98,6 +109,18 @@ def _predict(args: argparse.Namespace) -> int:
         threads=args.threads, hop_seconds=args.hop_seconds,
     )
     print(json.dumps(run.to_dict(), indent=2))
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from serforget.common.keys import load_signing_private
+    from serforget.common.release import ReleaseRegistry
+
+    if not args.root.is_dir():
+        raise FileNotFoundError(f"{args.root}: release registry folder not found")
+    index = ReleaseRegistry(args.root).refresh_index(signing_key=load_signing_private(args.key),
+                                                     lifetime_s=args.lifetime_days * 86400.0)
+    print(json.dumps({"sequence": index.sequence, "expires": index.expires, "releases": len(index.releases)}, indent=2))
     return 0
 
 

@@ -126,8 +126,11 @@ def _read_forget_ids(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: forget list not found") from None
-    ids = [line.split("#", 1)[0].strip() for line in lines]
-    ids = [i for i in ids if i]
+    from serforget.common.manifest import check_id
+
+    # a comment and the blanks around it go; the id itself is checked, never trimmed
+    ids = [line.split("#", 1)[0].rstrip() for line in lines]
+    ids = [check_id(i, what=f"{path}:{n}") for n, i in enumerate(ids, start=1) if i]
     if not ids:
         raise ValueError(f"{path}: no utterance ids")
     if len(set(ids)) != len(ids):
