@@ -62,6 +62,10 @@ class RunSettings:
     scenario_partial_node: int = 1
     scenario_partial_n: int = 10
     scenario_whole_node: int = 2
+    # federated retrain oracle (the report's exact-unlearning reference): FedAvg again from the same
+    # initialisation, rounds and seeds, every node leaving out the scenario's deleted recordings.
+    # Runs only where that is an oracle: scenario requests filed in this run, fresh initialisation
+    retrain_oracle: bool = True
     # releases
     onnx_export: bool = True
     int8_max_ua_drop: float = 1.0
