@@ -50,8 +50,10 @@ class Scenario:
             held_out = (load_waveforms(read_manifest(cfg.eval_manifest), labels=labels, clip_seconds=cfg.clip_seconds)
                         if cfg.eval_manifest else None)
             return cls(cfg, server, None, labels, held_out, held_out)
-        layout = provision_simulation(root=cfg.work_path, synth=SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences,
-                                                                        takes_per_emotion=cfg.synth_takes, seed=cfg.seed),
+        synth = SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences, takes_per_emotion=cfg.synth_takes,
+                            speaker_style_spread=cfg.synth_style_spread, ambiguous_rate=cfg.synth_ambiguous_rate,
+                            label_noise_rate=cfg.synth_label_noise, seed=cfg.seed)
+        layout = provision_simulation(root=cfg.work_path, synth=synth,
                                       task=cfg.task, n_valid=cfg.valid_speakers, n_test=cfg.test_speakers, seed=cfg.seed)
         load = lambda name: load_waveforms(read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds)
         scenario = cls(cfg, layout.server, layout, labels, load("valid"), load("test"))
