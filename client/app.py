@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     if len(data):
         round_no = int(msg.content["config"].get("server-round", 0))
         tc = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + round_no,
-                         device=cfg.device, select_best=False)
+                         device=cfg.device, select_best=False, cache_frontend=True)
         loss = train_model(model, data, config=tc, progress=False).epochs[-1]["train_loss"]
     sample = data.subset(range(min(len(data), cfg.importance_max_utts)))
     importance = mas_importance(model, sample, device=cfg.device) if len(sample) else {

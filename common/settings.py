@@ -35,6 +35,11 @@ class RunSettings:
     synth_speakers: int = 24
     synth_sentences: int = 8
     synth_takes: int = 2
+    # what only memory can fit (common.corpora.synth; all three 0 = the generalising regime):
+    # each speaker's own way of acting an emotion, ambiguous takes, annotation disagreement
+    synth_style_spread: float = 0.35
+    synth_ambiguous_rate: float = 0.15
+    synth_label_noise: float = 0.15
     valid_speakers: int = 3
     test_speakers: int = 5
     # FedAvg; resume = start from the newest non-revoked release (num-rounds = 0: unlearning only)
@@ -62,6 +67,10 @@ class RunSettings:
     scenario_partial_node: int = 1
     scenario_partial_n: int = 10
     scenario_whole_node: int = 2
+    # federated retrain oracle (the report's exact-unlearning reference): FedAvg again from the same
+    # initialisation, rounds and seeds, every node leaving out the scenario's deleted recordings.
+    # Runs only where that is an oracle: scenario requests filed in this run, fresh initialisation
+    retrain_oracle: bool = True
     # releases
     onnx_export: bool = True
     int8_max_ua_drop: float = 1.0

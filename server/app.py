@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
 from serforget.common.models import build_model
 from serforget.common.settings import RunSettings
+from serforget.server.oracle import run_retrain_oracle
 from serforget.server.report import build_report
 from serforget.server.scenario import Scenario
 from serforget.server.strategy import ImportanceFedAvg
@@ -44,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
                                 timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=scenario.central_evaluate)
         scenario.timings["fedavg_s"] = time.perf_counter() - start
         trained, importance = result.arrays.to_torch_state_dict(), strategy.importance
+        fedavg_examples = dict(strategy.examples_per_round)
         if importance is not None:
             scenario.server.save_importance(importance)
         v_trained = publish_release(model=scenario.model(trained), parent=base[0].version if base else None,
@@ -51,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         target = scenario.held_out_accuracy(result)
     else:
         (v_trained, trained), importance = base, scenario.server.load_importance()
+        fedavg_examples = {}
         target = scenario.held_out_accuracy(None, release=v_trained)
     requests = scenario.file_requests() if cfg.scenario and scenario.layout is not None else []
     outcome = run_unlearning_round(grid, cfg=cfg, server=scenario.server, base_state=trained,
@@ -63,13 +66,17 @@ def main(grid: Grid, context: Context) -> None:
                                       applies_requests=outcome.applied_request_ids, metrics=scenario.test_metrics(outcome.merged),
                                       revoke_previous=True,
                                       reason="applies deletion requests " + ", ".join(outcome.applied_request_ids), **release)
+    # before the release announcement purges the deleted audio: the oracle's nodes still hold it and leave it out
+    oracle = run_retrain_oracle(grid, cfg=cfg, initial=initial, requests=requests, n_nodes=scenario.n_nodes,
+                                evaluate=scenario.held_out_evaluate if scenario.test is not None else None)
     final_state = outcome.merged if outcome.merged is not None else trained
     applied = sorted(applied_request_ids(scenario.server.releases))
     retry = retry_by_node(outcome, set(applied))
     release_replies = announce_release(grid, cfg=cfg, state=final_state, version=(v_unlearned or v_trained).version,
                                        applied=applied, retry=retry)
     report = build_report(scenario=scenario, requests=requests, outcome=outcome, trained=trained, final=final_state,
-                          v_trained=v_trained, v_unlearned=v_unlearned, release_replies=release_replies)
+                          v_trained=v_trained, v_unlearned=v_unlearned, release_replies=release_replies,
+                          oracle=oracle, fedavg_examples_per_round=fedavg_examples)
     path = scenario.write_report(report)
     log.info("report written to %s", path)
     print(f"serforget: report written to {path}")

@@ -50,8 +50,10 @@ class Scenario:
             held_out = (load_waveforms(read_manifest(cfg.eval_manifest), labels=labels, clip_seconds=cfg.clip_seconds)
                         if cfg.eval_manifest else None)
             return cls(cfg, server, None, labels, held_out, held_out)
-        layout = provision_simulation(root=cfg.work_path, synth=SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences,
-                                                                        takes_per_emotion=cfg.synth_takes, seed=cfg.seed),
+        synth = SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences, takes_per_emotion=cfg.synth_takes,
+                            speaker_style_spread=cfg.synth_style_spread, ambiguous_rate=cfg.synth_ambiguous_rate,
+                            label_noise_rate=cfg.synth_label_noise, seed=cfg.seed)
+        layout = provision_simulation(root=cfg.work_path, synth=synth,
                                       task=cfg.task, n_valid=cfg.valid_speakers, n_test=cfg.test_speakers, seed=cfg.seed)
         load = lambda name: load_waveforms(read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds)
         scenario = cls(cfg, layout.server, layout, labels, load("valid"), load("test"))
@@ -96,15 +98,25 @@ class Scenario:
         return model.eval()
 
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """FedAvg's centralized evaluation on the held-out valid and test speakers."""
-        if self.test is None:
+        """FedAvg's centralized evaluation on the held-out valid and test speakers (rows kept in ``rounds``)."""
+        row = self.held_out_row(server_round, arrays)
+        if row is None:
             return MetricRecord({})
+        self.rounds.append(row)
+        return MetricRecord({k.replace("_", "-"): float(v) for k, v in row.items() if k != "round"})
+
+    def held_out_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """The same evaluation without recording the row: for a run that is not the release's (the retrain oracle)."""
+        row = self.held_out_row(server_round, arrays)
+        return MetricRecord({k.replace("_", "-"): float(v) for k, v in (row or {}).items() if k != "round"})
+
+    def held_out_row(self, server_round: int, arrays: ArrayRecord) -> dict | None:
+        if self.test is None:
+            return None
         model = self.model(arrays.to_torch_state_dict())
         test = evaluate_model(model, self.test, labels=self.labels, device=self.cfg.device)
         valid = evaluate_model(model, self.valid, labels=self.labels, device=self.cfg.device)
-        row = {"round": server_round, "test_ua": test["ua"], "test_wa": test["wa"], "valid_ua": valid["ua"]}
-        self.rounds.append(row)
-        return MetricRecord({k.replace("_", "-"): float(v) for k, v in row.items() if k != "round"})
+        return {"round": server_round, "test_ua": test["ua"], "test_wa": test["wa"], "valid_ua": valid["ua"]}
 
     def held_out_score(self) -> Callable[[Mapping[str, torch.Tensor]], float] | None:
         """Validation-speaker UA of given weights: the server's utility gate on deltas (None without a held-out set)."""
@@ -141,8 +153,15 @@ class Scenario:
         load = lambda rows: load_waveforms(rows, labels=self.labels, clip_seconds=self.cfg.clip_seconds)
         return load(forget), load(remain)
 
-    def privacy_and_accuracy(self, state: Mapping[str, torch.Tensor], forget, remain) -> dict:
-        """Forget/remain/test accuracy and forget-set MIA of one global model."""
+    def privacy_and_accuracy(self, state: Mapping[str, torch.Tensor], forget, remain,
+                             groups: Mapping[str, set[str]] | None = None) -> dict:
+        """Forget/remain/test accuracy, forget-set population MIAs and the per-example attack of one global model.
+
+        ``groups`` (name -> utt ids of the forget set, e.g. per request kind) adds each group's
+        forget accuracy and per-example member rate: a whole-speaker deletion and a few
+        recordings of a speaker who stays are different questions for a model.
+        """
+        from serforget.common.per_example_mia import logit_confidence, per_example_attack
         from serforget.common.privacy import membership_inference
 
         model = self.model(state)
@@ -153,8 +172,19 @@ class Scenario:
         mia = membership_inference(member_logits=logits["remain"], member_targets=remain.targets,
                                    nonmember_logits=logits["test"], nonmember_targets=self.test.targets,
                                    forget_logits=logits["forget"], forget_targets=forget.targets)
+        attack = per_example_attack(member_phi=logit_confidence(logits["remain"], remain.targets),
+                                    nonmember_phi=logit_confidence(logits["test"], self.test.targets),
+                                    target_phi=logit_confidence(logits["forget"], forget.targets), seed=self.cfg.seed)
+        correct = (logits["forget"].argmax(1) == forget.targets).tolist()
+        by_group = {}
+        for name, ids in (groups or {}).items():
+            rows = [i for i, utt in enumerate(forget.utt_ids) if utt in ids]
+            if rows:
+                by_group[name] = {"n": len(rows), "forget_acc": sum(correct[i] for i in rows) / len(rows),
+                                  "member_rate": sum(attack.scores[i] > 0 for i in rows) / len(rows)}
         return {"forget_acc": acc("forget", forget), "remain_acc": acc("remain", remain), "test_ua": test["ua"],
-                "test_wa": test["wa"], "mia": {name: result.to_dict() for name, result in mia.items()}}
+                "test_wa": test["wa"], "mia": {name: result.to_dict() for name, result in mia.items()},
+                "per_example_mia": attack.to_dict(forget.utt_ids), "by_group": by_group}
 
     def write_report(self, report: dict) -> Path:
         out = self.report_dir
@@ -165,26 +195,30 @@ class Scenario:
 
 
 def report_markdown(report: dict) -> str:
-    b, a = report["before"], report["after"]
+    b, a, o = report["before"], report["after"], report.get("oracle") or {}
     lines = [
         f"# serforget simulation report (run finished {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report['finished_at']))} UTC)",
         "", f"nodes: {report['n_nodes']}, FedAvg rounds: {report['num_rounds']}, "
         f"releases: {report['releases']['published']} (revoked: {report['releases']['revoked']})", "",
-        "| metric | before unlearning (v%d) | after unlearning (v%d) |" % (report["releases"]["trained"], report["releases"]["unlearned"] or 0),
-        "|---|---:|---:|",
+        "| metric | before unlearning (v%d) | after unlearning (v%d) | retrain oracle |" % (
+            report["releases"]["trained"], report["releases"]["unlearned"] or 0),
+        "|---|---:|---:|---:|",
     ]
+    cell = lambda m, key: f"{m[key]:.3f}" if key in m else "-"
     for key, label in (("forget_acc", "forget accuracy"), ("remain_acc", "remaining-set accuracy"), ("test_ua", "test UA"), ("test_wa", "test WA")):
         if key in b and key in a:
-            lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} |")
+            lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} | {cell(o, key)} |")
     if report.get("after_without_elastic") and "forget_acc" in report["after_without_elastic"]:
         w = report["after_without_elastic"]
-        lines.insert(len(lines), f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} |")
+        lines.append(f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} | |")
     for attack in ("loss", "confidence", "entropy"):
         if attack in b.get("mia", {}):
-            lines.append(f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} |")
+            oracle_auc = f"{o['mia'][attack]['auc']:.3f}" if attack in o.get("mia", {}) else "-"
+            lines.append(f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} | {oracle_auc} |")
     for node in report["node_release_reports"]:
         if node.get("forget-acc-release", -1.0) >= 0:
-            lines.append(f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} |")
+            lines.append(f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} | |")
+    lines += ["", *deleted_recordings_markdown(report)]
     t = report["timings"]
     lines += ["", "| timing | seconds |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in sorted(t.items())]
     lines += ["", f"bytes sent to nodes for unlearning: {report['unlearning']['bytes_sent']}, "
@@ -194,37 +228,97 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def deleted_recordings_markdown(report: dict) -> list[str]:
+    """The deleted recordings under v1, v2 and the retrain oracle (or why there is no oracle)."""
+    oracle = report.get("retrain_oracle") or {}
+    if not oracle.get("ran"):
+        return [f"retrain oracle: not run ({oracle.get('skipped', 'not part of this report')})"]
+    lines = []
+    d = report.get("deleted_recordings")
+    if d is not None:
+        models = d["models"]
+        lines += [f"## The {d['n']} deleted recordings ("
+                  + ", ".join(f"{name}: {n}" for name, n in d["n_by_group"].items()) + ")", "",
+                  "| model | accuracy | " + " | ".join(f"accuracy ({g})" for g in d["n_by_group"])
+                  + " | per-example attack: called member | mean membership posterior | attack on held-out non-members (FPR) / remaining (TPR) |",
+                  "|---|---:|" + "---:|" * len(d["n_by_group"]) + "---:|---:|---:|"]
+        names = {"v1": f"v{report['releases']['trained']} (FedAvg)",
+                 "v2": f"v{report['releases']['unlearned']} (unlearned)" if report["releases"]["unlearned"] else "no unlearned release",
+                 "oracle": "retrain oracle"}
+        for key, m in models.items():
+            groups = " | ".join(f"{m['by_group'][g]['forget_acc']:.3f}" if g in m["by_group"] else "-" for g in d["n_by_group"])
+            lines.append(f"| {names[key]} | {m['forget_acc']:.3f} | {groups} | {m['member_rate']:.3f} | {m['mean_posterior']:.3f} | "
+                         f"{m['nonmember_rate']:.3f} / {m['remaining_member_rate']:.3f} |")
+        dist = d["score_distance_to_oracle"]
+        acc = d["acceptance"]
+        lines += ["", f"mean per-example distance of the attack's log likelihood ratio to the oracle's: "
+                  f"v1 {dist['v1']:.2f}, v2 {dist['v2']:.2f}",
+                  f"memorisation (issue 10, federated): v1 is {acc['v1_minus_oracle_forget_acc_pts']:.1f} accuracy points above the "
+                  f"oracle on the deleted recordings (target >= {acc['target_pts']:.0f}): **{'met' if acc['met'] else 'missed'}**"]
+    speed = report.get("unlearning_vs_oracle")
+    if speed:
+        ratio = f"{speed['speedup']:.1f}x" if speed["speedup"] else "n/a"
+        lines.append(f"wall time: unlearning round {speed['unlearning_round_s']:.1f} s vs retrain oracle {speed['oracle_train_s']:.1f} s "
+                     f"(FedAvg without the deleted recordings, central evaluation excluded): {ratio}")
+    examples = oracle.get("examples_per_round", {})
+    fedavg = oracle.get("fedavg_examples_per_round", {})
+    if examples and fedavg:
+        first = next(iter(examples))
+        lines.append(f"recordings trained on per round: FedAvg {fedavg.get(first, '-')}, oracle {examples[first]}")
+    return lines
+
+
 def plot_report(report: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.0, 1.6, 0.7]})
     rounds = report["fedavg_rounds"]
-    ax1.plot([r["round"] for r in rounds], [r["test_ua"] for r in rounds], marker="o", label="test UA")
-    ax1.plot([r["round"] for r in rounds], [r["valid_ua"] for r in rounds], marker=".", label="valid UA")
+    ax1.plot([r["round"] for r in rounds], [r["test_ua"] for r in rounds], marker="o", label="test UA (FedAvg)")
+    ax1.plot([r["round"] for r in rounds], [r["valid_ua"] for r in rounds], marker=".", label="valid UA (FedAvg)")
+    oracle_rounds = [r for r in (report.get("retrain_oracle") or {}).get("rounds", []) if "test_ua" in r]
+    if oracle_rounds:
+        ax1.plot([r["round"] for r in oracle_rounds], [r["test_ua"] for r in oracle_rounds], marker="x", linestyle="--",
+                 label="test UA (retrain oracle)")
+    if report.get("labels"):
+        ax1.axhline(1.0 / len(report["labels"]), color="grey", linestyle=":", linewidth=1, label="chance")
     ax1.set_xlabel("FedAvg round")
     ax1.set_ylabel("UA")
     ax1.set_title("federated training (central evaluation)")
-    ax1.legend()
+    ax1.legend(fontsize=8)
+    models = [("before", "v1 (FedAvg)"), ("after", "v2 (unlearned)")] + ([("oracle", "retrain oracle")] if report.get("oracle") else [])
     named = [(k, n) for k, n in (("forget_acc", "forget acc"), ("remain_acc", "remain acc"), ("test_ua", "test UA"))
-             if k in report["before"] and k in report["after"]]
-    before = [report["before"][k] for k, _ in named]
-    after = [report["after"][k] for k, _ in named]
+             if all(k in report[m] for m, _ in models)]
+    values = {m: [report[m][k] for k, _ in named] for m, _ in models}
     names = [n for _, n in named]
-    if report["before"].get("mia"):
+    if all("per_example_mia" in report[m] for m, _ in models):
+        for m, _ in models:
+            values[m].append(report[m]["per_example_mia"]["member_rate"])
+        names.append("forget called member\n(per-example attack)")
+    elif report["before"].get("mia"):
         mia_key = next(iter(report["before"]["mia"]))
-        before.append(report["before"]["mia"][mia_key]["auc"])
-        after.append(report["after"]["mia"][mia_key]["auc"])
+        for m, _ in models:
+            values[m].append(report[m]["mia"][mia_key]["auc"])
         names.append(f"MIA AUC ({mia_key})")
-    x = range(len(names))
-    ax2.bar([i - 0.2 for i in x], before, width=0.4, label="before (trained release)")
-    ax2.bar([i + 0.2 for i in x], after, width=0.4, label="after (unlearned release)")
-    ax2.set_xticks(list(x), names)
+    width = 0.8 / len(models)
+    for j, (m, label) in enumerate(models):
+        ax2.bar([i + (j - (len(models) - 1) / 2) * width for i in range(len(names))], values[m], width=width, label=label)
+    ax2.set_xticks(list(range(len(names))), names, fontsize=8)
     ax2.set_ylim(0, 1)
-    ax2.set_title("deletion of the forget set")
+    ax2.set_title("the deleted recordings (forget set) and the rest")
     ax2.legend(fontsize=8)
+    speed = report.get("unlearning_vs_oracle")
+    if speed:
+        ax3.bar(["unlearning\nround", "retrain\noracle"], [speed["unlearning_round_s"], speed["oracle_train_s"]],
+                color=["tab:orange", "tab:green"])
+        ax3.set_yscale("log")
+        ax3.set_ylabel("wall time (s, log scale)")
+        ax3.set_title(f"cost: {speed['speedup']:.1f}x" if speed["speedup"] else "cost")
+    else:
+        ax3.axis("off")
+        ax3.text(0.5, 0.5, "no retrain oracle\nin this run", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=120)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -24,6 +25,9 @@ class ImportanceFedAvg(FedAvg):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.importance: dict[str, torch.Tensor] | None = None
+        #: round -> recordings the nodes trained on (sum of their ``num-examples``): lets a report
+        #: show what a run excluded, e.g. the retrain oracle's missing deleted recordings
+        self.examples_per_round: dict[int, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
@@ -31,13 +35,15 @@ class ImportanceFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        maps = []
+        maps, examples = [], 0
         for msg in replies:
             if msg.has_error() or IMPORTANCE_KEY not in msg.content:
                 continue
             weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0  # a node's claim, not trusted to parse
             maps.append((msg.content[IMPORTANCE_KEY].to_torch_state_dict(), weight))
             del msg.content[IMPORTANCE_KEY]
+        self.examples_per_round[server_round] = examples
         if any(w > 0 for _, w in maps):
             self.importance = weighted_average([(m, w) for m, w in maps if w > 0])
         return super().aggregate_train(server_round, replies)

@@ -24,7 +24,9 @@ from serforget.common.corpora.synth import (
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import read_manifest
 
-TINY = SynthConfig(n_speakers=2, sentences_per_speaker=1, takes_per_emotion=1, seed=7)
+#: The generalising regime (no speaker styles, ambiguity or label noise): every label is the acted one.
+TINY = SynthConfig(n_speakers=2, sentences_per_speaker=1, takes_per_emotion=1, seed=7,
+                   speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,10 @@ def test_default_speakers_are_distinct_voices_balanced_by_gender() -> None:
         ({"snr_db": (30.0, 10.0)}, "snr_db"),
         ({"reverb_rt60_s": (0.0, 0.5)}, "reverb_rt60_s"),
         ({"speaker_rate_spread": 1.0}, "speaker_rate_spread"),
+        ({"speaker_style_spread": -0.1}, "speaker_style_spread"),
+        ({"ambiguous_rate": 1.0}, "ambiguous_rate"),
+        ({"label_noise_rate": -0.01}, "label_noise_rate"),
+        ({"emotions": ("sad",)}, "ambiguous_rate"),
     ],
 )
 def test_invalid_config_names_the_field(change: dict[str, object], field: str) -> None:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLWR_ALLOWED = {
     "client/app.py", "client/runtime.py",
     "server/app.py", "server/inprocess.py", "server/report.py", "server/scenario.py", "server/strategy.py",
-    "server/unlearning_round.py",
+    "server/unlearning_round.py", "server/oracle.py",
     # the SuperLink launcher that serves Flower's own app with the Fleet API alone on the devices' port
     "deploy/superlink.py",
 }

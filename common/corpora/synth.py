@@ -39,6 +39,31 @@ Design (each number below is a knob of :class:`SynthConfig` or a row of :data:`S
   unweighted accuracy, and an MLP on per-utterance log-mel mean/std 81-89 % over six splits;
   angry and sad are the easiest classes, neutral vs happy the hardest. Raise ``jitter`` or lower
   ``emotion_strength`` to make it harder.
+* **What only memory can fit** (the *memorising* regime, the default; see
+  ``docs/forgetting.md``). Real acted corpora (IEMOCAP, RAVDESS, CREMA-D) are not cleanly
+  separable: actors express an emotion their own way, some renditions sit between two emotions,
+  and annotators disagree (CREMA-D's crowd raters agree with the acted label on about 60-70 % of
+  clips). Fine-tuned SER models fit such training sets almost perfectly while scoring far lower on
+  unseen speakers, so some training utterances are fitted only by remembering them, which is
+  what machine unlearning has to undo. Three seeded knobs model this, each with its own random
+  stream so that setting all three to 0 renders exactly the audio and labels of the
+  *generalising* regime (:data:`GENERALISING`):
+
+  - ``speaker_style_spread``: every (speaker, emotion) pair gets its own way of acting, a
+    log-normal factor of standard deviation ``speaker_style_spread`` on that emotion's acting
+    amount and on each prosody multiplier, plus ``speaker_style_spread * 6`` dB of loudness and
+    ``speaker_style_spread * 3`` dB/octave of spectral tilt (standard deviations). One actor's
+    happy can sound like another's angry; what a model learns about a training speaker's style
+    transfers only partly to unseen speakers.
+  - ``ambiguous_rate``: exactly ``round(rate * takes)`` takes of every speaker are rendered as a
+    blend of the acted emotion with another one (drawn uniformly), blend weight uniform in
+    [0.35, 0.65]: the label stays the acted emotion, the audio sits between the two classes.
+  - ``label_noise_rate``: exactly ``round(rate * takes)`` takes of every speaker carry an
+    *annotated* label other than the acted emotion (drawn uniformly among the others), as when
+    the annotators' majority disagrees with the actor. The manifest holds the annotated label
+    (what a trainer sees); ``labels.csv`` next to it lists, per take, the acted emotion, the
+    annotated one and the blend, so an evaluation can tell noise from signal.
+
 * **Output.** Resampled to 16 kHz mono by exact band-limited FFT resampling, peak-limited to
   0.99 and written as 16-bit PCM WAV with soundfile.
 
@@ -64,6 +89,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from multiprocessing import get_context
@@ -80,9 +106,11 @@ from serforget.common.manifest import Utterance, write_manifest
 
 SYNTH_FORMAT = "serforget-synth-corpus"
 #: Bump whenever the rendering changes, so an old corpus is never mistaken for a new one.
-SYNTH_VERSION = 1
+#: 2: speaker-specific styles, ambiguous renditions and annotation noise (``labels.csv``).
+SYNTH_VERSION = 2
 SAMPLE_RATE = 16000
 MANIFEST_NAME = "manifest.csv"
+LABELS_NAME = "labels.csv"
 META_NAME = "synth.json"
 WAV_DIR = "wav"
 ESPEAK = "espeak-ng"
@@ -130,6 +158,13 @@ SSML_RATE_PERCENT = (50, 200)
 
 # Purposes of random draws; part of every generator key so two purposes never share a stream.
 _SPEAKER_STREAM, _SENTENCE_STREAM, _TAKE_STREAM = 1, 2, 3
+_STYLE_STREAM, _AMBIGUOUS_STREAM, _ANNOTATION_STREAM, _BLEND_STREAM = 4, 5, 6, 7
+#: Standard deviations, per unit of ``speaker_style_spread``, of a speaker's own loudness (dB)
+#: and spectral tilt (dB/octave) offsets for one emotion.
+STYLE_GAIN_DB = 6.0
+STYLE_TILT_DB = 3.0
+#: Range of the weight of the other emotion in an ambiguous take.
+BLEND_WEIGHT = (0.35, 0.65)
 
 
 @dataclass(frozen=True)
@@ -176,6 +211,12 @@ class SynthConfig:
     the speaker base speed around 175 words/min. ``speaker_expressiveness_spread`` is the
     relative half-width of how strongly each speaker acts.
 
+    What only memory can fit (module docstring; all 0 gives the generalising regime):
+    ``speaker_style_spread`` (>= 0) is the log-scale standard deviation of each speaker's own way
+    of acting each emotion; ``ambiguous_rate`` and ``label_noise_rate`` (in [0, 1)) are the
+    exact fractions of every speaker's takes rendered as a blend of two emotions and annotated
+    with a label other than the acted one.
+
     Recording: ``level_jitter_db`` is the half-width of the uniform random recording level;
     ``snr_db`` the uniform range of the additive-noise SNR; ``reverb_rt60_s`` the uniform range of
     the room's RT60 in seconds and ``reverb_wet`` of the reverberant-to-direct energy ratio.
@@ -195,6 +236,9 @@ class SynthConfig:
     snr_db: tuple[float, float] = (10.0, 30.0)
     reverb_rt60_s: tuple[float, float] = (0.15, 0.6)
     reverb_wet: tuple[float, float] = (0.05, 0.4)
+    speaker_style_spread: float = 0.35
+    ambiguous_rate: float = 0.15
+    label_noise_rate: float = 0.15
 
     def __post_init__(self) -> None:
         _check_int("n_speakers", self.n_speakers, low=1, high=MAX_SPEAKERS)
@@ -219,6 +263,11 @@ class SynthConfig:
         _check_range("snr_db", self.snr_db)
         _check_range("reverb_rt60_s", self.reverb_rt60_s, low=1e-3)
         _check_range("reverb_wet", self.reverb_wet, low=0.0)
+        _check_real("speaker_style_spread", self.speaker_style_spread, low=0.0)
+        _check_real("ambiguous_rate", self.ambiguous_rate, low=0.0, below=1.0)
+        _check_real("label_noise_rate", self.label_noise_rate, low=0.0, below=1.0)
+        if len(self.emotions) < 2 and (self.ambiguous_rate > 0 or self.label_noise_rate > 0):
+            raise ValueError("SynthConfig.ambiguous_rate and label_noise_rate need at least two emotions")
 
     @property
     def n_utterances(self) -> int:
@@ -227,6 +276,7 @@ class SynthConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON form (tuples become lists), the form stored in and compared with ``synth.json``."""
         return json.loads(json.dumps(asdict(self)))
+
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
@@ -253,6 +303,14 @@ def _check_range(name: str, value: object, *, low: float | None = None) -> None:
     if not ok:
         floor = f", both >= {low}" if low is not None else ""
         raise ValueError(f"SynthConfig.{name} must be a (low, high) tuple with low <= high{floor}; got {value!r}")
+
+
+#: The pre-version-2 corpus: no speaker styles, no ambiguous takes, no annotation noise. A small
+#: model generalises on it (training and test accuracy close), so there is little to forget.
+GENERALISING = SynthConfig(speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0)
+#: The default: speaker-specific acting, 15 % ambiguous takes, 15 % annotation disagreement.
+MEMORISING = SynthConfig()
+REGIMES: dict[str, SynthConfig] = {"memorising": MEMORISING, "generalising": GENERALISING}
 
 
 # ----------------------------------------------------------------------------- speakers and plan
@@ -308,6 +366,14 @@ class TakeJob:
     emotion: str
     take: int
     config: SynthConfig
+    #: Emotion blended into this take (``ambiguous_rate``), or ``None``.
+    blend_with: str | None = None
+    #: The annotated label written to the manifest (differs from ``emotion`` under label noise).
+    label: str = ""
+
+    @property
+    def annotated(self) -> str:
+        return self.label or self.emotion
 
 
 def plan_takes(config: SynthConfig, *, wav_dir: Path) -> list[TakeJob]:
@@ -332,7 +398,44 @@ def plan_takes(config: SynthConfig, *, wav_dir: Path) -> list[TakeJob]:
                             config=config,
                         )
                     )
-    return jobs
+    return _assign_ambiguity_and_labels(jobs, config)
+
+
+def _pick_per_speaker(jobs: list[TakeJob], rate: float, *, seed: int, stream: int) -> set[int]:
+    """Exactly ``round(rate * takes)`` job positions of every speaker, drawn from ``stream``."""
+    picked: set[int] = set()
+    by_speaker: dict[int, list[int]] = {}
+    for position, job in enumerate(jobs):
+        by_speaker.setdefault(job.speaker_index, []).append(position)
+    for speaker_index, positions in by_speaker.items():
+        count = round(rate * len(positions))
+        if count:
+            rng = _rng(seed, stream, speaker_index)
+            picked.update(positions[int(i)] for i in rng.choice(len(positions), size=count, replace=False))
+    return picked
+
+
+def _other_emotion(rng: np.random.Generator, emotions: tuple[str, ...], acted: str) -> str:
+    others = [e for e in emotions if e != acted]
+    return others[int(rng.integers(len(others)))]
+
+
+def _assign_ambiguity_and_labels(jobs: list[TakeJob], config: SynthConfig) -> list[TakeJob]:
+    """Mark the ambiguous takes and the takes whose annotated label disagrees with the acting.
+
+    The two draws are independent: a take can be both blended and mislabelled.
+    """
+    ambiguous = _pick_per_speaker(jobs, config.ambiguous_rate, seed=config.seed, stream=_AMBIGUOUS_STREAM)
+    noisy = _pick_per_speaker(jobs, config.label_noise_rate, seed=config.seed, stream=_ANNOTATION_STREAM)
+    out = []
+    for position, job in enumerate(jobs):
+        blend_with = label = None
+        if position in ambiguous:
+            blend_with = _other_emotion(_rng(config.seed, _AMBIGUOUS_STREAM, job.speaker_index, position), config.emotions, job.emotion)
+        if position in noisy:
+            label = _other_emotion(_rng(config.seed, _ANNOTATION_STREAM, job.speaker_index, position), config.emotions, job.emotion)
+        out.append(dataclasses.replace(job, blend_with=blend_with, label=label or job.emotion))
+    return out
 
 
 def _rng(seed: int, stream: int, *indices: int) -> np.random.Generator:
@@ -366,24 +469,26 @@ def draw_take(job: TakeJob) -> tuple[TakeParams, np.random.Generator]:
 
     Also returns the take's generator, positioned after these draws, for the noise signals.
     """
-    cfg, style = job.config, STYLES[job.emotion]
+    cfg = job.config
+    style = _blended_style(job)
     rng = _rng(cfg.seed, _TAKE_STREAM, job.speaker_index, job.sentence_index, _STYLE_INDEX[job.emotion], job.take)
+    own = _speaker_style(cfg, job.speaker_index, job.emotion)
 
     def wobble() -> float:
         return math.exp(rng.normal(0.0, cfg.jitter))
 
-    amount = cfg.emotion_strength * job.voice.expressiveness * wobble()
-    pitch = style.pitch**amount * wobble()
-    pitch_range = style.pitch_range**amount * wobble()
-    rate = style.rate**amount * wobble()
+    amount = cfg.emotion_strength * job.voice.expressiveness * own["amount"] * wobble()
+    pitch = style.pitch**amount * own["pitch"] * wobble()
+    pitch_range = style.pitch_range**amount * own["pitch_range"] * wobble()
+    rate = style.rate**amount * own["rate"] * wobble()
     level_db = rng.uniform(-cfg.level_jitter_db, cfg.level_jitter_db)
     params = TakeParams(
         ssml_pitch_percent=_clamp(round((pitch - 1.0) * 100), SSML_PITCH_PERCENT),
         ssml_range_percent=_clamp(round(pitch_range * 100), SSML_RANGE_PERCENT),
         ssml_rate_percent=_clamp(round(rate * 100), SSML_RATE_PERCENT),
-        gain_db=style.gain_db * amount + level_db,
+        gain_db=style.gain_db * amount + own["gain_db"] + level_db,
         drive=style.drive * amount,
-        tilt_db_per_octave=style.tilt_db_per_octave * amount,
+        tilt_db_per_octave=style.tilt_db_per_octave * amount + own["tilt_db"],
         breath=style.breath * amount,
         silence_s=(rng.uniform(*SILENCE_S), rng.uniform(*SILENCE_S)),
         rt60_s=rng.uniform(*cfg.reverb_rt60_s),
@@ -392,6 +497,45 @@ def draw_take(job: TakeJob) -> tuple[TakeParams, np.random.Generator]:
         snr_db=rng.uniform(*cfg.snr_db),
     )
     return params, rng
+
+
+def _speaker_style(cfg: SynthConfig, speaker_index: int, emotion: str) -> dict[str, float]:
+    """This speaker's own way of acting ``emotion`` (all neutral factors when the spread is 0)."""
+    if cfg.speaker_style_spread == 0.0:
+        return {"amount": 1.0, "pitch": 1.0, "pitch_range": 1.0, "rate": 1.0, "gain_db": 0.0, "tilt_db": 0.0}
+    z = _rng(cfg.seed, _STYLE_STREAM, speaker_index, _STYLE_INDEX[emotion]).normal(0.0, 1.0, 6)
+    s = cfg.speaker_style_spread
+    return {
+        "amount": math.exp(s * z[0]),
+        "pitch": math.exp(s * z[1]),
+        "pitch_range": math.exp(s * z[2]),
+        "rate": math.exp(s * z[3]),
+        "gain_db": s * STYLE_GAIN_DB * float(z[4]),
+        "tilt_db": s * STYLE_TILT_DB * float(z[5]),
+    }
+
+
+def _blended_style(job: TakeJob) -> EmotionStyle:
+    """The acted style, or for an ambiguous take its blend with ``job.blend_with``.
+
+    Multipliers blend geometrically, additive settings linearly, with the weight of the other
+    emotion drawn from its own stream (uniform in :data:`BLEND_WEIGHT`).
+    """
+    acted = STYLES[job.emotion]
+    if job.blend_with is None:
+        return acted
+    other = STYLES[job.blend_with]
+    key = (job.speaker_index, job.sentence_index, _STYLE_INDEX[job.emotion], job.take)
+    w = float(_rng(job.config.seed, _BLEND_STREAM, *key).uniform(*BLEND_WEIGHT))
+    return EmotionStyle(
+        pitch=acted.pitch ** (1 - w) * other.pitch**w,
+        pitch_range=acted.pitch_range ** (1 - w) * other.pitch_range**w,
+        rate=acted.rate ** (1 - w) * other.rate**w,
+        gain_db=(1 - w) * acted.gain_db + w * other.gain_db,
+        drive=(1 - w) * acted.drive + w * other.drive,
+        tilt_db_per_octave=(1 - w) * acted.tilt_db_per_octave + w * other.tilt_db_per_octave,
+        breath=(1 - w) * acted.breath + w * other.breath,
+    )
 
 
 def _clamp(value: int, bounds: tuple[int, int]) -> int:
@@ -575,8 +719,43 @@ def synthesize_corpus(
     n_workers = min(len(jobs), workers if workers is not None else len(os.sched_getaffinity(0)))
     for _ in tqdm(_run_jobs(jobs, n_workers), total=len(jobs), disable=not progress, desc="synth corpus", unit="utt"):
         pass
-    utterances = [Utterance(job.utt_id, job.path, job.voice.name, job.emotion) for job in jobs]
+    write_label_table(out / LABELS_NAME, jobs)
+    utterances = [Utterance(job.utt_id, job.path, job.voice.name, job.annotated) for job in jobs]
     return write_manifest(manifest, utterances)
+
+
+def write_label_table(path: Path, jobs: list[TakeJob]) -> Path:
+    """``labels.csv``: per take the acted emotion, the annotated label and the blended emotion."""
+    lines = ["utt_id,acted,annotated,blend_with"]
+    lines += [f"{job.utt_id},{job.emotion},{job.annotated},{job.blend_with or ''}" for job in jobs]
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class TakeLabels:
+    """One row of ``labels.csv``."""
+
+    acted: str
+    annotated: str
+    blend_with: str | None
+
+    @property
+    def mislabelled(self) -> bool:
+        return self.acted != self.annotated
+
+
+def read_label_table(path: Path) -> dict[str, TakeLabels]:
+    """Read ``labels.csv``; a malformed row is an error naming the file and line."""
+    rows: dict[str, TakeLabels] = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != "utt_id,acted,annotated,blend_with":
+        raise SynthCorpusError(f"{path}: not a synthetic-corpus label table (bad header)")
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.split(",")
+        if len(parts) != 4 or parts[1] not in STYLES or parts[2] not in STYLES or (parts[3] and parts[3] not in STYLES):
+            raise SynthCorpusError(f"{path}:{number}: malformed row {line!r}")
+        rows[parts[0]] = TakeLabels(parts[1], parts[2], parts[3] or None)
+    return rows
 
 
 def _claim_or_reuse(out: Path, meta: dict[str, Any]) -> bool:

@@ -85,7 +85,12 @@ class LogMelCNN(nn.Module):
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(self.frontend(waveform).unsqueeze(1))
+        return self.classify_features(self.frontend(waveform))
+
+    def classify_features(self, logmel: torch.Tensor) -> torch.Tensor:
+        """Logits from the front end's output ``[batch, n_mels, frames]`` (the front end has no
+        parameters, so training may compute it once: ``TrainConfig.cache_frontend``)."""
+        feats = self.encoder(logmel.unsqueeze(1))
         pooled = torch.cat([feats.mean(dim=(2, 3)), feats.amax(dim=(2, 3))], dim=1)
         return self.head(pooled)
 
