@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL the writers of the release registry, the deletion ledger and the replay list.
+"""Crash safety: SIGKILL the writers of the release registry, the deletion ledger, the replay list and the request owners.
 
 Why: every store that a deletion promise depends on must survive a process dying at any
 instruction. This runs, for each store, a writer child process that commits operations in a
@@ -15,7 +15,9 @@ the store against the log:
 * **deletion ledger** (:mod:`serforget.client.ledger`): the SQLite file opens, ``PRAGMA
   integrity_check`` is ``ok`` and every logged transition is in the request's history;
 * **replay list** (``ServerDir.remember``, ``seen.json``): it parses and holds every logged
-  envelope id.
+  envelope id;
+* **request owners** (``ServerDir.bind_requests``, ``request_owners.json``): it parses and holds
+  every logged binding with its first owner (a binding never moves).
 
 A commit that completed just before the kill but was not logged yet is allowed (at most one
 per trial and store): it is the in-flight operation, and it is counted as ``unlogged``. A
@@ -180,6 +182,21 @@ def _seen_writer(root: str, log: str, ready: Any) -> None:
         _append_fsynced(Path(log), envelope_id)
 
 
+def _owners_writer(root: str, log: str, ready: Any) -> None:
+    """Bind fresh request ids one at a time, and re-claim an old one for another node, as rounds do."""
+    server = ServerDir(Path(root))
+    ready.set()
+    number = 0
+    while True:
+        request_id, node = os.urandom(16).hex(), f"node-{number % 7}"
+        # a later claim of an owned id by another node must never move it
+        stolen = next(iter(server.request_owners()), None)
+        claims = {node: [request_id]} if stolen is None else {node: [request_id], "squatter": [stolen]}
+        server.bind_requests(claims)
+        _append_fsynced(Path(log), f"{request_id} {node}")
+        number += 1
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -305,6 +322,28 @@ def _check_seen(server: ServerDir, logged: list[str], before: set[str], result: 
     return stored
 
 
+def _check_owners(server: ServerDir, logged: list[str], before: dict[str, str], result: StoreResult) -> dict[str, str]:
+    try:
+        stored = server.request_owners()
+    except (ValueError, KeyError, TypeError) as exc:
+        result.note("corrupted", f"{server.request_owners_path}: unreadable after the kill ({exc})")
+        return before
+    for line in logged:
+        request_id, node = line.split()
+        if request_id not in stored:
+            result.note("lost", f"request {request_id} was logged as bound to {node} but is missing")
+        elif stored[request_id] != node:
+            result.note("corrupted", f"request {request_id} bound to {node} moved to {stored[request_id]}")
+    for request_id, node in before.items():
+        if stored.get(request_id) != node:
+            result.note("corrupted", f"request {request_id} of {node} changed owner or vanished")
+    in_flight = set(stored) - set(before) - {line.split()[0] for line in logged}
+    result.unlogged_in_flight += len(in_flight)
+    if len(in_flight) > 1:
+        result.note("corrupted", f"{len(in_flight)} unlogged bindings appeared in one trial")
+    return stored
+
+
 # --------------------------------------------------------------------------- trial loop
 
 
@@ -404,10 +443,28 @@ def seen_trials(*, work: Path, trials: int, seed: int, max_delay_s: float = DEFA
     return result
 
 
+def owners_trials(*, work: Path, trials: int, seed: int, max_delay_s: float = DEFAULT_MAX_DELAY_S) -> StoreResult:
+    """Kill the request-owner writer ``trials`` times; every logged binding must survive, unmoved."""
+    result, rng, context = StoreResult(store="request owners (request_owners.json)"), random.Random(seed + 3), _context()
+    started = time.perf_counter()
+    server, log = ServerDir(work / "server"), work / "owners.log"
+    server.root.mkdir(parents=True, exist_ok=True)
+    stored: dict[str, str] = {}
+    for _ in range(trials):
+        _kill_after_random_delay(context, _owners_writer, (str(server.root), str(log)), delay=rng.uniform(0, max_delay_s))
+        logged = _read_log(log)
+        stored = _check_owners(server, logged, stored, result)
+        result.committed_logged = len(logged)
+        result.trials += 1
+    result.seconds = time.perf_counter() - started
+    return result
+
+
 STORES: dict[str, Callable[..., StoreResult]] = {
     "release": release_trials,
     "ledger": ledger_trials,
     "seen": seen_trials,
+    "owners": owners_trials,
 }
 
 

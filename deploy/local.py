@@ -341,18 +341,14 @@ def device_of_node(deployment: Deployment, node_id: str) -> Device:
     raise DeployError(f"{deployment.root / 'devices'}: no device holds node {node_id!r}")
 
 
-def revoke_device(deployment: Deployment, node_id: str, *, timeout: float = 60.0) -> int | None:
-    """Operator: revoke a device everywhere this deployment trusts it.
+def unregister_device(deployment: Deployment, node_id: str, *, timeout: float = 60.0) -> int | None:
+    """Operator, revoking a device (``serforget keys revoke --deployment``): the SuperLink side.
 
-    Its signing key leaves the server's ``nodes.json`` (``serforget.common.keys.revoke_node``: its envelopes
-    are refused), its SuperNode key is unregistered from the SuperLink, and its SuperNode is
-    stopped if this machine runs it. Returns the Flower node id that was unregistered.
+    Unregisters the device's SuperNode key from the SuperLink and stops its SuperNode if this
+    machine runs it (its signing key is revoked in ``nodes.json`` by ``serforget.common.keys.revoke_node``).
+    Returns the Flower node id that was unregistered, or None if the key was never registered here.
     """
-    from serforget.common.keys import revoke_node
-
     device = device_of_node(deployment, node_id)
-    if node_id in deployment.server.node_keys():
-        revoke_node(registry_path=deployment.server.nodes_registry, node_id=node_id)
     flower_id = unregister_supernode(deployment, public_key=device.auth_key.public, timeout=timeout)
     deployment.processes.stop(device.process_name)
     return flower_id

@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL during release publishes, ledger transitions and replay-list updates.
+"""Crash safety: SIGKILL during release publishes, ledger transitions, replay-list and request-owner updates.
 
 The trial machinery lives in :mod:`benchmarks.bench_crash` (which also writes the committed
 figures); these tests run it and require zero lost or corrupted records. A short run keeps the
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_crash import ledger_trials, release_trials, run_all, seen_trials
+from benchmarks.bench_crash import ledger_trials, owners_trials, release_trials, run_all, seen_trials
 
 
 def _assert_clean(result) -> None:
@@ -20,7 +20,8 @@ def _assert_clean(result) -> None:
 
 
 def test_a_few_kills_of_each_writer_lose_and_corrupt_nothing(tmp_path: Path) -> None:
-    for trials, folder in ((release_trials, "release"), (ledger_trials, "ledger"), (seen_trials, "seen")):
+    for trials, folder in ((release_trials, "release"), (ledger_trials, "ledger"), (seen_trials, "seen"),
+                           (owners_trials, "owners")):
         (tmp_path / folder).mkdir()
         result = trials(work=tmp_path / folder, trials=4, seed=7)
         _assert_clean(result)
@@ -32,7 +33,8 @@ def test_a_few_kills_of_each_writer_lose_and_corrupt_nothing(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_fifty_kills_per_store_lose_and_corrupt_nothing(tmp_path: Path) -> None:
     results = run_all(work=tmp_path, trials=50, seed=0)
-    assert [r.store for r in results] == ["release registry", "deletion ledger", "replay list (seen.json)"]
+    assert [r.store for r in results] == ["release registry", "deletion ledger", "replay list (seen.json)",
+                                          "request owners (request_owners.json)"]
     for result in results:
         _assert_clean(result)
         assert result.trials == 50
@@ -70,6 +72,13 @@ def test_the_checks_detect_lost_and_corrupted_records(tmp_path: Path) -> None:
     seen_result = StoreResult(store="replay list")
     _check_seen(server, ["b" * 32], set(), seen_result)
     assert seen_result.lost == 1 and not seen_result.ok
+
+    from benchmarks.bench_crash import _check_owners
+
+    server.bind_requests({"node-a": ["c" * 32]})
+    owners_result = StoreResult(store="request owners")
+    _check_owners(server, ["c" * 32 + " node-b", "d" * 32 + " node-a"], {}, owners_result)
+    assert owners_result.corrupted == 1 and owners_result.lost == 1
 
 
 def test_an_interrupted_revoking_publish_leaves_the_revocation_in_the_signed_index(

@@ -107,3 +107,33 @@ def test_pki_refuses_private_keys_readable_by_group_or_others(tmp_path: Path) ->
         issue_server_certificate(ca=ca, out_dir=tmp_path / "pki", hosts=["127.0.0.1"])
     with pytest.raises(PKIError, match="flwr_auth.*chmod 600"):
         create_node_auth_key(out_dir=tmp_path / "node")
+
+
+def test_revoke_with_deployment_unregisters_the_devices_supernode_key(tiny_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """``serforget keys revoke --deployment RUN``: nodes.json and the SuperLink (``flwr supernode unregister``)."""
+    import subprocess
+
+    import serforget.deploy.local as local
+    from serforget.common.fsutil import atomic_write_json, sha256_file
+    from serforget.common.manifest import by_speaker, read_manifest
+
+    deployment = local.Deployment(tmp_path / "run", port=19092, control_port=19093)
+    speaker, utts = next(iter(by_speaker(read_manifest(tiny_corpus)).items()))
+    device = local.provision_device(deployment, name="000", speaker=speaker, utterances=utts, port=19094)
+    atomic_write_json(deployment.registry_path, {"format_version": 1, "nodes": {
+        sha256_file(device.auth_key.public): {"public_key": str(device.auth_key.public), "flower_node_id": 42}}})
+    atomic_write_json(deployment.root / "deployment.json", {"format_version": 1, "host": "127.0.0.1", "port": 19092,
+                                                            "control_host": "127.0.0.1", "control_port": 19093, "devices": ["000"]})
+    calls: list[list[str]] = []
+
+    def fake_flwr(dep, args, *, timeout):
+        calls.append(list(args))
+        return subprocess.CompletedProcess(args, 0, stdout=json.dumps({"success": True}), stderr="")
+
+    monkeypatch.setattr(local, "flwr", fake_flwr)
+    node_id = device.node.node_id
+    assert serforget(["keys", "revoke", "--registry", str(deployment.server.nodes_registry), "--node-id", node_id,
+                      "--deployment", str(deployment.root)]) == 0
+    assert calls == [["supernode", "unregister", "42", local.CONNECTION, "--format", "json"]]
+    assert json.loads(deployment.registry_path.read_text())["nodes"] == {}
+    assert deployment.server.revoked_nodes() == {node_id}

@@ -53,12 +53,10 @@ def _revoke(args: argparse.Namespace) -> int:
     print(f"revoked {args.node_id} (key {fingerprint}): its envelopes are refused from now on")
     if args.deployment is not None:
         from serforget.cli.deploy import _load
-        from serforget.deploy.local import device_of_node, unregister_supernode
+        from serforget.deploy.local import unregister_device
 
         deployment, _ = _load(args.deployment)
-        device = device_of_node(deployment, args.node_id)
-        flower_id = unregister_supernode(deployment, public_key=device.auth_key.public)
-        deployment.processes.stop(device.process_name)
-        print(f"SuperNode key {device.auth_key.public} " + (f"unregistered (Flower node {flower_id})" if flower_id is not None
-                                                             else "was not registered by this deployment"))
+        flower_id = unregister_device(deployment, args.node_id)
+        print(f"SuperNode key of {args.node_id} " + (f"unregistered (Flower node {flower_id})" if flower_id is not None
+                                                      else "was not registered by this deployment"))
     return 0
