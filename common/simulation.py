@@ -2,24 +2,22 @@
 
 Idempotent, separate from training: synthesize (or reuse) the corpus, split it by speaker, give
 every training speaker a node data directory with its own audio copy and keys, create the
-server's keys, enroll every node's signing key and pin the server's HPKE public key on every
-node. In a real deployment each of these steps happens on its own host (see README).
+server's keys, enroll every node's signing key and pin the server's HPKE and release-signing
+public keys on every node. In a real deployment each of these steps happens on its own host (see README).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.corpora.synth import SynthConfig, synthesize_corpus
 from common.federation import ServerDir
 from common.manifest import by_speaker, read_manifest
-from common.node import NodeDir, prepare_node_dir
+from common.node import SERVER_HPKE_PIN, NodeDir, pin_server_keys, prepare_node_dir  # noqa: F401 - pin name re-exported
 from common.pipeline import make_splits
 
-SERVER_HPKE_PIN = "server_hpke.pub"
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,5 @@ def provision_simulation(
     for pid, (speaker, utts) in enumerate(partitions.items()):
         node = prepare_node_dir(root=layout.node_dir(pid).root, node_id=node_id_for(speaker), speaker=speaker, utterances=utts)
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
-        pin = node.keys_dir / SERVER_HPKE_PIN
-        if not pin.exists():
-            shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+        pin_server_keys(node, server_keys_dir=server.keys_dir)
     return layout

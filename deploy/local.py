@@ -30,8 +30,8 @@ from typing import Mapping, Sequence
 from common.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from common.federation import ServerDir
 from common.manifest import Utterance, by_speaker, read_manifest
-from common.node import NodeDir, prepare_node_dir
-from common.simulation import SERVER_HPKE_PIN, node_id_for
+from common.node import NodeDir, pin_server_keys, prepare_node_dir
+from common.simulation import node_id_for
 from deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
 from deploy.processes import ManagedProcess, ProcessTable
 
@@ -176,8 +176,8 @@ def provision_device(deployment: Deployment, *, name: str, speaker: str, utteran
     """Device host: node data dir, signing key, SuperNode key; then the enrollment exchange.
 
     The exchange with the operator is public keys only: the device's ``keys/sign.pub`` is
-    enrolled in the server's ``nodes.json``, the server's ``hpke.pub`` is pinned on the device
-    as ``keys/server_hpke.pub``, and the device's ``keys/flwr_auth.pub`` is registered with
+    enrolled in the server's ``nodes.json``, the server's ``hpke.pub`` and ``sign.pub`` are pinned
+    on the device as ``keys/server_hpke.pub`` and ``keys/server_sign.pub``, and the device's ``keys/flwr_auth.pub`` is registered with
     the SuperLink (:func:`register_supernode`).
     """
     device = deployment.device(name, port=port)
@@ -185,9 +185,7 @@ def provision_device(deployment: Deployment, *, name: str, speaker: str, utteran
     server = deployment.server.init()
     if node.node_id not in server.node_keys():
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
-    pin = node.keys_dir / SERVER_HPKE_PIN
-    if not pin.exists():
-        shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+    pin_server_keys(node, server_keys_dir=server.keys_dir)
     create_node_auth_key(out_dir=node.keys_dir, name="flwr_auth")
     return device
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid
 
 from common.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 from common.node import state_sha256
+from common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from common.settings import RunSettings
 
 log = logging.getLogger("serforget.server")
@@ -134,12 +136,28 @@ def run_unlearning_round(
     return outcome
 
 
+def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """Manifest and signature bytes of release ``version`` and of every release applying one of ``applied``.
+
+    Nodes adopt weights and purge audio only on what these signatures prove (``query.release``
+    crosses the SuperLink, which does not hold the release key).
+    """
+    registry = ReleaseRegistry(releases)
+    wanted = set(applied)
+    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applies_requests)]
+    pairs = [(registry.path(v) / MANIFEST_NAME, registry.path(v) / SIGNATURE_NAME) for v in versions]
+    return [m.read_bytes() for m, _ in pairs], [s.read_bytes() for _, s in pairs]
+
+
 def announce_release(
-    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str], retry: list[str]
+    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str], retry: list[str],
+    releases: Path,
 ) -> list[Message]:
     """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones."""
+    manifests, signatures = signed_manifests(releases, version=version, applied=applied)
     content = RecordDict({"arrays": ArrayRecord(dict(state)), "config": ConfigRecord({
-        "version": version, "applied-request-ids": applied or [""], "retry-request-ids": retry or [""]})})
+        "version": version, "applied-request-ids": applied or [""], "retry-request-ids": retry or [""],
+        "release-manifests": manifests, "release-signatures": signatures})})
     replies = _query(grid, list(grid.get_node_ids()), "release", content, cfg.round_timeout)
     for reply in replies:
         if reply.has_error():
