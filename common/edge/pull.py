@@ -263,6 +263,8 @@ class _HttpSource:
         timer.start()
         try:
             connection.request("GET", f"{self._path}/{relpath}", headers={"Accept-Encoding": "identity"})
+            if expired.is_set():  # the timer fired while connecting, before there was a socket to shut
+                raise OSError("deadline passed while connecting")
             response = connection.getresponse()
             if response.status == 410:
                 raise PullError(f"{url}: release is revoked (410 Gone)")
