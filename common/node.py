@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from torch import nn
 
 from common.checkpoint import save_checkpoint, state_dict_bytes
@@ -248,7 +249,7 @@ def pin_server_keys(node: NodeDir, *, server_keys_dir: Path) -> None:
             shutil.copyfile(Path(server_keys_dir) / source, target)
 
 
-def pinned_release_key(node: NodeDir):
+def pinned_release_key(node: NodeDir) -> Ed25519PublicKey:
     """The server's release-signing key pinned on the device, with a clear error if it was never pinned."""
     path = node.keys_dir / SERVER_SIGN_PIN
     if not path.exists():
@@ -257,7 +258,7 @@ def pinned_release_key(node: NodeDir):
 
 
 def verify_announced_release(
-    *, model: nn.Module, version: int, signed_manifests: Sequence[tuple[bytes, bytes]], server_public_key: object
+    *, model: nn.Module, version: int, signed_manifests: Sequence[tuple[bytes, bytes]], server_public_key: Ed25519PublicKey
 ) -> tuple[ReleaseManifest, frozenset[str]]:
     """Check an announced release against the server's signatures; return it and the request ids it proves applied.
 
