@@ -5,14 +5,20 @@ to edge devices. A release made before an applied deletion still encodes the for
 so it must be *revoked* and never served again, and devices must be able to prove that what
 they install came from the server and was not altered or replayed on the way. Hence:
 
-* every release is a folder written once (staged, fsynced, renamed into place) and never
-  modified, with a canonical-JSON manifest listing each file's SHA-256 and size, signed with
-  the server's Ed25519 key;
+* every release is a folder written once (staged, fsynced, renamed into place) whose content
+  is never modified, with a canonical-JSON manifest listing each file's SHA-256 and size,
+  signed with the server's Ed25519 key; when a release is revoked its model files are deleted
+  and the signed manifest stays as a tombstone (the weights still encode forgotten audio);
 * revocations are an append-only log of signed entries;
-* a signed index (one per publish/revoke, with a strictly increasing sequence number) lists
-  every release, its manifest hash and whether it is revoked. Remote clients read it first,
-  pin it to the manifest they download, and use the sequence number to refuse a replayed,
-  older index that would hide a revocation.
+* a signed index (one per publish/revoke/refresh, with a strictly increasing sequence number
+  and a signed expiry) lists every release, its manifest hash and whether it is revoked.
+  Remote clients read it first, pin it to the manifest they download, use the sequence number
+  to refuse a replayed, older index that would hide a revocation, and the expiry to refuse one
+  an attacker keeps replaying (freeze);
+* the signing key can be rotated: ``root/rNNNNNN.json`` is signed by the old and the new key,
+  and every signature (never a manifest's content) is then replaced by the new key's.
+
+See docs/release-distribution.md for the freshness rules and the attacks they stop.
 
 This module must not import torch: edge devices use it with ONNX Runtime only.
 
@@ -27,7 +33,8 @@ On-disk layout, format version 1, under ``root``::
     index/g000007.sig          its signature
     index/HEAD.json            {"format_version": 1, "generation": 7}, swapped atomically last,
                                so whoever follows HEAD finds a matching json/sig pair; it is
-                               served as /index.json and /index.sig
+                               served as /index.json and /index.sig (index format 2)
+    root/r000002.json          key rotation to key version 2 (version 1 is the pinned sign.pub)
     .lock                      flock serialising writers
     .staging-*                 an interrupted publish; ignored by readers, removed by the next one
 """

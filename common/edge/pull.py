@@ -11,8 +11,9 @@ revoked: privacy wins over availability).
 Local layout, format version 1, under ``dest``::
 
     current.json            {"format_version": 2, "version", "path", "manifest_sha256",
-                             "index_sequence", "index_sha256", "updated_at"}; written
-                             atomically (format 1, without index_sha256, is still read)
+                             "index_sequence", "index_sha256", "key_version", "key_hex",
+                             "updated_at"}; written atomically (format 1, without the index
+                             hash and key fields, is still read)
     releases/v0003/         installed releases (manifest.json, manifest.sig, files)
     .incoming-* .trash-*    interrupted downloads / replacements, removed by the next pull
     .lock                   flock so two pulls never interleave
