@@ -7,7 +7,8 @@ Handlers are glue: every step they take is a function of ``common`` that the CLI
 - ``query.pending``: which deletion requests wait on this node.
 - ``query.unlearn``: forget-set-only unlearning of the pending requests on the global model,
   the delta HPKE-sealed to the ServerApp and signed by the node.
-- ``query.release``: adopt the release that applied the requests, then purge their audio.
+- ``query.release``: adopt the release that applied the requests, then purge their audio - only
+  once its signed manifest verifies against the pinned ``keys/server_sign.pub`` and lists them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from serforget.client.node import (adopt_release, load_forget_set, load_training_set, pinned_release_key, requests_to_unlearn,
+                                   seal_unlearning_delta, verify_announced_release)
 from serforget.client.runtime import model_from, node_dir, pinned_server_key, settings
+from serforget.common.checkpoint import state_sha256
 from serforget.common.labels import task_labels
-from serforget.client.node import (adopt_release, load_forget_set, load_training_set, requests_to_unlearn, seal_unlearning_delta,
-                         state_sha256)
 from serforget.common.training import TrainConfig, evaluate_model, train_model
 from serforget.common.unlearning import UnlearnConfig, mas_importance, unlearn
+
 
 app = ClientApp()
 
@@ -97,16 +100,20 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
 def adopt(msg: Message, context: Context) -> Message:
     cfg, conf = settings(context), msg.content["config"]
     labels, node = task_labels(cfg.task), node_dir(context, cfg)
+    version, model = int(conf["version"]), model_from(msg.content["arrays"], cfg)
+    signed = list(zip(conf["release-manifests"], conf["release-signatures"]))
+    # what counts as applied comes from the signed manifests, never from the unsigned id list
+    _, signed_applied = verify_announced_release(model=model, version=version, signed_manifests=signed,
+                                                 server_public_key=pinned_release_key(node))
     with node.open_ledger() as ledger:
-        retry = [r for r in ledger.all() if r.state == "unlearned" and r.request_id in set(conf["retry-request-ids"])]
+        retry = [r for r in ledger.all() if r.state == "unlearned" and r.request_id in set(conf["retry-request-ids"])
+                 and r.request_id not in signed_applied]
         for request in retry:
             ledger.mark_retry(request.request_id, reason=str(conf.get("retry-reason", "rejected by the server")))
-        applied = [r for r in ledger.all() if r.request_id in set(conf["applied-request-ids"])]
-    model = model_from(msg.content["arrays"], cfg)
+        applied = [r for r in ledger.all() if r.request_id in signed_applied]
     forget = load_forget_set(node, applied, labels=labels, clip_seconds=cfg.clip_seconds)
     forget_acc = float(evaluate_model(model, forget, labels=labels, device=cfg.device)["wa"]) if len(forget) else -1.0
-    receipts = adopt_release(node=node, model=model.cpu(), labels=labels, version=int(conf["version"]),
-                             applied_request_ids=[r.request_id for r in applied])
+    receipts = adopt_release(node=node, model=model.cpu(), labels=labels, version=version, signed_manifests=signed)
     return Message(RecordDict({"metrics": MetricRecord({
         "forget-acc-release": forget_acc, "n-forget": len(forget),
         "purged-files": sum(len(r["files"]) for r in receipts), "retried": len(retry)})}), reply_to=msg)

@@ -5,7 +5,10 @@ Layout of a node data directory (``format_version`` 1 in ``node.json``)::
     DIR/node.json        {"format_version": 1, "node_id": ..., "speaker": ...}
     DIR/manifest.csv     the node's own recordings (common.manifest format)
     DIR/wav/             the audio itself - never leaves the device
-    DIR/keys/            sign.key / sign.pub (Ed25519): the node signs its deltas
+    DIR/keys/            sign.key / sign.pub (Ed25519): the node signs its deltas;
+                         server_hpke.pub (deltas are sealed to it) and server_sign.pub (the
+                         release-signing key every announced release must verify against),
+                         both pinned at enrollment and never taken from a message
     DIR/ledger.sqlite    durable deletion ledger (common.ledger)
     DIR/cache/           derived data, deleted on purge
     DIR/model/           the newest global model the node has switched to
@@ -24,15 +27,19 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from torch import nn
 
+from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
 from serforget.common.checkpoint import save_checkpoint, state_dict_bytes, state_sha256
 from serforget.common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
 from serforget.common.envelope import read_header_unverified, seal_delta
 from serforget.common.fsutil import atomic_write_json
-from serforget.common.keys import init_keys, load_signing_private
-from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
+from serforget.common.keys import init_keys, load_signing_private, load_signing_public
+from serforget.common.protocol import SERVER_HPKE_PIN, SERVER_SIGN_PIN
 from serforget.common.manifest import IdError, Utterance, check_id, read_manifest, write_manifest
+from serforget.common.release import ReleaseError, ReleaseManifest, check_signed_manifest
+
 
 NODE_FORMAT_VERSION = 1
 
@@ -228,25 +235,76 @@ def seal_unlearning_delta(
     return SealedUnlearning(envelope, envelope_id, request_ids, n_forget, dict(metrics))
 
 
+def pin_server_keys(node: NodeDir, *, server_keys_dir: Path) -> None:
+    """Pin the server's ``hpke.pub`` and ``sign.pub`` on the node (enrollment); existing pins are kept."""
+    for source, pin in (("hpke.pub", SERVER_HPKE_PIN), ("sign.pub", SERVER_SIGN_PIN)):
+        target = node.keys_dir / pin
+        if not target.exists():
+            shutil.copyfile(Path(server_keys_dir) / source, target)
+
+
+def pinned_release_key(node: NodeDir) -> Ed25519PublicKey:
+    """The server's release-signing key pinned on the device, with a clear error if it was never pinned."""
+    path = node.keys_dir / SERVER_SIGN_PIN
+    if not path.exists():
+        raise NodeError(f"{path}: missing; pin the server's keys/sign.pub here (enrollment) before adopting releases")
+    return load_signing_public(path)
+
+
+def verify_announced_release(
+    *, model: nn.Module, version: int, signed_manifests: Sequence[tuple[bytes, bytes]], server_public_key: Ed25519PublicKey
+) -> tuple[ReleaseManifest, frozenset[str]]:
+    """Check an announced release against the server's signatures; return it and the request ids it proves applied.
+
+    Why: the announcement travels through the SuperLink, which does not hold the release key.
+    Without this, whoever can inject a ``query.release`` could make a node adopt arbitrary
+    weights, or purge audio whose deletion no release applies. So the node accepts only:
+    ``signed_manifests`` (manifest bytes, signature) pairs that verify against the pinned key;
+    one of them for ``version`` whose ``model.safetensors`` hash equals the weights received;
+    and as applied only the request ids listed by those manifests at or before ``version``.
+    """
+    verified: dict[int, ReleaseManifest] = {}
+    for index, (manifest_bytes, signature) in enumerate(signed_manifests):
+        try:
+            manifest = check_signed_manifest(bytes(manifest_bytes), bytes(signature), public_key=server_public_key,
+                                             source=f"announced release manifest [{index}]")
+        except ReleaseError as exc:
+            raise NodeError(str(exc)) from None
+        verified[manifest.version] = manifest
+    adopted = verified.get(version)
+    if adopted is None:
+        raise NodeError(f"announced release v{version}: no signed manifest for it among versions {sorted(verified)}")
+    weights = adopted.files.get("model.safetensors")
+    if weights is None or weights["sha256"] != state_sha256(model.state_dict()):
+        raise NodeError(f"announced release v{version}: the weights received do not match its signed model.safetensors")
+    applied = frozenset(rid for v, manifest in verified.items() if v <= version for rid in manifest.applies_requests)
+    return adopted, applied
+
+
 def adopt_release(
     *,
     node: NodeDir,
     model: nn.Module,
     labels: Sequence[str],
     version: int,
-    applied_request_ids: Sequence[str],
+    signed_manifests: Sequence[tuple[bytes, bytes]],
 ) -> list[dict]:
     """Switch the node to release ``version`` and purge the audio of the requests it applies.
 
-    Purging only after the release exists is deliberate: until then a failed round can still be
-    retried from the forget set; afterwards the audio has no purpose left and must go.
+    Both steps act only on what :func:`verify_announced_release` proves with the pinned
+    release key: the weights must be the signed release, and a request is purged only if a
+    signed manifest lists it in ``applies_requests``. Purging only after the release exists is
+    deliberate: until then a failed round can still be retried from the forget set; afterwards
+    the audio has no purpose left and must go.
     """
+    _, signed_applied = verify_announced_release(model=model, version=version, signed_manifests=signed_manifests,
+                                                 server_public_key=pinned_release_key(node))
     save_checkpoint(model=model, out_dir=node.model_dir, labels=labels, provenance={"release_version": version})
     receipts = []
     with node.open_ledger() as ledger:
         state = {r.request_id: r.state for r in ledger.all()}
         # an announcement repeated after a restart finds its requests already purged: skip them
-        ours = [rid for rid in applied_request_ids if state.get(rid) in (UNLEARNED, APPLIED)]
+        ours = [rid for rid in sorted(signed_applied) if state.get(rid) in (UNLEARNED, APPLIED)]
         if ours:
             ledger.mark_applied(ours, release_version=version)
         for rid in ours:

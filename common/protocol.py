@@ -9,3 +9,6 @@ from __future__ import annotations
 #: File, under a node's ``keys/`` folder, holding the server's pinned HPKE public key: deltas are
 #: sealed to this key only, so a server that swaps keys cannot read a device's delta.
 SERVER_HPKE_PIN = "server_hpke.pub"
+#: File, under a node's ``keys/`` folder, holding the server's pinned Ed25519 release key: a node
+#: adopts weights or purges audio only on a release manifest signed by this key.
+SERVER_SIGN_PIN = "server_sign.pub"

@@ -5,14 +5,20 @@ to edge devices. A release made before an applied deletion still encodes the for
 so it must be *revoked* and never served again, and devices must be able to prove that what
 they install came from the server and was not altered or replayed on the way. Hence:
 
-* every release is a folder written once (staged, fsynced, renamed into place) and never
-  modified, with a canonical-JSON manifest listing each file's SHA-256 and size, signed with
-  the server's Ed25519 key;
+* every release is a folder written once (staged, fsynced, renamed into place) whose content
+  is never modified, with a canonical-JSON manifest listing each file's SHA-256 and size,
+  signed with the server's Ed25519 key; when a release is revoked its model files are deleted
+  and the signed manifest stays as a tombstone (the weights still encode forgotten audio);
 * revocations are an append-only log of signed entries;
-* a signed index (one per publish/revoke, with a strictly increasing sequence number) lists
-  every release, its manifest hash and whether it is revoked. Remote clients read it first,
-  pin it to the manifest they download, and use the sequence number to refuse a replayed,
-  older index that would hide a revocation.
+* a signed index (one per publish/revoke/refresh, with a strictly increasing sequence number
+  and a signed expiry) lists every release, its manifest hash and whether it is revoked.
+  Remote clients read it first, pin it to the manifest they download, use the sequence number
+  to refuse a replayed, older index that would hide a revocation, and the expiry to refuse one
+  an attacker keeps replaying (freeze);
+* the signing key can be rotated: ``root/rNNNNNN.json`` is signed by the old and the new key,
+  and every signature (never a manifest's content) is then replaced by the new key's.
+
+See docs/release-distribution.md for the freshness rules and the attacks they stop.
 
 This module must not import torch: edge devices use it with ONNX Runtime only.
 
@@ -27,7 +33,8 @@ On-disk layout, format version 1, under ``root``::
     index/g000007.sig          its signature
     index/HEAD.json            {"format_version": 1, "generation": 7}, swapped atomically last,
                                so whoever follows HEAD finds a matching json/sig pair; it is
-                               served as /index.json and /index.sig
+                               served as /index.json and /index.sig (index format 2)
+    root/r000002.json          key rotation to key version 2 (version 1 is the pinned sign.pub)
     .lock                      flock serialising writers
     .staging-*                 an interrupted publish; ignored by readers, removed by the next one
 """
@@ -55,6 +62,7 @@ from types import MappingProxyType
 from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serforget.common.manifest import IdError, check_id
@@ -85,6 +93,8 @@ _STAGING_PREFIX = ".staging-"
 _INDEX_DIR = "index"
 _INDEX_HEAD = "HEAD.json"
 _REVOCATIONS_DIR = "revocations"
+_ROOT_DIR = "root"
+_ROTATION_RE = re.compile(r"r(\d{6,})\.json")
 
 _VERSION_DIR_RE = re.compile(r"v(\d{4,})")
 _GENERATION_RE = re.compile(r"g(\d{6,})\.(json|sig)")
@@ -563,6 +573,73 @@ def _decode_revocation(data: bytes, *, source: str, public_key: Ed25519PublicKey
     return entry
 
 
+# --------------------------------------------------------------------------- key rotation
+
+
+def public_key_hex(key: Ed25519PublicKey) -> str:
+    """Raw 32-byte Ed25519 public key as hex: how rotation documents and device state name a key."""
+    return _require_public_key(key).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _public_key_from_hex(value: Any, *, what: str) -> Ed25519PublicKey:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ReleaseError(f"{what}: expected a 64-hex-digit Ed25519 public key, got {value!r:.80}")
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(value))
+
+
+def rotation_name(version: int) -> str:
+    """Relative path (and URL) of the rotation document that introduces key ``version`` (>= 2)."""
+    return f"{_ROOT_DIR}/r{_check_version_number(version, what='key version'):06d}.json"
+
+
+def _rotation_payload(version: int, new_hex: str, previous_hex: str, rotated_at: float) -> bytes:
+    payload = {"version": version, "public_key": new_hex, "previous_public_key": previous_hex, "rotated_at": rotated_at}
+    return canonical_json_bytes(payload, what=f"key rotation {version}")
+
+
+def encode_rotation(*, version: int, old_signing_key: Ed25519PrivateKey, new_signing_key: Ed25519PrivateKey) -> bytes:
+    """A rotation document: key ``version`` is ``new_signing_key``'s public key, signed by the old and the new key.
+
+    Both signatures, as TUF requires of a new root: the old key vouches for the change, and the
+    new key proves its holder took part (nobody can rotate devices onto a key they do not hold).
+    """
+    new_hex = public_key_hex(_require_private_key(new_signing_key).public_key())
+    previous_hex = public_key_hex(_require_private_key(old_signing_key).public_key())
+    rotated_at = time.time()
+    payload = _rotation_payload(version, new_hex, previous_hex, rotated_at)
+    document = {
+        "format_version": RELEASE_FORMAT_VERSION,
+        "version": version,
+        "public_key": new_hex,
+        "previous_public_key": previous_hex,
+        "rotated_at": rotated_at,
+        "signature_by_previous": old_signing_key.sign(payload).hex(),
+        "signature_by_new": new_signing_key.sign(payload).hex(),
+    }
+    return canonical_json_bytes(document, what=f"key rotation {version}")
+
+
+def check_rotation(data: bytes, *, trusted: Ed25519PublicKey, version: int, source: str) -> Ed25519PublicKey:
+    """Verify the rotation to key ``version`` from the ``trusted`` key; return the new key."""
+    obj = _load_json_object(data, source=source)
+    _require_fields(obj, {"format_version", "version", "public_key", "previous_public_key", "rotated_at",
+                          "signature_by_previous", "signature_by_new"}, source=source)
+    _require_format_version(obj, source=source)
+    if obj["version"] != version or isinstance(obj["version"], bool):
+        raise ReleaseError(f"{source}: is key version {obj['version']!r}, expected {version}")
+    if obj["previous_public_key"] != public_key_hex(trusted):
+        raise ReleaseError(f"{source}: rotates from a key this device does not trust")
+    new_key = _public_key_from_hex(obj["public_key"], what=f"{source}: public_key")
+    payload = _rotation_payload(version, obj["public_key"], obj["previous_public_key"],
+                                _require_number(obj["rotated_at"], what=f"{source}: rotated_at"))
+    for field, key in (("signature_by_previous", trusted), ("signature_by_new", new_key)):
+        try:
+            key.verify(bytes.fromhex(_require_str(obj[field], what=f"{source}: {field}")), payload)
+        except (InvalidSignature, ValueError):
+            raise ReleaseError(f"{source}: {field} does not verify") from None
+    return new_key
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -740,6 +817,98 @@ class ReleaseRegistry:
             index = self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
             self._bury_revoked(public_key=signing_key.public_key())  # finishes a burial a crash cut short
             return index
+
+    def key_chain(self, *, pinned: Ed25519PublicKey) -> list[Ed25519PublicKey]:
+        """Signing keys from ``pinned`` (key version 1) through every verified rotation, oldest first."""
+        keys = [_require_public_key(pinned)]
+        folder = self.root / _ROOT_DIR
+        present = sorted(int(m.group(1)) for m in map(_ROTATION_RE.fullmatch, os.listdir(folder)) if m) if folder.is_dir() else []
+        for version in present:
+            if version != len(keys) + 1:
+                raise ReleaseError(f"{folder}: key versions {present} have a gap before {version}")
+            path = self.root / rotation_name(version)
+            keys.append(check_rotation(self._read(path), trusted=keys[-1], version=version, source=str(path)))
+        return keys
+
+    def read_rotation(self, version: int) -> bytes | None:
+        """The rotation document introducing key ``version``, or ``None`` if there is none (yet)."""
+        path = self.root / rotation_name(version)
+        return self._read(path) if path.is_file() else None
+
+    def rotate_key(
+        self, *, pinned: Ed25519PublicKey, old_signing_key: Ed25519PrivateKey, new_signing_key: Ed25519PrivateKey
+    ) -> int:
+        """Move the registry to ``new_signing_key``; return the new key version.
+
+        Writes the rotation document (signed by both keys), then re-signs every manifest, every
+        revocation entry and the index with the new key, so devices that follow the rotation
+        trust only the new key from then on. ``pinned`` is key version 1, as devices pin it.
+        Re-running after a crash finishes the re-signing (the rotation is not written twice).
+        Manifest and revocation contents never change, only their signatures.
+        """
+        _require_private_key(old_signing_key)
+        _require_private_key(new_signing_key)
+        with exclusive_lock(self.root / _LOCK_NAME):
+            chain = self.key_chain(pinned=pinned)
+            new_hex = public_key_hex(new_signing_key.public_key())
+            old_hex = public_key_hex(old_signing_key.public_key())
+            current_hex = public_key_hex(chain[-1])
+            if current_hex == old_hex:
+                if new_hex == old_hex:
+                    raise ReleaseError("rotate_key: the new key is the current key")
+                folder = self.root / _ROOT_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                version = len(chain) + 1
+                _create_no_clobber(self.root / rotation_name(version),
+                                   encode_rotation(version=version, old_signing_key=old_signing_key,
+                                                   new_signing_key=new_signing_key))
+            elif current_hex != new_hex:
+                raise ReleaseError("rotate_key: old_signing_key is not the registry's current key")
+            previous_keys = [key for key in chain if public_key_hex(key) != new_hex]
+            self._resign_all(previous_keys=previous_keys, signing_key=new_signing_key)
+            self._write_index(signing_key=new_signing_key)
+            return len(self.key_chain(pinned=pinned))
+
+    def _resign_all(self, *, previous_keys: list[Ed25519PublicKey], signing_key: Ed25519PrivateKey) -> None:
+        """Replace signatures by an older key of the chain with ``signing_key``'s (contents untouched)."""
+
+        def signed_by(data: bytes, signature: bytes, key: Ed25519PublicKey) -> bool:
+            try:
+                verify_signature(data, signature, public_key=key, source="resign")
+                return True
+            except ReleaseError:
+                return False
+
+        new_key = signing_key.public_key()
+        for version in self.versions():
+            folder = self.path(version)
+            data, signature = self._read(folder / MANIFEST_NAME), self._read(folder / SIGNATURE_NAME)
+            if signed_by(data, signature, new_key):
+                continue
+            if not any(signed_by(data, signature, key) for key in previous_keys):
+                raise ReleaseError(f"{folder / SIGNATURE_NAME}: signed by no key of the chain; refusing to re-sign it")
+            atomic_write_bytes(folder / SIGNATURE_NAME, sign_bytes(data, signing_key=signing_key))
+        folder = self.root / _REVOCATIONS_DIR
+        for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+            if _REVOCATION_RE.fullmatch(name) is None:
+                continue
+            path = folder / name
+            raw = self._read(path)
+            try:
+                entry = _decode_revocation(raw, source=str(path), public_key=new_key)
+                continue
+            except ReleaseError:
+                pass
+            entry = None
+            for key in previous_keys:
+                try:
+                    entry = _decode_revocation(raw, source=str(path), public_key=key)
+                    break
+                except ReleaseError:
+                    continue
+            if entry is None:
+                raise ReleaseError(f"{path}: signed by no key of the chain; refusing to re-sign it")
+            atomic_write_bytes(path, _encode_revocation(entry, signing_key=signing_key))
 
     # ---------------------------------------------------------------- internals
 
@@ -945,6 +1114,7 @@ def _commit_staged_release(staging: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- HTTP serving
 
 _RELEASE_URL_RE = re.compile(r"/(v\d{4,})/([^/]+)")
+_ROTATION_URL_RE = re.compile(r"/root/r(\d{6})\.json")
 
 
 class _ReleaseRequestHandler(BaseHTTPRequestHandler):
@@ -966,6 +1136,15 @@ class _ReleaseRequestHandler(BaseHTTPRequestHandler):
         try:
             if route in ("/" + INDEX_NAME, "/" + INDEX_SIGNATURE_NAME):
                 self._send_index_part(signature=route.endswith(".sig"))
+                return
+            rotation = _ROTATION_URL_RE.fullmatch(route)
+            if rotation is not None:
+                key_version = int(rotation.group(1))
+                data = self.registry.read_rotation(key_version) if key_version >= 2 else None
+                if data is None:
+                    self._send_text(HTTPStatus.NOT_FOUND, "no such key version")
+                else:
+                    self._send_bytes(data, content_type="application/json")
                 return
             match = _RELEASE_URL_RE.fullmatch(route)
             version = parse_version_dirname(match.group(1)) if match else None

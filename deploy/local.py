@@ -34,15 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from serforget.client.node import NodeDir, pin_server_keys, prepare_node_dir
 from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from serforget.server.federation import ServerDir
 from serforget.common.manifest import Utterance, by_speaker, read_manifest
-from serforget.client.node import NodeDir, prepare_node_dir
-from serforget.server.simulation import node_id_for
-from serforget.common.protocol import SERVER_HPKE_PIN
 from serforget.deploy.flwr_program import flwr_env, run_config_text
 from serforget.deploy.pki import NodeAuthKey, ServerTLSFiles, create_ca, create_node_auth_key, issue_server_certificate
 from serforget.deploy.processes import ManagedProcess, ProcessTable, private_dir
+from serforget.server.federation import ServerDir
+from serforget.server.simulation import node_id_for
+
 
 CONNECTION = "serforget"
 SUPERLINK = "superlink"
@@ -200,8 +200,8 @@ def provision_device(deployment: Deployment, *, name: str, speaker: str, utteran
     """Device host: node data dir, signing key, SuperNode key; then the enrollment exchange.
 
     The exchange with the operator is public keys only: the device's ``keys/sign.pub`` is
-    enrolled in the server's ``nodes.json``, the server's ``hpke.pub`` is pinned on the device
-    as ``keys/server_hpke.pub``, and the device's ``keys/flwr_auth.pub`` is registered with
+    enrolled in the server's ``nodes.json``, the server's ``hpke.pub`` and ``sign.pub`` are pinned
+    on the device as ``keys/server_hpke.pub`` and ``keys/server_sign.pub``, and the device's ``keys/flwr_auth.pub`` is registered with
     the SuperLink (:func:`register_supernode`).
     """
     device = deployment.device(name, port=port)
@@ -209,9 +209,7 @@ def provision_device(deployment: Deployment, *, name: str, speaker: str, utteran
     server = deployment.server.init()
     if node.node_id not in server.node_keys():
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
-    pin = node.keys_dir / SERVER_HPKE_PIN
-    if not pin.exists():
-        shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+    pin_server_keys(node, server_keys_dir=server.keys_dir)
     create_node_auth_key(out_dir=node.keys_dir, name="flwr_auth")
     return device
 

@@ -73,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
     applied = sorted(applied_request_ids(scenario.server.releases))
     retry = retry_by_node(outcome, set(applied))
     release_replies = announce_release(grid, cfg=cfg, state=final_state, version=(v_unlearned or v_trained).version,
-                                       applied=applied, retry=retry)
+                                       applied=applied, retry=retry, releases=scenario.server.releases)
     report = build_report(scenario=scenario, requests=requests, outcome=outcome, trained=trained, final=final_state,
                           v_trained=v_trained, v_unlearned=v_unlearned, release_replies=release_replies,
                           oracle=oracle, fedavg_examples_per_round=fedavg_examples)

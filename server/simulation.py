@@ -2,23 +2,22 @@
 
 Idempotent, separate from training: synthesize (or reuse) the corpus, split it by speaker, give
 every training speaker a node data directory with its own audio copy and keys, create the
-server's keys, enroll every node's signing key and pin the server's HPKE public key on every
-node. In a real deployment each of these steps happens on its own host (see README).
+server's keys, enroll every node's signing key and pin the server's HPKE and release-signing
+public keys on every node. In a real deployment each of these steps happens on its own host (see README).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from serforget.client.node import NodeDir, pin_server_keys, prepare_node_dir
 from serforget.common.corpora.synth import SynthConfig, synthesize_corpus
-from serforget.server.federation import ServerDir
 from serforget.common.manifest import by_speaker, read_manifest
-from serforget.client.node import NodeDir, prepare_node_dir
 from serforget.common.pipeline import make_splits
-from serforget.common.protocol import SERVER_HPKE_PIN
+from serforget.server.federation import ServerDir
+
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,5 @@ def provision_simulation(
     for pid, (speaker, utts) in enumerate(partitions.items()):
         node = prepare_node_dir(root=layout.node_dir(pid).root, node_id=node_id_for(speaker), speaker=speaker, utterances=utts)
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
-        pin = node.keys_dir / SERVER_HPKE_PIN
-        if not pin.exists():
-            shutil.copyfile(server.keys_dir / "hpke.pub", pin)
+        pin_server_keys(node, server_keys_dir=server.keys_dir)
     return layout

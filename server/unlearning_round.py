@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from serforget.server.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 from serforget.common.checkpoint import state_sha256
+from serforget.common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from serforget.common.settings import RunSettings
+from serforget.server.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 
 log = logging.getLogger("serforget.server")
 
@@ -181,19 +183,35 @@ def retry_by_node(outcome: RoundOutcome, applied: set[str]) -> dict[int, list[st
     return {src: [rid for rid in ids if rid not in applied] for src, ids in outcome.pending.items()}
 
 
+def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """Manifest and signature bytes of release ``version`` and of every release applying one of ``applied``.
+
+    Nodes adopt weights and purge audio only on what these signatures prove (``query.release``
+    crosses the SuperLink, which does not hold the release key).
+    """
+    registry = ReleaseRegistry(releases)
+    wanted = set(applied)
+    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applies_requests)]
+    pairs = [(registry.path(v) / MANIFEST_NAME, registry.path(v) / SIGNATURE_NAME) for v in versions]
+    return [m.read_bytes() for m, _ in pairs], [s.read_bytes() for _, s in pairs]
+
+
 def announce_release(
     grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str],
-    retry: Mapping[int, list[str]],
+    retry: Mapping[int, list[str]], releases: Path,
 ) -> list[Message]:
     """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones.
 
     ``retry`` is per node: each node is sent only the ids it reported itself, never another
-    node's (a leaked id is what a squatter needs).
+    node's (a leaked id is what a squatter needs). The signed manifests let a node check the
+    weights and the applied ids against the release key it pinned before it adopts or purges.
     """
+    manifests, signatures = signed_manifests(releases, version=version, applied=applied)
     arrays = ArrayRecord(dict(state))
     messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({
                     "version": version, "applied-request-ids": applied or [""],
-                    "retry-request-ids": list(retry.get(node, [])) or [""]})}),
+                    "retry-request-ids": list(retry.get(node, [])) or [""],
+                    "release-manifests": manifests, "release-signatures": signatures})}),
                         message_type="query.release", dst_node_id=node)
                 for node in grid.get_node_ids()]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))

@@ -60,19 +60,18 @@ def test_default_scenario_trains_unlearns_releases_and_purges(tmp_path: Path) ->
 
 def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path, tmp_path: Path) -> None:
     """Deployment: devices bring their own data dirs; a speaker files a request with the CLI."""
-    import shutil
 
     from serforget.cli import main as cli
-    from serforget.server.federation import ServerDir
+    from serforget.client.node import pin_server_keys, prepare_node_dir
     from serforget.common.manifest import by_speaker, read_manifest
-    from serforget.client.node import prepare_node_dir
+    from serforget.server.federation import ServerDir
 
     server = ServerDir(tmp_path / "server").init()
     node_configs = []
     for speaker, utts in by_speaker(read_manifest(tiny_corpus)).items():
         node = prepare_node_dir(root=tmp_path / "devices" / speaker, node_id=f"node-{speaker}", speaker=speaker, utterances=utts)
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
-        shutil.copyfile(server.keys_dir / "hpke.pub", node.keys_dir / "server_hpke.pub")
+        pin_server_keys(node, server_keys_dir=server.keys_dir)
         node_configs.append({"data-dir": str(node.root)})
     victim = tmp_path / "devices" / "spk2"
     assert cli(["node", "forget", "--data-dir", str(victim), "--utt", "spk2_happy_0", "spk2_sad_1"]) == 0

@@ -91,7 +91,8 @@ def _round(server: ServerDir, grid: InProcessGrid, *, version: int):
         registry.publish(files={"model.safetensors": weights}, signing_key=server.signing_key(), parent=None,
                          applies_requests=outcome.applied_request_ids, revoke_previous=True, reason="test")
     applied = {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
-    announce_release(grid, cfg=CFG, state=BASE, version=version, applied=sorted(applied), retry=retry_by_node(outcome, applied))
+    announce_release(grid, cfg=CFG, state=BASE, version=version, applied=sorted(applied), retry=retry_by_node(outcome, applied),
+                     releases=server.releases)
     return outcome, registry
 
 

@@ -11,8 +11,9 @@ revoked: privacy wins over availability).
 Local layout, format version 1, under ``dest``::
 
     current.json            {"format_version": 2, "version", "path", "manifest_sha256",
-                             "index_sequence", "index_sha256", "updated_at"}; written
-                             atomically (format 1, without index_sha256, is still read)
+                             "index_sequence", "index_sha256", "key_version", "key_hex",
+                             "updated_at"}; written atomically (format 1, without the index
+                             hash and key fields, is still read)
     releases/v0003/         installed releases (manifest.json, manifest.sig, files)
     .incoming-* .trash-*    interrupted downloads / replacements, removed by the next pull
     .lock                   flock so two pulls never interleave
@@ -72,7 +73,10 @@ from serforget.common.release import (
     check_signed_manifest,
     exclusive_lock,
     parse_signed_index,
+    check_rotation,
     parse_version_dirname,
+    public_key_hex,
+    rotation_name,
     version_dirname,
 )
 
@@ -98,10 +102,16 @@ _CHUNK = 1 << 20
 #: The index and its signature are two requests; a publish landing between them yields a
 #: mismatched pair once, so one re-fetch is allowed before the signature failure is final.
 _INDEX_ATTEMPTS = 2
+#: Key rotations followed in one pull (each is a small signed document); more is an attack.
+_MAX_ROTATIONS_PER_PULL = 64
 
 
 class PullError(ValueError):
     """A pull was refused or failed; the message names the source, release or file at fault."""
+
+
+class _Missing(Exception):
+    """A file the protocol allows to be absent (the next key rotation) is not there."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,9 @@ class _LocalState:
     manifest_sha256: str | None
     index_sequence: int
     index_sha256: str | None = None
+    #: key version this device trusts (1: the pinned key) and, after a rotation, that key as hex
+    key_version: int = 1
+    key_hex: str | None = None
 
 
 # --------------------------------------------------------------------------- sources
@@ -133,6 +146,8 @@ class _Source(Protocol):
     def download(self, relpath: str, target: Path, *, expected_size: int) -> None: ...
 
     def read_index(self) -> tuple[bytes, bytes]: ...
+
+    def read_rotation(self, version: int) -> bytes | None: ...
 
 
 def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: str) -> None:
@@ -189,6 +204,12 @@ class _DirectorySource:
         except ReleaseError as exc:
             raise PullError(str(exc)) from None
 
+    def read_rotation(self, version: int) -> bytes | None:
+        path = self.root / rotation_name(version)
+        if not path.exists():
+            return None
+        return self.read_small(rotation_name(version), limit=MAX_SIGNATURE_BYTES)
+
 
 class _HttpSource:
     """A server started with :func:`serforget.common.release.serve_releases`.
@@ -219,7 +240,9 @@ class _HttpSource:
     def _deadline_s(self, budget: int) -> float:
         return self.timeout_s + budget / self.min_rate
 
-    def _chunks(self, relpath: str, *, budget: int, budget_name: str, out: Callable[[bytes], None]) -> None:
+    def _chunks(
+        self, relpath: str, *, budget: int, budget_name: str, out: Callable[[bytes], None], missing_ok: bool = False
+    ) -> None:
         """GET ``relpath`` and pass its body to ``out`` chunk by chunk, within the budget and deadline."""
         url = f"{self.base_url}/{relpath}"
         deadline_s = self._deadline_s(budget)
@@ -241,9 +264,13 @@ class _HttpSource:
         timer.start()
         try:
             connection.request("GET", f"{self._path}/{relpath}", headers={"Accept-Encoding": "identity"})
+            if expired.is_set():  # the timer fired while connecting, before there was a socket to shut
+                raise OSError("deadline passed while connecting")
             response = connection.getresponse()
             if response.status == 410:
                 raise PullError(f"{url}: release is revoked (410 Gone)")
+            if response.status == 404 and missing_ok:
+                raise _Missing(url)
             if response.status != 200:
                 raise PullError(f"{url}: HTTP {response.status} {response.reason}")
             if response.length is not None and response.length > budget:
@@ -288,6 +315,15 @@ class _HttpSource:
             self.read_small(INDEX_SIGNATURE_NAME, limit=MAX_SIGNATURE_BYTES),
         )
 
+    def read_rotation(self, version: int) -> bytes | None:
+        parts: list[bytes] = []
+        try:
+            self._chunks(rotation_name(version), budget=MAX_SIGNATURE_BYTES, budget_name=f"the {MAX_SIGNATURE_BYTES}-byte limit",
+                         out=parts.append, missing_ok=True)
+        except _Missing:
+            return None
+        return b"".join(parts)
+
 
 def _open_source(source: str | os.PathLike[str], *, timeout_s: float, min_rate: float) -> _DirectorySource | _HttpSource:
     text = os.fspath(source)
@@ -314,7 +350,7 @@ def _read_state(dest: Path) -> _LocalState:
         raise PullError(f"{path}: format_version {doc.get('format_version') if isinstance(doc, dict) else doc!r} is not supported")
     expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
     if doc["format_version"] >= 2:
-        expected.add("index_sha256")
+        expected |= {"index_sha256", "key_version", "key_hex"}
     if set(doc) != expected:
         raise PullError(f"{path}: expected exactly the fields {sorted(expected)}")
     index_digest = doc.get("index_sha256")
@@ -328,7 +364,13 @@ def _read_state(dest: Path) -> _LocalState:
     digest = doc["manifest_sha256"]
     if (version is None) != (digest is None) or not (digest is None or isinstance(digest, str)):
         raise PullError(f"{path}: manifest_sha256 must be a string exactly when version is set")
-    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence, index_sha256=index_digest)
+    key_version, key_hex = doc.get("key_version", 1), doc.get("key_hex")
+    if isinstance(key_version, bool) or not isinstance(key_version, int) or key_version < 1:
+        raise PullError(f"{path}: key_version must be a positive integer, got {key_version!r}")
+    if (key_version == 1) != (key_hex is None) or not (key_hex is None or (isinstance(key_hex, str) and _SHA256_HEX.fullmatch(key_hex))):
+        raise PullError(f"{path}: key_hex must be 64 hex digits exactly when key_version > 1")
+    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence, index_sha256=index_digest,
+                       key_version=key_version, key_hex=key_hex)
 
 
 def _write_state(dest: Path, state: _LocalState) -> None:
@@ -342,6 +384,8 @@ def _write_state(dest: Path, state: _LocalState) -> None:
             "manifest_sha256": state.manifest_sha256,
             "index_sequence": state.index_sequence,
             "index_sha256": state.index_sha256,
+            "key_version": state.key_version,
+            "key_hex": state.key_hex,
             "updated_at": time.time(),
         },
     )
@@ -436,6 +480,36 @@ def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _Local
     return index, digest
 
 
+def _follow_rotations(origin: _Source, dest: Path, state: _LocalState, *, pinned: Ed25519PublicKey) -> tuple[Ed25519PublicKey, _LocalState]:
+    """The signing key to trust now: the pinned one, moved along every verified rotation.
+
+    Each rotation must be signed by the key trusted so far and by the new key; the newest key
+    reached is persisted at once, so from then on nothing signed by an older key - say one that
+    leaked, which is why it was rotated - is accepted, even from a mirror that hides the rotation.
+    """
+    if state.key_hex is None:
+        trusted = pinned
+    else:
+        trusted = Ed25519PublicKey.from_public_bytes(bytes.fromhex(state.key_hex))
+    version = state.key_version
+    for _ in range(_MAX_ROTATIONS_PER_PULL):
+        data = origin.read_rotation(version + 1)
+        if data is None:
+            break
+        try:
+            trusted = check_rotation(data, trusted=trusted, version=version + 1, source=f"{origin}/{rotation_name(version + 1)}")
+        except ReleaseError as exc:
+            raise PullError(str(exc)) from None
+        version += 1
+    else:
+        raise PullError(f"{origin}: more than {_MAX_ROTATIONS_PER_PULL} key rotations in one pull; refusing (endless data)")
+    if version != state.key_version:
+        state = replace(state, key_version=version, key_hex=public_key_hex(trusted))
+        _write_state(dest, state)
+        logger.info("now trusting release key version %d", version)
+    return trusted, state
+
+
 def _check_manifest(
     manifest_bytes: bytes, signature: bytes, entry: IndexEntry, *, public_key: Ed25519PublicKey, where: str
 ) -> ReleaseManifest:
@@ -525,7 +599,9 @@ def pull_release(
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
     ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
-    ``server_public_key`` is the pinned key every index and manifest must be signed with.
+    ``server_public_key`` is the pinned key (key version 1); every index and manifest must be
+    signed with it or with the key a chain of verified rotations (``root/rNNNNNN.json``) leads
+    to, which the device then trusts instead.
     ``min_sequence`` is the trust anchor of a fresh device: the oldest index sequence it may
     accept (the device's own history raises that floor with every pull).
     Over HTTP each file must arrive within ``timeout_s`` plus its size budget at ``min_rate``
@@ -545,7 +621,8 @@ def pull_release(
     with exclusive_lock(dest / _LOCK_NAME):
         _remove_leftovers(dest)
         state = _read_state(dest)
-        index, index_digest = _fetch_index(origin, public_key=server_public_key, state=state, min_sequence=min_sequence)
+        trusted, state = _follow_rotations(origin, dest, state, pinned=server_public_key)
+        index, index_digest = _fetch_index(origin, public_key=trusted, state=state, min_sequence=min_sequence)
         if (index.sequence, index_digest) != (state.index_sequence, state.index_sha256):
             # remember the newest verified index before downloading: the floor only ever rises
             state = replace(state, index_sequence=index.sequence, index_sha256=index_digest)
@@ -555,7 +632,7 @@ def pull_release(
         try:
             if newest is None:
                 raise PullError(f"{origin} index: every release is revoked; nothing to install")
-            folder, downloaded = _ensure_installed(origin, dest, newest, public_key=server_public_key)
+            folder, downloaded = _ensure_installed(origin, dest, newest, public_key=trusted)
         except PullError:
             _withdraw_revoked(dest, state, revoked)
             raise

@@ -69,6 +69,12 @@ def _register_server(sub: argparse._SubParsersAction) -> None:
     refresh.add_argument("--key", type=Path, required=True, help="the server's Ed25519 signing key (sign.key)")
     refresh.add_argument("--lifetime-days", type=float, default=7.0, help="days until the new index expires (default 7)")
     refresh.set_defaults(handler=_refresh)
+    rotate = server_sub.add_parser("rotate-key", help="move the release registry to a new signing key")
+    rotate.add_argument("--root", type=Path, required=True, help="release registry folder")
+    rotate.add_argument("--pinned", type=Path, required=True, help="the sign.pub devices were provisioned with (key version 1)")
+    rotate.add_argument("--old-key", type=Path, required=True, help="the current signing key (sign.key)")
+    rotate.add_argument("--new-key", type=Path, required=True, help="the new signing key; install it as sign.key afterwards")
+    rotate.set_defaults(handler=_rotate)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -121,6 +127,19 @@ def _refresh(args: argparse.Namespace) -> int:
     index = ReleaseRegistry(args.root).refresh_index(signing_key=load_signing_private(args.key),
                                                      lifetime_s=args.lifetime_days * 86400.0)
     print(json.dumps({"sequence": index.sequence, "expires": index.expires, "releases": len(index.releases)}, indent=2))
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from serforget.common.keys import load_signing_private, load_signing_public
+    from serforget.common.release import ReleaseRegistry
+
+    if not args.root.is_dir():
+        raise FileNotFoundError(f"{args.root}: release registry folder not found")
+    version = ReleaseRegistry(args.root).rotate_key(pinned=load_signing_public(args.pinned),
+                                                    old_signing_key=load_signing_private(args.old_key),
+                                                    new_signing_key=load_signing_private(args.new_key))
+    print(json.dumps({"key_version": version}, indent=2))
     return 0
 
 
