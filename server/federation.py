@@ -100,14 +100,21 @@ class ServerDir:
         return self
 
     def _index_is_stale(self, registry) -> bool:
-        """Whether the signed index misses a release or a revocation (read-only: takes no lock)."""
+        """Whether the signed index misses a release or a revocation, or is past half its lifetime.
+
+        Devices refuse an expired index (freeze protection), so every server start re-signs one
+        that has used up half of its lifetime, or that carries no expiry (format 1). Read-only:
+        takes no lock.
+        """
         from serforget.common.keys import load_signing_public
+        from serforget.common.release import DEFAULT_INDEX_LIFETIME_S
 
         if not registry.has_index():
             return True
         index = registry.read_index(public_key=load_signing_public(self.keys_dir / "sign.pub"))
         listed = sorted(entry.version for entry in index.releases)
-        return listed != registry.versions() or index.revoked() != registry.revoked()
+        aging = index.expires is None or index.expires - time.time() < DEFAULT_INDEX_LIFETIME_S / 2
+        return aging or listed != registry.versions() or index.revoked() != registry.revoked()
 
     def signing_key(self):
         return load_signing_private(self.keys_dir / "sign.key")

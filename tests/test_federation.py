@@ -173,3 +173,26 @@ def test_server_start_repairs_a_stale_index_without_locking_a_current_one(server
     assert registry.read_index(public_key=public).revoked() == {}
     ServerDir(server.root).init()
     assert registry.read_index(public_key=public).revoked() == {1: "test"}
+
+
+def test_server_start_re_signs_an_index_past_half_its_lifetime(server: ServerDir, tmp_path: Path, monkeypatch) -> None:
+    """freeze: devices refuse an expired index, so the server renews one that is aging before it expires."""
+    import time
+
+    from serforget.common import release as release_module
+    from serforget.common.keys import load_signing_public
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    registry = release_module.ReleaseRegistry(server.releases)
+    registry.publish(files={"model.safetensors": weights}, signing_key=server.signing_key(), parent=None)
+    public = load_signing_public(server.keys_dir / "sign.pub")
+    first = registry.read_index(public_key=public)
+    ServerDir(server.root).init()  # fresh index: left alone
+    assert registry.read_index(public_key=public).sequence == first.sequence
+    lifetime = release_module.DEFAULT_INDEX_LIFETIME_S
+    later = time.time() + 0.6 * lifetime
+    monkeypatch.setattr(time, "time", lambda: later)
+    ServerDir(server.root).init()
+    renewed = registry.read_index(public_key=public)
+    assert renewed.sequence == first.sequence + 1 and renewed.expires > first.expires
