@@ -1,6 +1,6 @@
 """Audio loading with one policy for every corpus: 16 kHz, mono, float32, validated.
 
-Policy (documented in README):
+Policy (documented in docs/architecture.md):
 - read with ``soundfile`` (torchaudio 2.9 has no I/O backend without torchcodec);
 - mix multichannel audio down to mono by averaging channels;
 - resample to 16 kHz with ``torchaudio.functional.resample`` (band-limited sinc);

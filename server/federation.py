@@ -10,7 +10,7 @@ The ServerApp in ``server/`` is glue around these functions. Server data directo
     SERVER/request_owners.json  request id -> the node that first reported it (atomic)
     SERVER/releases/        the signed, append-only release registry (common.release)
 
-Rules (also in README):
+Rules (also in docs/formats.md):
 - a delta is accepted only if its envelope verifies (common.envelope) and it fits the global
   model: same tensor names, shapes and dtypes, finite values, and a global L2 norm at most
   ``max_delta_ratio`` x the norm of the global weights;

@@ -1,4 +1,4 @@
-"""``report.json``: what the default scenario did and what it cost (fields documented in README)."""
+"""``report.json``: what the default scenario did and what it cost (fields documented in docs/formats.md)."""
 
 from __future__ import annotations
 

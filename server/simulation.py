@@ -3,7 +3,7 @@
 Idempotent, separate from training: synthesize (or reuse) the corpus, split it by speaker, give
 every training speaker a node data directory with its own audio copy and keys, create the
 server's keys, enroll every node's signing key and pin the server's HPKE and release-signing
-public keys on every node. In a real deployment each of these steps happens on its own host (see README).
+public keys on every node. In a real deployment each of these steps happens on its own host (see docs/deployment.md).
 """
 
 from __future__ import annotations

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from serforget.common.audio import save_audio
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import Utterance, write_manifest
+from tests.helpers.audio import tone
+from serforget.server.federation import ServerDir
+from tests.helpers.envelopes import WORLD, World
+from tests.helpers.federation import make_server
 
-
-def tone(freq: float, seconds: float, *, sr: int = 16_000, seed: int = 0, amp: float = 0.3) -> np.ndarray:
-    """A noisy tone: a tiny, learnable stand-in for an emotional utterance."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    return (amp * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture
@@ -39,3 +36,15 @@ def tiny_corpus(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def world() -> World:
+    """The shared envelope world (keys are made once per session: HPKE key generation is slow)."""
+    return WORLD
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> ServerDir:
+    """A server dir with two enrolled nodes, ``node-a`` and ``node-b``."""
+    return make_server(tmp_path)

@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 
 from serforget.common.audio import AudioError, fix_length, load_audio, save_audio
-from tests.conftest import tone
+from tests.helpers.audio import tone
 
 
 def test_load_resamples_and_mixes_down(tmp_path: Path) -> None:

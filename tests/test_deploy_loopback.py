@@ -28,7 +28,7 @@ from serforget.common.release import ReleaseRegistry
 from serforget.deploy.local import (Deployment, deployment_run_config, down, finish_run, free_port, online_nodes, register_supernode,
                           run_app, start_superlink, start_supernode, submit_run, up, wait_online)
 from serforget.deploy.pki import create_node_auth_key
-from tests.conftest import tone
+from tests.helpers.audio import tone
 
 pytestmark = pytest.mark.slow
 

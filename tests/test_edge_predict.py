@@ -29,7 +29,7 @@ from serforget.common.manifest import read_manifest
 from serforget.common.models import build_model
 from serforget.common.onnx_export import export_release_models
 from serforget.common.release import ReleaseRegistry
-from tests.test_onnx_export import write_espeak_corpus
+from tests.helpers.audio import write_espeak_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

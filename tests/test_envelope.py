@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,118 +15,10 @@ from serforget.common import keys
 from serforget.common.envelope import (
     REASONS,
     EnvelopeError,
-    EnvelopeHeader,
-    open_delta,
     read_header_unverified,
-    seal_delta,
 )
 from serforget.common.keys import UnsupportedSuiteError
-
-BASE_SHA = hashlib.sha256(b"global model v3").hexdigest()
-NOW = 1_700_000_000.0
-PAYLOAD = bytes(range(256)) * 40
-
-
-@dataclass(frozen=True)
-class World:
-    """A server HPKE key pair and two enrolled nodes."""
-
-    server_private: Any
-    server_public: Any
-    node1: ed25519.Ed25519PrivateKey
-    node2: ed25519.Ed25519PrivateKey
-
-    @property
-    def node_keys(self) -> dict[str, ed25519.Ed25519PublicKey]:
-        return {"node-1": self.node1.public_key(), "node-2": self.node2.public_key()}
-
-
-def _world(suite: str) -> World:
-    x_key = x25519.X25519PrivateKey.generate()
-    private: Any = x_key
-    if suite == "mlkem768-x25519":
-        private = hpke.MLKEM768X25519PrivateKey(mlkem.MLKEM768PrivateKey.generate(), x_key)
-    return World(private, private.public_key(), ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate())
-
-
-_WORLD = _world("x25519")
-
-
-@pytest.fixture()
-def world() -> World:
-    return _WORLD
-
-
-def seal(world: World, **overrides: Any) -> bytes:
-    args: dict[str, Any] = dict(
-        payload=PAYLOAD,
-        node_id="node-1",
-        request_ids=["req-a", "req-b"],
-        base_version=3,
-        base_sha256=BASE_SHA,
-        server_hpke_public=world.server_public,
-        node_signing_key=world.node1,
-        created_at=NOW,
-    )
-    args.update(overrides)
-    return seal_delta(**args)
-
-
-def open_(world: World, envelope: bytes, **overrides: Any) -> tuple[EnvelopeHeader, bytes]:
-    args: dict[str, Any] = dict(
-        envelope=envelope,
-        server_hpke_private=world.server_private,
-        node_keys=world.node_keys,
-        expected_base_version=3,
-        expected_base_sha256=BASE_SHA,
-        seen_ids=set(),
-        now=NOW + 10,
-    )
-    args.update(overrides)
-    return open_delta(**args)
-
-
-def rejected(reason: str, world: World, envelope: bytes, **overrides: Any) -> EnvelopeError:
-    with pytest.raises(EnvelopeError) as info:
-        open_(world, envelope, **overrides)
-    assert info.value.reason == reason, str(info.value)
-    return info.value
-
-
-# --- an independent encoder of the documented v1 framing, to forge envelopes a node could send
-
-
-def split(envelope: bytes) -> tuple[bytes, bytes, bytes]:
-    """(header, sealed, signature) per the documented layout."""
-    (header_len,) = struct.unpack_from(">I", envelope, 5)
-    header = envelope[9 : 9 + header_len]
-    (sealed_len,) = struct.unpack_from(">Q", envelope, 9 + header_len)
-    sealed = envelope[17 + header_len : 17 + header_len + sealed_len]
-    return header, sealed, envelope[17 + header_len + sealed_len :]
-
-
-def frame(header: bytes, sealed: bytes, signer: ed25519.Ed25519PrivateKey | None, signature: bytes = b"") -> bytes:
-    signed = b"SFDE" + bytes([1]) + struct.pack(">I", len(header)) + header + struct.pack(">Q", len(sealed)) + sealed
-    return signed + (signer.sign(signed) if signer is not None else signature)
-
-
-def header_json(envelope: bytes) -> dict[str, Any]:
-    return json.loads(split(envelope)[0])
-
-
-def canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-
-
-def forge(world: World, fields: dict[str, Any], payload: bytes, signer: ed25519.Ed25519PrivateKey) -> bytes:
-    """A correctly encrypted and signed envelope with an arbitrary header (what a rogue node can build)."""
-    header = canonical(fields)
-    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    return frame(header, suite.encrypt(payload, world.server_public, info=header), signer)
-
-
-# --------------------------------------------------------------------------- accept
-
+from tests.helpers.envelopes import (BASE_SHA, NOW, PAYLOAD, World, WORLD, make_world, seal, open_, rejected, split, frame, header_json, canonical, forge)
 
 def test_round_trip(world: World) -> None:
     envelope = seal(world)
@@ -357,12 +246,12 @@ def test_pq_hybrid_round_trip_or_clear_error(monkeypatch: pytest.MonkeyPatch) ->
         with pytest.raises(UnsupportedSuiteError):
             keys.check_suite("mlkem768-x25519")
         return
-    pq = _world("mlkem768-x25519")
+    pq = make_world("mlkem768-x25519")
     envelope = seal(pq)
     header, payload = open_(pq, envelope)
     assert header.suite == "mlkem768-x25519" and payload == PAYLOAD
     assert len(split(envelope)[1]) == 1120 + len(PAYLOAD) + 16
-    rejected("decrypt-failed", pq, envelope, server_hpke_private=_world("mlkem768-x25519").server_private)
+    rejected("decrypt-failed", pq, envelope, server_hpke_private=make_world("mlkem768-x25519").server_private)
     monkeypatch.setattr(keys, "pq_hybrid_available", lambda: False)
     with pytest.raises(UnsupportedSuiteError, match="mlkem768-x25519"):
         seal(pq)
@@ -371,7 +260,7 @@ def test_pq_hybrid_round_trip_or_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_suite_mismatch_with_server_key(world: World) -> None:
     if not keys.pq_hybrid_available():
         pytest.skip("ML-KEM hybrid not offered by this cryptography build")
-    pq = _world("mlkem768-x25519")
+    pq = make_world("mlkem768-x25519")
     err = rejected("wrong-suite", world, seal(pq))
     assert err.field == "suite"
 
@@ -383,7 +272,7 @@ PROPERTY = settings(max_examples=150, deadline=None)
 
 def _only_envelope_errors(data: bytes) -> None:
     with pytest.raises(EnvelopeError) as info:
-        open_(_WORLD, data)
+        open_(WORLD, data)
     assert info.value.reason in REASONS
 
 
@@ -399,11 +288,11 @@ def test_random_bytes_after_valid_prefix_only_raise_envelope_error(data: bytes) 
     _only_envelope_errors(b"SFDE\x01" + data)
 
 
-_VALID = seal(_WORLD, payload=b"delta" * 20)
+_VALID = seal(WORLD, payload=b"delta" * 20)
 
 
 def test_unmutated_property_envelope_is_valid() -> None:
-    assert open_(_WORLD, _VALID)[1] == b"delta" * 20
+    assert open_(WORLD, _VALID)[1] == b"delta" * 20
 
 
 @PROPERTY
@@ -432,6 +321,6 @@ def test_mutated_envelope_only_raises_envelope_error(position: int, kind: str, b
     base_version=st.integers(min_value=0, max_value=2**62),
 )
 def test_seal_open_round_trip_property(payload: bytes, request_ids: list[str], base_version: int) -> None:
-    envelope = seal(_WORLD, payload=payload, request_ids=request_ids, base_version=base_version)
-    header, opened = open_(_WORLD, envelope, expected_base_version=base_version)
+    envelope = seal(WORLD, payload=payload, request_ids=request_ids, base_version=base_version)
+    header, opened = open_(WORLD, envelope, expected_base_version=base_version)
     assert opened == payload and header.request_ids == tuple(request_ids)

@@ -7,44 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from serforget.common.checkpoint import state_dict_bytes
-from serforget.common.envelope import seal_delta
-from serforget.server.federation import (DeltaError, DeltaVerdict, ServerDir, check_delta, gate_on_held_out, merge_deltas, open_and_check,
-                               weighted_average)
-from serforget.common.keys import init_keys, load_hpke_public, load_signing_private
+from serforget.server.federation import (DeltaError, DeltaVerdict, ServerDir, check_delta, gate_on_held_out, merge_deltas, weighted_average)
 from serforget.client.node import weight_delta
-from serforget.common.checkpoint import state_sha256
-
-BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> ServerDir:
-    srv = ServerDir(tmp_path / "server").init()
-    for name in ("node-a", "node-b"):
-        keys = init_keys(key_dir=tmp_path / name, role="node")
-        srv.enroll(node_id=name, public_key_path=keys.sign_public)
-    return srv
-
-
-def _seal(server: ServerDir, tmp_path: Path, delta: dict, *, node: str = "node-a", signer: str | None = None,
-          base_version: int = 1, base_sha: str | None = None) -> bytes:
-    return seal_delta(payload=state_dict_bytes(delta), node_id=node, request_ids=["r1"], base_version=base_version,
-                      base_sha256=base_sha or state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
-                      node_signing_key=load_signing_private(tmp_path / (signer or node) / "sign.key"))
-
-
-def _open(server: ServerDir, envelope: bytes, seen: set, *, claimed: str = "node-a", ratio: float = 0.5):
-    return open_and_check(envelope=envelope, claimed_node=claimed, server=server, base_state=BASE, base_version=1,
-                          base_sha256=state_sha256(BASE), seen=seen, max_delta_ratio=ratio)
-
+from tests.helpers.federation import BASE, open_as, seal_as
 
 def test_accepts_a_valid_delta_once(server: ServerDir, tmp_path: Path) -> None:
     delta = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
-    env, seen = _seal(server, tmp_path, delta), set()
-    verdict = _open(server, env, seen)
+    env, seen = seal_as(server, tmp_path, delta), set()
+    verdict = open_as(server, env, seen)
     assert verdict.accepted and torch.equal(verdict.delta["w"], delta["w"])
-    replay = _open(server, env, seen)
+    replay = open_as(server, env, seen)
     assert not replay.accepted and replay.reason.startswith("replay")
 
 
@@ -66,27 +38,27 @@ def test_rejects_bad_envelopes_and_deltas(server: ServerDir, tmp_path: Path, cas
     good = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
     claimed = "node-a"
     if case == "wrong-version":
-        env = _seal(server, tmp_path, good, base_version=2)
+        env = seal_as(server, tmp_path, good, base_version=2)
     elif case == "wrong-hash":
-        env = _seal(server, tmp_path, good, base_sha="0" * 64)
+        env = seal_as(server, tmp_path, good, base_sha="0" * 64)
     elif case == "other-node-key":
-        env = _seal(server, tmp_path, good, signer="node-b")
+        env = seal_as(server, tmp_path, good, signer="node-b")
     elif case == "claimed-by-other":
-        env, claimed = _seal(server, tmp_path, good), "node-b"
+        env, claimed = seal_as(server, tmp_path, good), "node-b"
     elif case == "tampered":
-        raw = bytearray(_seal(server, tmp_path, good))
+        raw = bytearray(seal_as(server, tmp_path, good))
         raw[len(raw) // 2] ^= 0xFF
         env = bytes(raw)
     elif case == "huge":
-        env = _seal(server, tmp_path, {"w": torch.full((3, 2), 10.0), "b": torch.zeros(2)})
+        env = seal_as(server, tmp_path, {"w": torch.full((3, 2), 10.0), "b": torch.zeros(2)})
     elif case == "nan":
-        env = _seal(server, tmp_path, {"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)})
+        env = seal_as(server, tmp_path, {"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)})
     elif case == "shape":
-        env = _seal(server, tmp_path, {"w": torch.zeros(2, 3), "b": torch.zeros(2)})
+        env = seal_as(server, tmp_path, {"w": torch.zeros(2, 3), "b": torch.zeros(2)})
     else:
-        env = _seal(server, tmp_path, {"w": torch.zeros(3, 2)})
+        env = seal_as(server, tmp_path, {"w": torch.zeros(3, 2)})
     seen: set = set()
-    verdict = _open(server, env, seen, claimed=claimed)
+    verdict = open_as(server, env, seen, claimed=claimed)
     assert not verdict.accepted and verdict.delta is None
     assert verdict.reason.startswith(expected), verdict.reason
     assert seen == set()  # a rejected envelope changes nothing

@@ -38,7 +38,7 @@ from serforget.common.edge.runtime import EdgeAudioError, read_audio
 from serforget.common.envelope import REASONS, EnvelopeError
 from serforget.common.manifest import ManifestError, read_manifest
 from serforget.common.release import ReleaseError, ReleaseIndex, ReleaseManifest
-from tests.test_envelope import _WORLD, PAYLOAD, forge, header_json, open_, seal
+from tests.helpers.envelopes import WORLD, PAYLOAD, forge, header_json, open_, seal
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -140,16 +140,16 @@ def test_manifest_parser_on_arbitrary_bytes(data: bytes) -> None:
 
 # --------------------------------------------------------------------------- envelope header fields
 
-_HEADER = header_json(seal(_WORLD))
+_HEADER = header_json(seal(WORLD))
 
 
 @FUZZ
 @given(field=st.sampled_from(sorted(_HEADER)), value=JSON_VALUES)
 def test_signed_envelopes_with_arbitrary_header_values(field: str, value: Any) -> None:
     fields = {**_HEADER, field: value}
-    envelope = forge(_WORLD, fields, PAYLOAD, _WORLD.node1)
+    envelope = forge(WORLD, fields, PAYLOAD, WORLD.node1)
     try:
-        header, payload = open_(_WORLD, envelope)
+        header, payload = open_(WORLD, envelope)
     except EnvelopeError as exc:
         assert exc.reason in REASONS
         return

@@ -36,10 +36,8 @@ from serforget.server.federation import DeltaError, check_delta
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import ManifestError, read_manifest
 from serforget.common.models import build_model
-from tests.test_envelope import PAYLOAD, World, forge, frame, header_json, rejected, seal, split
-from tests.test_envelope import world  # noqa: F401 - pytest fixture
-from tests.test_federation import BASE, _open, _seal
-from tests.test_federation import server  # noqa: F401 - pytest fixture
+from tests.helpers.envelopes import PAYLOAD, World, forge, frame, header_json, rejected, seal, split
+from tests.helpers.federation import BASE, open_as, seal_as
 
 SR = 16_000
 
@@ -290,15 +288,15 @@ def test_sealed_payloads_that_are_not_safetensors_are_refused(server, tmp_path: 
                           base_sha256=state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
                           node_signing_key=load_signing_private(tmp_path / "node-a" / "sign.key"))
     seen: set[str] = set()
-    verdict = _open(server, envelope, seen)
+    verdict = open_as(server, envelope, seen)
     assert not verdict.accepted and verdict.delta is None and "not a valid safetensors file" in verdict.reason
     assert seen == set()
 
 
 def test_an_oversized_sealed_delta_is_refused(server, tmp_path: Path) -> None:  # noqa: F811
     """A delta far larger than the model (the norm check never needs to run: keys differ)."""
-    envelope = _seal(server, tmp_path, {"w": torch.zeros(3, 2), "b": torch.zeros(2), "pad": torch.zeros(1 << 20)})
-    verdict = _open(server, envelope, set())
+    envelope = seal_as(server, tmp_path, {"w": torch.zeros(3, 2), "b": torch.zeros(2), "pad": torch.zeros(1 << 20)})
+    verdict = open_as(server, envelope, set())
     assert not verdict.accepted and verdict.reason.startswith("wrong-keys")
 
 

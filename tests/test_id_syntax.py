@@ -20,7 +20,7 @@ from serforget.client.ledger import Ledger, LedgerError
 from serforget.common.manifest import ID_PATTERN, IdError, ManifestError, Utterance, check_id, read_manifest
 from serforget.client.node import NodeError, prepare_node_dir
 from serforget.common.release import ReleaseError, ReleaseRegistry
-from tests.conftest import tone
+from tests.helpers.audio import tone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOSTILE_IDS = ["../../../escaped", "/tmp/absolute", "..", ".hidden", "a/b", "a\\b", "x" * 129, "", "a\x00b", "é"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,11 @@ from serforget.cli import main
 from serforget.common.edge.runtime import METADATA_KEYS, OnnxModel, parse_model_info
 from serforget.common.fsutil import sha256_file
 from serforget.common.labels import FOUR_CLASS
-from serforget.common.manifest import Utterance, read_manifest, write_manifest
+from serforget.common.manifest import read_manifest
 from serforget.common.models import build_model
 from serforget.common.models.cnn import CNNConfig, LogMelCNN
 from serforget.common.models.hf import tiny_hf_config
+from tests.helpers.audio import write_espeak_corpus
 from serforget.common.onnx_export import (
     INT8_FILE,
     PARITY_BATCH_SIZES,
@@ -38,28 +38,6 @@ from serforget.common.onnx_export import (
     probe_waves,
     quantize_int8,
 )
-
-#: espeak-ng prosody per emotion (pitch 0-99, words per minute, amplitude): crude acted emotions.
-_ESPEAK_STYLE = {"neutral": (50, 170, 100), "happy": (80, 220, 130), "angry": (60, 200, 180), "sad": (25, 110, 70)}
-_SENTENCES = ("the kids are talking by the door", "dogs are sitting by the door")
-
-
-def write_espeak_corpus(folder: Path, *, speakers: tuple[str, ...] = ("en-us", "en-gb")) -> Path:
-    """Real synthesized speech (22.05 kHz WAVs, so loading resamples) with a manifest; returns its path."""
-    utterances = []
-    for speaker in speakers:
-        for emotion, (pitch, speed, amplitude) in _ESPEAK_STYLE.items():
-            for take, sentence in enumerate(_SENTENCES):
-                utt_id = f"{speaker}_{emotion}_{take}"
-                path = folder / "wav" / f"{utt_id}.wav"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                subprocess.run(
-                    ["espeak-ng", "-v", speaker, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude), "-w", str(path), sentence],
-                    check=True, capture_output=True,
-                )
-                utterances.append(Utterance(utt_id, path, speaker, emotion))
-    return write_manifest(folder / "manifest.csv", utterances)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:

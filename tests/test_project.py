@@ -102,3 +102,10 @@ def test_device_setting() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_test_modules_share_helpers_only_through_tests_helpers() -> None:
+    """A test module never imports another test module (helpers live in tests/helpers/ or conftest)."""
+    offenders = [f"{p.name}: {m}" for p in (ROOT / "tests").glob("*.py") for m in _imports(p)
+                 if m.startswith("tests.") and not m.startswith("tests.helpers")]
+    assert offenders == []

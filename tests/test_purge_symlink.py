@@ -16,7 +16,7 @@ import pytest
 
 import serforget.client.ledger as ledger_module
 from serforget.client.ledger import APPLIED, PURGED, Ledger, LedgerError, purge_request
-from tests.test_ledger import applied_request, make_node
+from tests.helpers.ledger import applied_request, make_node
 
 
 def _outside(tmp_path: Path, names: list[str]) -> Path:

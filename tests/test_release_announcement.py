@@ -23,7 +23,7 @@ from serforget.common.models import build_model
 from serforget.client.node import NodeDir, NodeError, adopt_release, file_deletion_request, pin_server_keys, prepare_node_dir
 from serforget.common.release import MANIFEST_NAME, ReleaseRegistry, sign_bytes
 from serforget.server.unlearning_round import signed_manifests
-from tests.conftest import tone
+from tests.helpers.audio import tone
 
 CNN = {"channels": [4, 8]}
 

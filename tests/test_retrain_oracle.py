@@ -17,7 +17,7 @@ from serforget.common.manifest import read_manifest
 from serforget.common.per_example_mia import logit_confidence, per_example_attack
 from serforget.server.app import app as server_app
 from serforget.server.inprocess import InProcessGrid
-from tests.test_federated_inprocess import TINY
+from tests.helpers.scenario import TINY
 
 N_NODES = 4
 

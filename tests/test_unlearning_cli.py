@@ -11,7 +11,7 @@ import soundfile as sf
 from serforget.common.checkpoint import load_checkpoint, save_checkpoint
 from serforget.cli import main
 from serforget.common.manifest import Utterance, write_manifest
-from tests.test_unlearning_common import LABELS, tone_set, trained_tiny
+from tests.helpers.unlearning import LABELS, tone_set, trained_tiny
 
 
 def _write_corpus(root: Path) -> Path:

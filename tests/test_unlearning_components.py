@@ -13,7 +13,7 @@ from serforget.common.unlearning.elastic import ElasticPenalty, elastic_constrai
 from serforget.common.unlearning.forgetting import needed_rows, negative_ce_loss, random_other_labels, relabel_loss
 from serforget.common.unlearning.importance import clip_importance, fisher_importance, mas_importance, minmax_normalize
 from serforget.common.unlearning.stopping import REASON_MAX_EPOCHS, REASON_TARGET, REASON_ZERO, StopRule, run_until_stop
-from tests.test_unlearning_common import trained_tiny
+from tests.helpers.unlearning import trained_tiny
 
 # ----------------------------------------------------------------------------- forgetting terms
 

@@ -8,7 +8,7 @@ import torch
 from serforget.common.unlearning import FORGET_ONLY_METHODS, METHODS, REMAIN_METHODS, UnlearnConfig, unlearn
 from serforget.common.unlearning.engine import RECIPES
 from serforget.common.unlearning.stopping import REASON_TARGET, forget_accuracy
-from tests.test_unlearning_common import accuracy, trained_mlp, trained_tiny
+from tests.helpers.unlearning import accuracy, trained_mlp, trained_tiny
 
 FAST = UnlearnConfig(device="cpu", max_epochs=3, pgd_steps=2, pgd_k=1, remain_epochs=1, remain_steps_per_epoch=2)
 

@@ -15,7 +15,7 @@ from serforget.common.unlearning.evaluation import (
     summarize,
 )
 from serforget.common.unlearning.measure import ResourceMeter
-from tests.test_unlearning_common import LABELS, tone_set
+from tests.helpers.unlearning import LABELS, tone_set
 
 
 def _row(method: str, **values: float) -> dict:

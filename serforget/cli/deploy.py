@@ -2,7 +2,7 @@
 
 Thin wrappers over :mod:`serforget.deploy.local`; the run directory remembers the endpoint and devices in
 ``deployment.json`` so ``run`` and ``down`` work from a later shell. For several hosts follow the
-steps in README ("Deployment Engine"), which these commands perform locally.
+steps in docs/deployment.md, which these commands perform locally.
 """
 
 from __future__ import annotations

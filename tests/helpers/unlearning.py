@@ -1,4 +1,4 @@
-"""Shared tiny task for the unlearning tests (no test functions here).
+"""Shared tiny task for the unlearning tests.
 
 A 4-class "emotion" task of 0.25 s tones: class c is a sine at its own frequency with random
 phase, level and noise. A log-mel CNN with a few channels learns it in about a second on a CPU,
