@@ -276,7 +276,7 @@ def test_checkpoint_missing_backbone_weights_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({}, "exactly one of hf_config or pretrained_dir"),
+        ({}, "exactly one of .hf_config. \\(random weights\\) or .pretrained_dir."),
         ({"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4), "pretrained_dir": "x"}, "exactly one"),
         ({"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4), "dropout": 0.1}, "unknown wav2vec2 config"),
         ({"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4), "arch": "hubert"}, "arch 'hubert'"),
