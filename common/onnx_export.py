@@ -600,15 +600,19 @@ def onnx_ua(onnx_model: OnnxModel, data: EvalSet, *, batch_size: int = 32) -> fl
     return float(classification_report(data.targets.tolist(), np.concatenate(predictions).tolist(), labels=data.labels)["ua"])
 
 
-def _finish_candidate(path: Path, *, info: ModelInfo, name: str) -> None:
-    """Give a quantized file the fp32 model's metadata with precision int8, and check the graph."""
-    proto = onnx.load(str(path))
+def build_candidate(*, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None, info: ModelInfo) -> None:
+    """Quantize the raw fp32 graph ``source`` as candidate ``name`` into ``out`` with int8 metadata; checked by onnx.checker.
+
+    Raises :class:`common.onnx_quant.QuantizationError` when the quantizer or the checker fails.
+    """
+    quantize_candidate(name=name, source=source, out=out, calibration=calibration)
+    proto = onnx.load(str(out))
     _set_metadata(proto, {**info.to_metadata(), "precision": "int8", "quantization": name})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise QuantizationError(f"the {name} int8 graph fails onnx.checker ({exc})") from None
-    onnx.save_model(proto, str(path))
+    onnx.save_model(proto, str(out))
 
 
 def quantize_int8(
@@ -668,8 +672,7 @@ def quantize_int8(
             path = _staging_path(out)
             staged[name] = path
             try:
-                quantize_candidate(name=name, source=source, out=path, calibration=calibration)
-                _finish_candidate(path, info=info, name=name)
+                build_candidate(name=name, source=source, out=path, calibration=calibration, info=info)
             except QuantizationError as exc:
                 errors[name] = str(exc)
         built = {name: OnnxModel(path, threads=1) for name, path in staged.items() if name not in errors}
