@@ -78,8 +78,9 @@ PARITY_BATCH_SIZES: tuple[int, ...] = (1, 2, 3, 4)
 DEFAULT_MAX_PARITY_UTTERANCES = 16
 #: Largest UA drop, in percentage points, at which the int8 model is still published.
 DEFAULT_MAX_UA_DROP = 1.0
-#: Speed an int8 candidate needs, as a multiple of the fp32 model's (thread CPU time, one thread, batch 1).
-DEFAULT_MIN_INT8_SPEEDUP = 1.0
+#: Speed an int8 candidate needs, as a multiple of the fp32 model's (thread CPU time, one thread, batch 1):
+#: 10 % above fp32, so that timing noise on a busy host does not publish an int8 model that is no faster.
+DEFAULT_MIN_INT8_SPEEDUP = 1.1
 #: ONNX Runtime's offline optimization level for the published fp32 file. "Extended" folds
 #: constants and fuses operators but, unlike "all", applies no layout transformation tied to the
 #: exporting machine's CPU, so the saved file suits every device; the device session still runs
