@@ -139,8 +139,18 @@ def onnx_runner(path: Path, x: np.ndarray) -> Runner:
 
 # --------------------------------------------------------------------------- fresh-process measurements
 
-_ORT_COLD = """
-import json, resource, sys, time
+#: Peak resident set of this process. Not ``ru_maxrss``: Linux keeps that across fork + exec, so a
+#: child started by a large benchmark process would report the parent's size; ``VmHWM`` belongs to
+#: the new address space that ``exec`` created.
+_PEAK = """
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+_ORT_COLD = _PEAK + """
+import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from common.edge.runtime import OnnxModel
@@ -150,11 +160,11 @@ t2 = time.perf_counter()
 model.run(np.load(sys.argv[2]))
 t3 = time.perf_counter()
 print(json.dumps({"import_ms": 1e3 * (t1 - t0), "load_ms": 1e3 * (t2 - t1), "first_ms": 1e3 * (t3 - t2),
-                  "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch_loaded": "torch" in sys.modules}))
+                  "peak_mem_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}))
 """
 
-_TORCH_COLD = """
-import json, resource, sys, time
+_TORCH_COLD = _PEAK + """
+import json, sys, time
 t0 = time.perf_counter()
 import numpy as np, torch
 from common.checkpoint import load_checkpoint
@@ -166,7 +176,7 @@ with torch.inference_mode():
     model(torch.from_numpy(np.load(sys.argv[2])))
 t3 = time.perf_counter()
 print(json.dumps({"import_ms": 1e3 * (t1 - t0), "load_ms": 1e3 * (t2 - t1), "first_ms": 1e3 * (t3 - t2),
-                  "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch_loaded": True}))
+                  "peak_mem_mb": peak_mb(), "torch_loaded": True}))
 """
 
 
