@@ -3,8 +3,8 @@
 Why: on an edge CPU the log-mel CNN spends about 40 % of its time in the front end's DFT, a
 ``conv1d`` with ``2 * (n_fft / 2 + 1)`` Hann-windowed cosine/sine kernels of length ``n_fft``.
 ONNX's own ``STFT`` operator would be the obvious replacement, but ONNX Runtime 1.32 runs it
-17x slower than that convolution for ``n_fft = 400`` (not a power of two: measured 24 ms vs
-1.4 ms on 3 s of audio, one thread, ``docs/edge.md``), so the convolution stays a matrix
+12x slower than that convolution for ``n_fft = 400`` (not a power of two: 16.9 ms vs 1.36 ms on
+3 s of audio, one thread, ``benchmarks/results/edge.md``), so the convolution stays a matrix
 product and the rewrite below halves the products instead.
 
 The periodic Hann window and the DFT kernels are symmetric around ``n_fft / 2``:
