@@ -52,6 +52,7 @@ from common.edge.runtime import (
 from common.fsutil import atomic_write_json, fsync_dir, sha256_bytes, sha256_file
 from common.manifest import filter_labels, read_manifest
 from common.metrics import classification_report
+from common.models.frontend import LogMel
 from common.onnx_graph import use_folded_dft
 from common.onnx_quant import (
     CANDIDATES,
@@ -133,7 +134,8 @@ class ExportReport:
     export_seconds: float
     #: ``"ort-extended"`` when the file is ONNX Runtime's offline-optimized graph, ``"none"`` otherwise.
     optimization: str = "none"
-    #: ``"folded-dft"`` or ``"conv-dft"``: how the log-mel front end's DFT is computed in the graph.
+    #: ``"folded-dft"`` or ``"conv-dft"``: how the log-mel front end's DFT is computed in the graph
+    #: (``"none"`` for models without one, e.g. wav2vec2).
     front_end: str = "conv-dft"
     #: Size of the exporter's graph before offline optimization.
     raw_size_bytes: int = 0
@@ -528,6 +530,7 @@ def export_onnx(
     _check_output_width(frozen, n_labels=len(labels), sample_rate=sample_rate)
     exported = copy.deepcopy(frozen)
     _use_stable_group_norms(exported)
+    has_log_mel = any(isinstance(m, LogMel) for m in exported.modules())
     folded = use_folded_dft(exported) > 0 if fold_dft else False
     proto = _trace_to_onnx(exported, opset=opset, sample_rate=sample_rate)
     _set_metadata(proto, info.to_metadata())
@@ -568,7 +571,7 @@ def export_onnx(
         parity=parity,
         export_seconds=time.perf_counter() - started,
         optimization="ort-extended" if optimize else "none",
-        front_end="folded-dft" if folded else "conv-dft",
+        front_end="folded-dft" if folded else ("conv-dft" if has_log_mel else "none"),
         raw_size_bytes=raw_size,
     )
 

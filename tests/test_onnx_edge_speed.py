@@ -229,3 +229,29 @@ def test_edge_runtime_runs_the_optimized_and_int8_models_without_torch(exported:
     result = json.loads(done.stdout)
     for path in paths:
         assert result[path][0] == [2, 4] and result[path][1] == pytest.approx(2.0, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- a transformers backbone
+
+
+@pytest.mark.slow
+def test_tiny_wav2vec2_exports_optimized_fp32_and_int8_candidates_that_track_it(tmp_path: Path) -> None:
+    """Issue 12's path for transformers: fp32 (parity-gated, optimized) and every int8 candidate."""
+    from common.models import build_model
+    from common.models.hf import tiny_hf_config
+    from common.onnx_export import probe_waves
+
+    torch.manual_seed(0)
+    model = build_model(arch="wav2vec2", config={"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4)}, labels=FOUR_CLASS).eval()
+    report = export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "model.onnx", release_version=1,
+                         parity_waves=probe_waves(seconds=(1.0, 3.0), per_length=3), raw_out_path=tmp_path / "raw.onnx")
+    assert report.parity.passed and report.front_end == "none" and report.optimization == "ort-extended"
+    waves = np.stack([w.numpy() for w in probe_waves(seconds=(3.0,), per_length=8)])
+    reference = OnnxModel(report.path).run(waves)[0]
+    for name in CANDIDATES:
+        out = tmp_path / f"{name}.onnx"
+        build_candidate(name=name, source=tmp_path / "raw.onnx", out=out, calibration=list(waves[:4]), info=OnnxModel(report.path).info)
+        logits = OnnxModel(out).run(waves)[0]
+        # dynamic leaves the (here dominant) convolutions in fp32; static quantizes them too
+        assert out.stat().st_size < (0.6 if name.startswith("static") else 1.0) * report.size_bytes, name
+        assert np.abs(logits - reference).max() < 0.1, name  # stated tolerance for a random tiny model's logits
