@@ -6,7 +6,9 @@ the server evaluated would make every accuracy and unlearning claim about the re
 the device, so export is gated: the graph must pass ``onnx.checker``, keep both input axes
 symbolic, and reproduce PyTorch's logits on real audio of several lengths and batch sizes, or
 :func:`export_onnx` raises and writes nothing. The int8 variant is gated too: it is published
-only when its measured UA drop on labelled audio is within a bound.
+only when its measured UA drop on labelled audio is within a bound *and* it runs faster than
+the fp32 file (:mod:`common.onnx_quant`). The published fp32 file is ONNX Runtime's offline-
+optimized graph with the log-mel DFT folded (:mod:`common.onnx_graph`).
 
 How: the model is wrapped to return ``(logits, probabilities)`` and exported with torch's
 ``torch.export``-based exporter (``dynamo=True``) with named dynamic axes ``batch`` and

@@ -1,9 +1,10 @@
 """int8 candidates for a release (static QDQ, static QOperator, dynamic), their latency, and the rule that picks one.
 
 Why several candidates and a measured choice: which int8 form is fastest depends on the model
-and the CPU, and sometimes none is faster than fp32. Measured here (AVX2, no VNNI):
-ONNX Runtime's dynamic int8 convolution (``ConvInteger``) made the log-mel CNN 3-7x *slower*
-than fp32, while dynamic int8 matrix products made a wav2vec2-base-size model 1.5x faster.
+and the CPU, and sometimes none is faster than fp32. Measured here (AVX2, no VNNI,
+``benchmarks/results/edge.md``): ONNX Runtime's dynamic int8 convolution (``ConvInteger``) made
+the log-mel CNN 3-7x *slower* than fp32, static int8 runs it at 0.66x fp32, while the int8
+forms of a wav2vec2-base-size model are 1.05-1.11x faster than fp32.
 Static quantization (``quantize_static``: activation ranges calibrated on audio, per-channel
 int8 weights, ONNX Runtime's model pre-processing first) removes the per-call activation scans.
 So the release builds every candidate, measures UA and latency, and publishes the fastest one
