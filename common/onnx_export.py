@@ -6,7 +6,9 @@ the server evaluated would make every accuracy and unlearning claim about the re
 the device, so export is gated: the graph must pass ``onnx.checker``, keep both input axes
 symbolic, and reproduce PyTorch's logits on real audio of several lengths and batch sizes, or
 :func:`export_onnx` raises and writes nothing. The int8 variant is gated too: it is published
-only when its measured UA drop on labelled audio is within a bound.
+only when its measured UA drop on labelled audio is within a bound *and* it runs faster than
+the fp32 file (:mod:`serforget.common.onnx_quant`). The published fp32 file is ONNX Runtime's offline-
+optimized graph with the log-mel DFT folded (:mod:`serforget.common.onnx_graph`).
 
 How: the model is wrapped to return ``(logits, probabilities)`` and exported with torch's
 ``torch.export``-based exporter (``dynamo=True``) with named dynamic axes ``batch`` and
@@ -37,7 +39,6 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
 from serforget.common.checkpoint import load_checkpoint, state_dict_bytes
@@ -48,11 +49,21 @@ from serforget.common.edge.runtime import (
     OUTPUT_NAMES,
     ModelInfo,
     OnnxModel,
-    parse_model_info,
 )
 from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes, sha256_file
 from serforget.common.manifest import filter_labels, read_manifest
 from serforget.common.metrics import classification_report
+from serforget.common.models.frontend import LogMel
+from serforget.common.onnx_graph import use_folded_dft
+from serforget.common.onnx_quant import (
+    CANDIDATES,
+    DEFAULT_MAX_CALIBRATION,
+    Candidate,
+    QuantizationError,
+    choose_int8,
+    interleaved_timings,
+    quantize_candidate,
+)
 
 DEFAULT_OPSET = 18
 #: torch 2.9's exporter has no implementations below opset 18 and its down-conversion fails on
@@ -69,6 +80,14 @@ PARITY_BATCH_SIZES: tuple[int, ...] = (1, 2, 3, 4)
 DEFAULT_MAX_PARITY_UTTERANCES = 16
 #: Largest UA drop, in percentage points, at which the int8 model is still published.
 DEFAULT_MAX_UA_DROP = 1.0
+#: Speed an int8 candidate needs, as a multiple of the fp32 model's (thread CPU time, one thread, batch 1):
+#: 10 % above fp32, so that timing noise on a busy host does not publish an int8 model that is no faster.
+DEFAULT_MIN_INT8_SPEEDUP = 1.1
+#: ONNX Runtime's offline optimization level for the published fp32 file. "Extended" folds
+#: constants and fuses operators but, unlike "all", applies no layout transformation tied to the
+#: exporting machine's CPU, so the saved file suits every device; the device session still runs
+#: its own hardware-specific passes when it loads the file.
+OFFLINE_OPTIMIZATION = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 #: A drop exactly at the bound is accepted; float rounding of the difference of two ratios must not flip that.
 _UA_DROP_TOLERANCE = 1e-9
 
@@ -114,6 +133,13 @@ class ExportReport:
     metadata: dict[str, str]
     parity: ParityReport
     export_seconds: float
+    #: ``"ort-extended"`` when the file is ONNX Runtime's offline-optimized graph, ``"none"`` otherwise.
+    optimization: str = "none"
+    #: ``"folded-dft"`` or ``"conv-dft"``: how the log-mel front end's DFT is computed in the graph
+    #: (``"none"`` for models without one, e.g. wav2vec2).
+    front_end: str = "conv-dft"
+    #: Size of the exporter's graph before offline optimization.
+    raw_size_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": self.path.name}
@@ -121,19 +147,29 @@ class ExportReport:
 
 @dataclass(frozen=True)
 class QuantReport:
-    """The int8 variant's measured size and UA change, and whether it was published."""
+    """Every int8 candidate's measured size, UA change and speed, and which one (if any) was published.
+
+    ``quantization``, ``size_bytes_int8``, ``size_ratio``, ``ua_int8``, ``ua_drop_points`` and
+    ``speedup`` describe the published candidate, or the smallest built one when none was published.
+    """
 
     published: bool
     reason: str
     path: Path | None
+    quantization: str | None
     size_bytes_fp32: int
-    size_bytes_int8: int
-    size_ratio: float
+    size_bytes_int8: int | None
+    size_ratio: float | None
     ua_fp32: float | None
     ua_int8: float | None
     ua_drop_points: float | None
     max_ua_drop_points: float
+    speedup: float | None
+    min_speedup: float
+    fp32_cpu_ms: float | None
     n_eval: int
+    calibration_source: str
+    candidates: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": self.path.name if self.path is not None else None}
@@ -450,6 +486,9 @@ def export_onnx(
     parity_source: str = "caller-supplied waves",
     atol: float = DEFAULT_ATOL,
     min_argmax_agreement: float = DEFAULT_MIN_ARGMAX_AGREEMENT,
+    fold_dft: bool = True,
+    optimize: bool = True,
+    raw_out_path: str | os.PathLike[str] | None = None,
 ) -> ExportReport:
     """Export ``model`` (waveform in, logits and probabilities out) to ``out_path``, parity-checked.
 
@@ -459,6 +498,13 @@ def export_onnx(
     Without ``parity_waves``, deterministic :func:`probe_waves` are used. The model is copied,
     so the caller's module keeps its device and train/eval mode. Raises :class:`ParityError`
     (and leaves ``out_path`` untouched) when the graph does not match PyTorch.
+
+    ``fold_dft`` computes the log-mel front end with :class:`serforget.common.onnx_graph.FoldedDftLogMel`
+    (half the DFT arithmetic); ``optimize`` saves ONNX Runtime's offline-optimized graph
+    (:data:`OFFLINE_OPTIMIZATION`) instead of the exporter's, so devices skip those passes and the
+    file holds folded constants. The parity check runs on the file that is written.
+    ``raw_out_path``, when given, also receives the exporter's graph before optimization: the
+    quantizer works on that one (it does not know ONNX Runtime's fused operators).
     """
     labels = tuple(labels)
     if not labels or len(set(labels)) != len(labels):
@@ -485,14 +531,22 @@ def export_onnx(
     _check_output_width(frozen, n_labels=len(labels), sample_rate=sample_rate)
     exported = copy.deepcopy(frozen)
     _use_stable_group_norms(exported)
+    has_log_mel = any(isinstance(m, LogMel) for m in exported.modules())
+    folded = use_folded_dft(exported) > 0 if fold_dft else False
     proto = _trace_to_onnx(exported, opset=opset, sample_rate=sample_rate)
     _set_metadata(proto, info.to_metadata())
     check_graph(proto, n_labels=len(labels), source=str(out))
     if parity_waves is None:
         parity_waves, parity_source = probe_waves(sample_rate=sample_rate), "synthetic probe signals"
     staged = _staging_path(out)
+    raw_staged = _staging_path(Path(raw_out_path) if raw_out_path is not None else out)
     try:
-        onnx.save_model(proto, str(staged))
+        onnx.save_model(proto, str(raw_staged))
+        raw_size = raw_staged.stat().st_size
+        if optimize:
+            _optimize_offline(raw_staged, staged, metadata=info.to_metadata())
+        else:
+            staged.write_bytes(raw_staged.read_bytes())
         parity = check_parity(
             model=frozen, onnx_model=OnnxModel(staged), waves=parity_waves, source=parity_source,
             sample_rate=sample_rate, atol=atol, min_argmax_agreement=min_argmax_agreement,
@@ -504,8 +558,11 @@ def export_onnx(
                 f"{parity.argmax_agreement:.4f} (bound {min_argmax_agreement:g}); nothing was written"
             )
         _commit(staged, out)
+        if raw_out_path is not None:
+            _commit(raw_staged, Path(raw_out_path))
     finally:
         staged.unlink(missing_ok=True)
+        raw_staged.unlink(missing_ok=True)
     return ExportReport(
         path=out,
         size_bytes=out.stat().st_size,
@@ -514,7 +571,24 @@ def export_onnx(
         metadata=info.to_metadata(),
         parity=parity,
         export_seconds=time.perf_counter() - started,
+        optimization="ort-extended" if optimize else "none",
+        front_end="folded-dft" if folded else ("conv-dft" if has_log_mel else "none"),
+        raw_size_bytes=raw_size,
     )
+
+
+def _optimize_offline(source: Path, target: Path, *, metadata: dict[str, str]) -> None:
+    """Write ONNX Runtime's :data:`OFFLINE_OPTIMIZATION` graph of ``source`` to ``target``, keeping our metadata."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = OFFLINE_OPTIMIZATION
+    options.optimized_model_filepath = str(target)
+    try:
+        onnxruntime.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise OnnxExportError(f"{source}: ONNX Runtime cannot optimize the exported graph ({exc})") from None
+    proto = onnx.load(str(target))
+    _set_metadata(proto, metadata)
+    onnx.save_model(proto, str(target))
 
 
 # --------------------------------------------------------------------------- int8
@@ -531,17 +605,19 @@ def onnx_ua(onnx_model: OnnxModel, data: EvalSet, *, batch_size: int = 32) -> fl
     return float(classification_report(data.targets.tolist(), np.concatenate(predictions).tolist(), labels=data.labels)["ua"])
 
 
-def _quantize_to(fp32_path: Path, staged: Path) -> None:
-    """Dynamic int8 quantization of every Conv/MatMul weight, then the precision metadata."""
-    quantize_dynamic(str(fp32_path), str(staged), weight_type=QuantType.QInt8)
-    proto = onnx.load(str(staged))
-    info = parse_model_info({p.key: p.value for p in proto.metadata_props}, source=str(fp32_path))
-    _set_metadata(proto, {**info.to_metadata(), "precision": "int8"})
+def build_candidate(*, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None, info: ModelInfo) -> None:
+    """Quantize the raw fp32 graph ``source`` as candidate ``name`` into ``out`` with int8 metadata; checked by onnx.checker.
+
+    Raises :class:`serforget.common.onnx_quant.QuantizationError` when the quantizer or the checker fails.
+    """
+    quantize_candidate(name=name, source=source, out=out, calibration=calibration)
+    proto = onnx.load(str(out))
+    _set_metadata(proto, {**info.to_metadata(), "precision": "int8", "quantization": name})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise OnnxExportError(f"{fp32_path}: the int8 graph fails onnx.checker ({exc})") from None
-    onnx.save_model(proto, str(staged))
+        raise QuantizationError(f"the {name} int8 graph fails onnx.checker ({exc})") from None
+    onnx.save_model(proto, str(out))
 
 
 def quantize_int8(
@@ -550,49 +626,118 @@ def quantize_int8(
     out_path: str | os.PathLike[str],
     eval_set: EvalSet | None,
     max_ua_drop: float = DEFAULT_MAX_UA_DROP,
+    source_path: str | os.PathLike[str] | None = None,
+    calibration: Sequence[np.ndarray] | None = None,
+    calibration_source: str = "synthetic probe signals",
+    min_speedup: float = DEFAULT_MIN_INT8_SPEEDUP,
+    candidates: Sequence[str] = CANDIDATES,
+    timing_rounds: int = 3,
+    timing_calls: int = 3,
 ) -> QuantReport:
-    """Quantize ``fp32_path`` to int8 and write ``out_path`` only if UA drops by at most ``max_ua_drop`` points.
+    """Build the int8 ``candidates``, measure them, and write the chosen one (if any) to ``out_path``.
 
-    The UA of both models is measured with ONNX Runtime on ``eval_set``. Without labelled data
-    the change cannot be measured, so the variant is not published. ``out_path`` is never
-    partially written: the candidate is staged and renamed into place only when accepted.
+    ``fp32_path`` is the fp32 model devices would otherwise run (UA and speed are compared with
+    it); ``source_path`` is the graph to quantize (the exporter's, before ONNX Runtime's offline
+    optimization; defaults to ``fp32_path``). Static candidates calibrate on ``calibration``
+    clips (training audio in the benchmark; :func:`probe_waves` when none is given). UA is measured
+    with ONNX Runtime on ``eval_set``; speed is thread CPU time per call at one thread and batch 1
+    on one window, fp32 and candidates interleaved (:func:`serforget.common.onnx_quant.interleaved_timings`).
+    :func:`serforget.common.onnx_quant.choose_int8` picks the fastest candidate within ``max_ua_drop`` UA
+    points and at least ``min_speedup`` x fp32. Without labelled data nothing is published.
+    ``out_path`` is never partially written: candidates are staged, the chosen one renamed into place.
     """
     if not math.isfinite(max_ua_drop) or max_ua_drop < 0:
         raise OnnxExportError(f"max_ua_drop must be a non-negative number of UA points, got {max_ua_drop!r}")
-    source, out = Path(fp32_path), Path(out_path)
-    fp32_model = OnnxModel(source)
-    if fp32_model.info.precision != "fp32":
-        raise OnnxExportError(f"{source}: metadata precision is {fp32_model.info.precision!r}; quantize the fp32 model")
-    staged = _staging_path(out)
+    if not math.isfinite(min_speedup) or min_speedup <= 0:
+        raise OnnxExportError(f"min_speedup must be a positive factor, got {min_speedup!r}")
+    unknown = sorted(set(candidates) - set(CANDIDATES))
+    if unknown or not candidates:
+        raise OnnxExportError(f"int8 candidates must be a non-empty subset of {list(CANDIDATES)}, got {list(candidates)}")
+    fp32_file, out = Path(fp32_path), Path(out_path)
+    source = Path(source_path) if source_path is not None else fp32_file
+    fp32_model = OnnxModel(fp32_file)
+    info = fp32_model.info
+    if info.precision != "fp32" or OnnxModel(source).info.precision != "fp32":
+        raise OnnxExportError(f"{source}: metadata precision is not 'fp32'; quantize the fp32 model")
+    if calibration is None:
+        calibration = [w.numpy() for w in probe_waves(sample_rate=info.sample_rate, seconds=(info.window_seconds,), per_length=16)]
+        calibration_source = "synthetic probe signals"
+    if eval_set is None or len(eval_set) == 0:
+        return QuantReport(
+            published=False, reason="no labelled evaluation data, so the UA change cannot be measured", path=None,
+            quantization=None, size_bytes_fp32=fp32_file.stat().st_size, size_bytes_int8=None, size_ratio=None,
+            ua_fp32=None, ua_int8=None, ua_drop_points=None, max_ua_drop_points=max_ua_drop, speedup=None,
+            min_speedup=min_speedup, fp32_cpu_ms=None, n_eval=0, calibration_source=calibration_source, candidates=[],
+        )
+    ua_fp32 = onnx_ua(fp32_model, eval_set)
+    staged: dict[str, Path] = {}
+    errors: dict[str, str] = {}
     try:
-        _quantize_to(source, staged)
-        size_fp32, size_int8 = source.stat().st_size, staged.stat().st_size
-        ua_fp32 = ua_int8 = drop = None
-        if eval_set is None or len(eval_set) == 0:
-            published, reason = False, "no labelled evaluation data, so the UA change cannot be measured"
-        else:
-            ua_fp32, ua_int8 = onnx_ua(fp32_model, eval_set), onnx_ua(OnnxModel(staged), eval_set)
-            drop = 100.0 * (ua_fp32 - ua_int8)
-            published = drop <= max_ua_drop + _UA_DROP_TOLERANCE
-            verdict = "within" if published else "exceeds"
-            reason = f"UA drop {drop:.2f} points {verdict} the {max_ua_drop:g}-point bound"
-        if published:
-            _commit(staged, out)
+        for name in candidates:
+            path = _staging_path(out)
+            staged[name] = path
+            try:
+                build_candidate(name=name, source=source, out=path, calibration=calibration, info=info)
+            except QuantizationError as exc:
+                errors[name] = str(exc)
+        built = {name: OnnxModel(path, threads=1) for name, path in staged.items() if name not in errors}
+        wave = eval_set.waves[:1]  # one window of real audio, batch 1: the edge shape
+        fp32_timed = OnnxModel(fp32_file, threads=1)
+        runners = {"fp32": lambda: fp32_timed.run(wave), **{name: (lambda m=m: m.run(wave)) for name, m in built.items()}}
+        timings = interleaved_timings(runners, rounds=timing_rounds, calls=timing_calls)
+        results = []
+        for name in candidates:
+            if name in errors:
+                results.append(Candidate(name=name, quantization=name.split("-")[0], quant_format=None, size_bytes=None,
+                                         ua=None, ua_drop_points=None, cpu_ms=None, speedup=None, error=errors[name]))
+                continue
+            ua = onnx_ua(built[name], eval_set)
+            results.append(Candidate(
+                name=name, quantization=name.split("-")[0],
+                quant_format={"static-qdq": "QDQ", "static-qoperator": "QOperator"}.get(name),
+                size_bytes=staged[name].stat().st_size, ua=ua,
+                ua_drop_points=100.0 * (ua_fp32 - ua),
+                cpu_ms=timings[name].cpu_ms, speedup=timings["fp32"].cpu_ms / max(timings[name].cpu_ms, 1e-9),
+            ))
+        chosen, reason = choose_int8(results, max_ua_drop=max_ua_drop, min_speedup=min_speedup, tolerance=_UA_DROP_TOLERANCE)
+        if chosen is not None:
+            _commit(staged[chosen.name], out)
     finally:
-        staged.unlink(missing_ok=True)
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+    size_fp32 = fp32_file.stat().st_size
+    shown = chosen or min((c for c in results if c.size_bytes is not None), key=lambda c: c.size_bytes or 0, default=None)
     return QuantReport(
-        published=published,
+        published=chosen is not None,
         reason=reason,
-        path=out if published else None,
+        path=out if chosen is not None else None,
+        quantization=shown.name if shown else None,
         size_bytes_fp32=size_fp32,
-        size_bytes_int8=size_int8,
-        size_ratio=size_int8 / size_fp32,
+        size_bytes_int8=shown.size_bytes if shown else None,
+        size_ratio=shown.size_bytes / size_fp32 if shown and shown.size_bytes else None,
         ua_fp32=ua_fp32,
-        ua_int8=ua_int8,
-        ua_drop_points=drop,
+        ua_int8=shown.ua if shown else None,
+        ua_drop_points=shown.ua_drop_points if shown else None,
         max_ua_drop_points=max_ua_drop,
-        n_eval=0 if eval_set is None else len(eval_set),
+        speedup=shown.speedup if shown else None,
+        min_speedup=min_speedup,
+        fp32_cpu_ms=timings["fp32"].cpu_ms,
+        n_eval=len(eval_set),
+        calibration_source=calibration_source,
+        candidates=[c.to_dict() for c in results],
     )
+
+
+def calibration_waves_from_manifest(
+    *, manifest: str | os.PathLike[str], labels: Sequence[str], clip_seconds: float, sample_rate: int = 16_000,
+    max_utterances: int = DEFAULT_MAX_CALIBRATION,
+) -> list[np.ndarray]:
+    """Up to ``max_utterances`` clips of ``manifest`` (spread over it, cut like training clips) for static calibration."""
+    utterances = _spread(sorted(filter_labels(read_manifest(manifest), labels), key=lambda u: u.utt_id), max_utterances)
+    if not utterances:
+        raise OnnxExportError(f"{manifest}: no utterance with one of the labels {list(labels)} to calibrate int8 on")
+    clips = load_waveforms(utterances, labels=labels, clip_seconds=clip_seconds, sample_rate=sample_rate)
+    return [wave.numpy() for wave in clips.waves.unbind(0)]
 
 
 # --------------------------------------------------------------------------- release entry point
@@ -608,13 +753,19 @@ def export_release_models(
     max_ua_drop: float = DEFAULT_MAX_UA_DROP,
     atol: float = DEFAULT_ATOL,
     max_parity_utterances: int = DEFAULT_MAX_PARITY_UTTERANCES,
+    calibration_manifest: str | os.PathLike[str] | None = None,
+    min_int8_speedup: float = DEFAULT_MIN_INT8_SPEEDUP,
 ) -> dict[str, Path]:
     """Export a checkpoint for a release; returns release file name -> path of the files to publish.
 
-    Always ``model.onnx`` and ``onnx_report.json``; ``model.int8.onnx`` only when ``int8`` is set
-    and the quantized model passed the UA bound on ``parity_manifest``'s labelled utterances.
-    ``parity_manifest`` (real corpus audio, e.g. the test split) drives the parity check; without
-    it synthetic probe signals are used and the int8 variant cannot be published.
+    Always ``model.onnx`` (ONNX Runtime's offline-optimized fp32 graph) and ``onnx_report.json``;
+    ``model.int8.onnx`` only when ``int8`` is set and some int8 candidate kept UA within
+    ``max_ua_drop`` on ``parity_manifest``'s labelled utterances *and* ran at least
+    ``min_int8_speedup`` x as fast as fp32 (:func:`quantize_int8`). ``parity_manifest`` (real
+    corpus audio, e.g. the held-out split) drives the parity check; without it synthetic probe
+    signals are used and the int8 variant cannot be published. Static int8 calibrates on
+    ``calibration_manifest`` (training audio, never the audio UA is measured on) or, without one,
+    on synthetic probe signals; the report says which.
     """
     model, meta = load_checkpoint(checkpoint_dir)
     out = Path(out_dir)
@@ -626,22 +777,34 @@ def export_release_models(
         source = f"{len(waves) // len(PARITY_SECONDS)} utterances of {Path(parity_manifest).name}"
     else:
         waves, source = None, "synthetic probe signals"
-    export = export_onnx(
-        model=model, labels=meta.labels, out_path=out / FP32_FILE, release_version=release_version,
-        sample_rate=meta.sample_rate, weights_sha256=meta.weights_sha256, window_seconds=window,
-        parity_waves=waves, parity_source=source, atol=atol,
-    )
-    files = {FP32_FILE: export.path}
-    quant = None
-    if int8:
-        eval_set = (
-            eval_set_from_manifest(manifest=parity_manifest, labels=meta.labels, clip_seconds=window, sample_rate=meta.sample_rate)
-            if parity_manifest is not None
-            else None
+    with tempfile.TemporaryDirectory(prefix="onnx-raw-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        export = export_onnx(
+            model=model, labels=meta.labels, out_path=out / FP32_FILE, release_version=release_version,
+            sample_rate=meta.sample_rate, weights_sha256=meta.weights_sha256, window_seconds=window,
+            parity_waves=waves, parity_source=source, atol=atol, raw_out_path=raw,
         )
-        quant = quantize_int8(fp32_path=export.path, out_path=out / INT8_FILE, eval_set=eval_set, max_ua_drop=max_ua_drop)
-        if quant.published and quant.path is not None:
-            files[INT8_FILE] = quant.path
+        files = {FP32_FILE: export.path}
+        quant = None
+        if int8:
+            eval_set = (
+                eval_set_from_manifest(manifest=parity_manifest, labels=meta.labels, clip_seconds=window, sample_rate=meta.sample_rate)
+                if parity_manifest is not None
+                else None
+            )
+            calibration = (
+                calibration_waves_from_manifest(manifest=calibration_manifest, labels=meta.labels, clip_seconds=window,
+                                                sample_rate=meta.sample_rate)
+                if calibration_manifest is not None and eval_set is not None
+                else None
+            )
+            quant = quantize_int8(
+                fp32_path=export.path, source_path=raw, out_path=out / INT8_FILE, eval_set=eval_set, max_ua_drop=max_ua_drop,
+                calibration=calibration, min_speedup=min_int8_speedup,
+                calibration_source=f"{len(calibration)} clips of {Path(calibration_manifest).name}" if calibration else "synthetic probe signals",
+            )
+            if quant.published and quant.path is not None:
+                files[INT8_FILE] = quant.path
     report = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_FORMAT_VERSION,

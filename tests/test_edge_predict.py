@@ -70,7 +70,7 @@ def release_files(cnn: torch.nn.Module, corpus: Path, tmp_path_factory: pytest.T
     checkpoint = save_checkpoint(model=cnn, out_dir=root / "ckpt", labels=FOUR_CLASS)
     files = export_release_models(
         checkpoint_dir=checkpoint, out_dir=root / "onnx", parity_manifest=corpus, release_version=1,
-        max_ua_drop=100.0, max_parity_utterances=4,
+        max_ua_drop=100.0, max_parity_utterances=4, min_int8_speedup=1e-6,  # int8 published whatever its speed here
     )
     return {**{p.name: p for p in checkpoint.iterdir()}, **files}
 

@@ -54,7 +54,13 @@ def cnn() -> LogMelCNN:
 def cnn_export(cnn: LogMelCNN, corpus: Path, tmp_path_factory: pytest.TempPathFactory):
     waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS)
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    return export_onnx(model=cnn, labels=FOUR_CLASS, out_path=out, release_version=7, parity_waves=waves, parity_source="espeak")
+    return export_onnx(model=cnn, labels=FOUR_CLASS, out_path=out, release_version=7, parity_waves=waves, parity_source="espeak",
+                       raw_out_path=out.with_name("raw.onnx"))
+
+
+def _raw(export) -> Path:
+    """The exporter's graph before ONNX Runtime's offline optimization: what the quantizer reads."""
+    return export.path.with_name("raw.onnx")
 
 
 def test_graph_takes_dynamic_waveform_batches_and_passes_checker(cnn_export) -> None:
@@ -98,7 +104,9 @@ def test_unseen_batch_and_length_match_pytorch_and_reference_evaluator(cnn: LogM
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     short = waves[:2, :4_000].numpy()
-    reference_logits, _ = ReferenceEvaluator(str(cnn_export.path)).run(None, {"waveform": short})
+    # the reference evaluator knows only standard ONNX ops, so it checks the exporter's graph (the
+    # published file adds ONNX Runtime's fused operators and is parity-checked against PyTorch instead)
+    reference_logits, _ = ReferenceEvaluator(str(_raw(cnn_export))).run(None, {"waveform": short})
     np.testing.assert_allclose(reference_logits, OnnxModel(cnn_export.path).run(short)[0], rtol=0, atol=1e-4)
 
 
@@ -181,10 +189,14 @@ def test_bad_arguments_are_refused_with_a_clear_error(cnn: LogMelCNN, tmp_path: 
 def test_int8_model_is_smaller_and_its_ua_change_is_measured(cnn_export, corpus: Path, tmp_path: Path) -> None:
     eval_set = eval_set_from_manifest(manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0)
     out = tmp_path / INT8_FILE
-    report = quantize_int8(fp32_path=cnn_export.path, out_path=out, eval_set=eval_set, max_ua_drop=100.0)
+    report = quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=out, eval_set=eval_set,
+                           max_ua_drop=100.0, min_speedup=1e-6)
     assert report.published and out.is_file()
     assert report.size_bytes_int8 == out.stat().st_size
-    assert report.size_ratio <= 0.4  # the log-mel CNN, DFT kernels included, shrinks to under 40 %
+    sizes = {c["name"]: c["size_bytes"] for c in report.candidates}
+    assert set(sizes) == {"static-qdq", "static-qoperator", "dynamic"}
+    assert max(sizes["static-qdq"], sizes["static-qoperator"]) <= 0.4 * report.size_bytes_fp32  # front-end constants stored int8 too
+    assert sizes["dynamic"] < report.size_bytes_fp32
     assert report.n_eval == len(read_manifest(corpus))
     assert report.ua_drop_points == pytest.approx(100 * (report.ua_fp32 - report.ua_int8))
     info = OnnxModel(out).info
@@ -202,7 +214,8 @@ def test_int8_is_published_only_within_the_ua_bound(
     monkeypatch.setattr("serforget.common.onnx_export.onnx_ua", _fake_ua({"fp32": 0.80, "int8": ua_int8}))
     data = EvalSet(waves=np.zeros((2, 16_000), np.float32), targets=np.array([0, 1]), labels=FOUR_CLASS)
     out = tmp_path / INT8_FILE
-    report = quantize_int8(fp32_path=cnn_export.path, out_path=out, eval_set=data, max_ua_drop=1.0)
+    report = quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=out, eval_set=data,
+                           max_ua_drop=1.0, min_speedup=1e-6, candidates=["dynamic"])
     assert report.published is published
     assert out.is_file() is published
     assert report.ua_drop_points == pytest.approx(100 * (0.80 - ua_int8))
@@ -221,7 +234,8 @@ def test_quantizing_an_int8_model_or_a_negative_bound_is_refused(cnn_export, tmp
         quantize_int8(fp32_path=cnn_export.path, out_path=tmp_path / "q.onnx", eval_set=None, max_ua_drop=-1.0)
     first = tmp_path / "first.onnx"
     data = EvalSet(waves=np.zeros((1, 16_000), np.float32), targets=np.array([0]), labels=FOUR_CLASS)
-    quantize_int8(fp32_path=cnn_export.path, out_path=first, eval_set=data, max_ua_drop=100.0)
+    quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=first, eval_set=data, max_ua_drop=100.0,
+                  min_speedup=1e-6, candidates=["dynamic"])
     with pytest.raises(OnnxExportError, match="quantize the fp32 model"):
         quantize_int8(fp32_path=first, out_path=tmp_path / "again.onnx", eval_set=data)
 
@@ -230,7 +244,7 @@ def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Pat
     checkpoint = save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
     files = export_release_models(
         checkpoint_dir=checkpoint, out_dir=tmp_path / "onnx", parity_manifest=corpus, release_version=3,
-        max_ua_drop=100.0, max_parity_utterances=4,
+        max_ua_drop=100.0, max_parity_utterances=4, min_int8_speedup=1e-6, calibration_manifest=corpus,
     )
     assert set(files) == {"model.onnx", INT8_FILE, REPORT_FILE}
     report = json.loads(files[REPORT_FILE].read_text())
@@ -238,6 +252,8 @@ def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Pat
     assert report["checkpoint_weights_sha256"] == load_checkpoint(checkpoint)[1].weights_sha256
     assert report["fp32"]["parity"]["passed"] and report["fp32"]["parity"]["n_examples"] == 4 * len(PARITY_SECONDS)
     assert report["int8"]["published"] and report["int8"]["n_eval"] == 16
+    assert report["int8"]["calibration_source"] == "16 clips of manifest.csv"
+    assert report["fp32"]["optimization"] == "ort-extended" and report["fp32"]["front_end"] == "folded-dft"
     for name in ("model.onnx", INT8_FILE):
         assert report["files"][name]["sha256"] == sha256_file(files[name])
     session = ort.InferenceSession(str(files["model.onnx"]))

@@ -98,7 +98,7 @@ def resolve_model_file(model: str | os.PathLike[str], *, precision: str = "fp32"
         path = release
     candidate = path / MODEL_FILES[precision]
     if not candidate.is_file():
-        hint = " (the int8 variant is only published when its UA drop is within the bound)" if precision == "int8" else ""
+        hint = " (the int8 variant is only published when its UA drop is within the bound and it runs faster than fp32)" if precision == "int8" else ""
         raise EdgeModelError(f"{path}: has no {MODEL_FILES[precision]}{hint}")
     return candidate
 

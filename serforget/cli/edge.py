@@ -23,10 +23,15 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (parity-checked; optional int8)")
     export.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (model.json + weights)")
     export.add_argument("--out", type=Path, required=True, help="folder for model.onnx, model.int8.onnx, onnx_report.json")
-    export.add_argument("--int8", action="store_true", help="also quantize to int8 (kept only within --max-ua-drop)")
+    export.add_argument("--int8", action="store_true",
+                        help="also quantize to int8 (kept only within --max-ua-drop and at least --min-int8-speedup x fp32)")
     export.add_argument("--parity-manifest", type=Path, help="labelled manifest of real audio for parity and UA")
     export.add_argument("--release-version", type=int, help="release number recorded in the ONNX metadata")
     export.add_argument("--max-ua-drop", type=float, default=1.0, help="largest int8 UA drop in points (default 1.0)")
+    export.add_argument("--min-int8-speedup", type=float, default=1.1,
+                        help="speed int8 must reach, as a multiple of fp32 (one thread, batch 1; default 1.1)")
+    export.add_argument("--calibration-manifest", type=Path,
+                        help="training audio to calibrate static int8 on (default: synthetic probe signals)")
     export.add_argument("--atol", type=float, default=1e-4, help="largest allowed |logit difference| (default 1e-4)")
     export.set_defaults(handler=_export)
 
@@ -83,6 +88,7 @@ def _export(args: argparse.Namespace) -> int:
     files = export_release_models(
         checkpoint_dir=args.checkpoint, out_dir=args.out, parity_manifest=args.parity_manifest,
         release_version=args.release_version, int8=args.int8, max_ua_drop=args.max_ua_drop, atol=args.atol,
+        min_int8_speedup=args.min_int8_speedup, calibration_manifest=args.calibration_manifest,
     )
     report = json.loads(files[REPORT_FILE].read_text(encoding="utf-8"))
     summary = {
