@@ -7,6 +7,9 @@ per-utterance scores, higher meaning "more member-like":
 - ``loss``: minus the cross-entropy of the true label (the loss-threshold attack, Yeom et al.);
 - ``confidence``: the probability given to the true label;
 - ``entropy``: minus the entropy of the predicted distribution (members get confident outputs).
+- ``logit``: ``log p_y - log(1 - p_y)``, the logit-scaled confidence that LiRA/U-LiRA model as
+  Gaussian per example (:mod:`common.unlearning.audit`); not in the default :data:`ATTACKS`,
+  since as a threshold attack it ranks utterances exactly as ``loss`` does.
 
 The attack's threshold is fitted on *known* members (the remaining training data) versus known
 non-members (the test set) by maximising TPR - FPR. It then scores the forget set:
@@ -35,7 +38,7 @@ ATTACKS: tuple[str, ...] = ("loss", "confidence", "entropy")
 
 
 def membership_scores(logits: torch.Tensor, targets: torch.Tensor, *, attack: str) -> np.ndarray:
-    """Per-utterance scores (higher = more member-like) for ``attack`` in :data:`ATTACKS`."""
+    """Per-utterance scores (higher = more member-like) for ``attack`` in :data:`ATTACKS` or ``logit``."""
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"expected logits[N, C] and targets[N]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
     log_probs = torch.log_softmax(logits.detach().double().cpu(), dim=1)
@@ -46,8 +49,13 @@ def membership_scores(logits: torch.Tensor, targets: torch.Tensor, *, attack: st
         scores = log_probs.gather(1, labels[:, None]).squeeze(1).exp()
     elif attack == "entropy":
         scores = (log_probs.exp() * log_probs).sum(dim=1)
+    elif attack == "logit":
+        # log p_y - log(1 - p_y), computed from log-probabilities so it stays finite near p_y = 1.
+        true = log_probs.gather(1, labels[:, None]).squeeze(1)
+        others = log_probs.masked_fill(torch.nn.functional.one_hot(labels, log_probs.shape[1]).bool(), float("-inf"))
+        scores = true - torch.logsumexp(others, dim=1)
     else:
-        raise ValueError(f"unknown membership attack {attack!r}; known: {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown membership attack {attack!r}; known: {', '.join(ATTACKS)}, logit")
     return scores.numpy()
 
 

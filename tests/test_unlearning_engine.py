@@ -43,8 +43,8 @@ def test_each_method_returns_a_changed_copy_and_leaves_the_input_alone(method):
     assert result.forget_acc == pytest.approx(forget_accuracy(result.model, forget.waves, forget.targets))
     assert result.seconds > 0 and result.peak_memory_bytes >= 0 and result.memory_measure
     assert result.n_forget == len(forget)
-    assert (result.importance is not None) == (method in ("rl_ela", "rl_adv_ela"))
-    assert (result.n_adversarial > 0) == (method in ("rl_adv", "rl_adv_ela"))
+    assert (result.importance is not None) == (method in ("rl_ela", "rl_adv_ela", "neggrad_adv_ela"))
+    assert (result.n_adversarial > 0) == (method in ("rl_adv", "rl_adv_ela", "neggrad_adv_ela"))
     assert "training" in result.phase_seconds
     summary = result.summary()
     assert summary["method"] == method and summary["config"]["max_epochs"] == 3

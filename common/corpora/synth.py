@@ -34,11 +34,12 @@ Design (each number below is a knob of :class:`SynthConfig` or a row of :data:`S
   level (``level_jitter_db``), a synthetic room (exponentially decaying noise impulse response
   with a random RT60 and wet level) and additive noise (white to pink, random colour) at a
   random SNR, so the task is not trivially separable.
-* **Difficulty.** Tuned so the task is learnable but not trivial: with the defaults, a small
+* **Difficulty.** Tuned so the task is learnable but not trivial: in the generalising regime, a small
   log-mel CNN (4 conv layers, 25 epochs) on a 16/4/4 speaker-independent split reached 83 %
   unweighted accuracy, and an MLP on per-utterance log-mel mean/std 81-89 % over six splits;
   angry and sad are the easiest classes, neutral vs happy the hardest. Raise ``jitter`` or lower
-  ``emotion_strength`` to make it harder.
+  ``emotion_strength`` to make it harder. The memorising defaults below make it much harder
+  for unseen speakers (measured numbers: ``docs/forgetting.md``).
 * **What only memory can fit** (the *memorising* regime, the default; see
   ``docs/forgetting.md``). Real acted corpora (IEMOCAP, RAVDESS, CREMA-D) are not cleanly
   separable: actors express an emotion their own way, some renditions sit between two emotions,

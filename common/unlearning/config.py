@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 #: Forget-set-only methods (never see remaining data) and the remaining-data baselines.
-FORGET_ONLY_METHODS: tuple[str, ...] = ("rl_adv_ela", "rl", "rl_adv", "rl_ela", "neggrad")
+FORGET_ONLY_METHODS: tuple[str, ...] = ("rl_adv_ela", "rl", "rl_adv", "rl_ela", "neggrad", "neggrad_adv_ela")
 REMAIN_METHODS: tuple[str, ...] = ("ft", "neggrad_plus", "scrub")
 METHODS: tuple[str, ...] = FORGET_ONLY_METHODS + REMAIN_METHODS
 
@@ -36,6 +36,11 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 IMPORTANCE_KINDS: tuple[str, ...] = ("mas", "fisher")
 PGD_NORMS: tuple[str, ...] = ("l2", "linf")
 RELABEL_SCOPES: tuple[str, ...] = ("auto", "all", "needed")
+STOP_CHECKS: tuple[str, ...] = ("epoch", "step")
+LOSS_WEIGHTINGS: tuple[str, ...] = ("fixed", "set_size")
+ADV_LABELS: tuple[str, ...] = ("original", "attack_target")
+RELABEL_TO: tuple[str, ...] = ("random", "runner_up")
+IMPORTANCE_SCOPES: tuple[str, ...] = ("forget", "trained")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class UnlearnConfig:
     #: its gradient; SGD moves weights in proportion to their gradient, so the change stays
     #: concentrated on the weights the forget set actually drives.
     optimizer: str = "adam"
+    #: Weight decay of the optimiser (Cha et al.: 1e-4 with SGD). 0 by default: decay moves every
+    #: weight, which the elastic term exists to prevent.
+    weight_decay: float = 0.0
     #: Upper bound on passes over the forget set (the ``zero`` protocol's "maximum epochs").
     max_epochs: int = 30
     #: Forget utterances per step; each brings its own adversarial examples into the same batch.
@@ -75,6 +83,9 @@ class UnlearnConfig:
     #: held-out accuracy the server sends), so the forget set looks unseen, not conspicuously wrong.
     stop: str = "zero"
     target_forget_acc: float | None = None
+    #: When the stop rule is checked: after every ``epoch`` or after every optimiser ``step``
+    #: (Cha et al. check per step, so a small forget set stops at the first step that empties it).
+    stop_check: str = "epoch"
     #: Which forget utterances the forgetting term trains on, chosen afresh every epoch:
     #: ``all`` (the papers): every one. ``needed``: only the fewest currently correct ones whose
     #: flip brings forget accuracy down to the stop rule's target, least confident (smallest
@@ -84,6 +95,14 @@ class UnlearnConfig:
     #: with them) for nothing. Under ``zero`` the target is 0, so ``needed`` is every correct one.
     #: ``auto``: ``needed`` under ``retrain-level``, ``all`` under ``zero``.
     relabel_scope: str = "auto"
+    #: Label a relabelled utterance is trained toward: ``random`` (the seed paper: uniform over the
+    #: other classes) or ``runner_up`` (the original model's second most likely class, the label
+    #: a model that never saw the utterance most often gives it; see docs/forgetting.md).
+    relabel_to: str = "random"
+    #: How the terms are weighted: ``fixed`` (``forget_weight`` and ``adv_weight`` as given) or
+    #: ``set_size`` (Cha et al.: each term times its share of the batch, ``n_f / (n_f + n_adv)``
+    #: and ``n_adv / (n_f + n_adv)``, on top of the fixed weights).
+    loss_weighting: str = "fixed"
 
     # ---------------------------------------------------------------- adversarial examples (Adv)
     #: ``l2`` (as Cha et al.) or ``linf``; the ball is taken in the waveform domain.
@@ -100,6 +119,9 @@ class UnlearnConfig:
     pgd_rand_init: bool = True
     #: Weight of the cross-entropy on adversarial examples.
     adv_weight: float = 1.0
+    #: Label of an adversarial example: the ``original`` model's prediction on it, or the
+    #: ``attack_target`` class it was pushed toward (Cha et al.); equal when the attack succeeded.
+    adv_label: str = "original"
     #: Drop adversarial examples that the original model still assigns to their source
     #: utterance's own label: labelled with that label, they sit next to the forget utterance and
     #: would pull it back, fighting the forgetting term instead of preserving other boundaries.
@@ -111,11 +133,25 @@ class UnlearnConfig:
     importance: str = "mas"
     #: Strength lambda of ``sum_i lambda * (1 - imp_i) * (theta_i - theta0_i)^2``.
     ela_lambda: float = 10.0
+    #: Where importance is measured: on the whole ``forget`` set (the papers), or only on the
+    #: utterances the forgetting term ``trained`` on, recomputed whenever that set grows. Under a
+    #: partial relabel scope the untrained utterances are ones the model should keep getting
+    #: right, so freeing the weights they depend on is the opposite of what is wanted.
+    importance_scope: str = "forget"
     #: Clipping value: normalised importance is clipped at ``tau`` and rescaled,
     #: ``imp_i = min(minmax(I)_i / tau, 1)``. tau = 1 is Cha et al.'s plain min-max; smaller tau
     #: frees every weight whose importance reaches tau of its tensor's maximum (MAS maps are
     #: heavy-tailed, so without clipping nearly every weight is held by the full lambda).
     tau: float = 0.5
+
+    # ---------------------------------------------------------------- anchoring (off by default)
+    #: Weight of a KL term that keeps the original model's output distribution on noisy copies of
+    #: the forget utterances the forgetting term does *not* train (the ones that should stay as
+    #: they are under ``needed``): it holds the decision regions around typical utterances.
+    anchor_weight: float = 0.0
+    #: Noisy copies per untrained forget utterance, and their white-noise SNR in dB.
+    anchor_copies: int = 2
+    anchor_snr_db: float = 20.0
 
     # ---------------------------------------------------------------- remaining-data baselines
     #: Adam learning rate of FT, NegGrad+ and SCRUB.
@@ -137,6 +173,14 @@ class UnlearnConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         _check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.stop_check in STOP_CHECKS, "stop_check", f"must be one of {STOP_CHECKS}")
+        _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", f"must be one of {LOSS_WEIGHTINGS}")
+        _check(self.adv_label in ADV_LABELS, "adv_label", f"must be one of {ADV_LABELS}")
+        _check(self.relabel_to in RELABEL_TO, "relabel_to", f"must be one of {RELABEL_TO}")
+        _check(self.importance_scope in IMPORTANCE_SCOPES, "importance_scope", f"must be one of {IMPORTANCE_SCOPES}")
+        _check(self.anchor_weight >= 0, "anchor_weight", "must be >= 0")
+        _check(self.anchor_copies >= 1, "anchor_copies", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.forget_weight >= 0, "forget_weight", "must be >= 0")
         _check(self.stop in STOP_RULES, "stop", f"must be one of {STOP_RULES}")

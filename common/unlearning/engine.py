@@ -19,6 +19,8 @@ stays in the forgetting term.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,8 @@ RECIPES: dict[str, Recipe] = {
     "rl_ela": Recipe("relabel", adversarial=False, elastic=True),
     "rl_adv_ela": Recipe("relabel", adversarial=True, elastic=True),
     "neggrad": Recipe("negative", adversarial=False, elastic=False),
+    # Cha et al.'s L2UL: -CE on the forget set, CE on adversarial examples, elastic weights.
+    "neggrad_adv_ela": Recipe("negative", adversarial=True, elastic=True),
 }
 
 
@@ -187,13 +191,13 @@ def _n_classes(model: nn.Module, probe: torch.Tensor) -> int:
         model.train(was_training)
 
 
-def make_optimizer(model: nn.Module, *, kind: str, lr: float) -> torch.optim.Optimizer:
-    """Adam (no weight decay) or SGD with momentum 0.9 over the trainable parameters."""
+def make_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum 0.9 over the trainable parameters (weight decay 0 by default)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {kind!r}; use adam or sgd")
 
 
@@ -221,13 +225,26 @@ def _run_forget_only(
         return LoopOutcome(stop_reason=reason, forget_acc=[initial]), {}, None, 0
     phases: dict[str, float] = {}
     n_classes = _n_classes(work, forget_x)
+    original_logits = forget_logits(work, forget_x, batch_size=config.batch_size)
     penalty, importance = None, None
-    if recipe.elastic:
+    importance_rows: torch.Tensor | None = None
+    reference = copy.deepcopy(work) if recipe.elastic and config.importance_scope == "trained" else None
+
+    def refresh_elastic(rows: torch.Tensor | None) -> None:
+        """(Re)build the penalty from importance on ``rows`` (all forget rows when ``None``),
+        measured with the original weights; the penalty always pulls toward the original."""
+        nonlocal penalty, importance
         start = time.perf_counter()
-        raw = compute_importance(work, forget, kind=config.importance, device=device)
+        source = reference if reference is not None else work
+        data = forget if rows is None else forget.subset(rows.cpu())
+        raw = compute_importance(source, data, kind=config.importance, device=device)
         importance = minmax_normalize(raw)
-        penalty = ElasticPenalty(work, penalty_weights(raw, tau=config.tau, strength=config.ela_lambda))
-        phases["importance"] = time.perf_counter() - start
+        weights = penalty_weights(raw, tau=config.tau, strength=config.ela_lambda)
+        penalty = ElasticPenalty(source, weights) if reference is not None else ElasticPenalty(work, weights)
+        phases["importance"] = phases.get("importance", 0.0) + time.perf_counter() - start
+
+    if recipe.elastic and config.importance_scope == "forget":
+        refresh_elastic(None)
     adversarial = None
     if recipe.adversarial:
         start = time.perf_counter()
@@ -236,26 +253,43 @@ def _run_forget_only(
             eps=config.pgd_eps, step=config.pgd_step, steps=config.pgd_steps, rand_init=config.pgd_rand_init,
             drop_unflipped=config.adv_drop_unflipped, generator=generator,
         )
+        if config.adv_label == "attack_target":
+            adversarial = dataclasses.replace(adversarial, targets=adversarial.attack_targets)
         phases["adversarial"] = time.perf_counter() - start
     relabels = random_other_labels(forget_y, n_classes=n_classes, generator=generator).to(device)
-    optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr)
+    if config.relabel_to == "runner_up":
+        relabels = runner_up_labels(original_logits, forget_y).to(device)
+    anchor = _anchor_set(forget_x, original_logits, config=config, generator=generator) if config.anchor_weight > 0 else None
+    optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     chosen = torch.zeros(len(forget_y), dtype=torch.bool)
 
     def run_epoch() -> int:
+        nonlocal importance_rows
         chosen[_rows_to_forget(work, forget_x, forget_y, config=config, rule=rule)] = True
         rows = chosen.nonzero().flatten()
+        if recipe.elastic and config.importance_scope == "trained" and (
+            importance_rows is None or not torch.equal(importance_rows, rows)
+        ):
+            importance_rows = rows.clone()
+            refresh_elastic(rows)
         work.train()
         batches = [rows[idx] for idx in iterate_batches(len(rows), config.batch_size, generator=generator)]
+        steps = 0
         for idx in batches:
             loss = _forget_only_loss(
                 work, idx.to(device), forget_x, forget_y, relabels,
                 recipe=recipe, config=config, adversarial=adversarial, penalty=penalty,
             )
+            if anchor is not None:
+                loss = loss + config.anchor_weight * _anchor_loss(work, anchor, keep=~chosen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return len(batches)
+            steps += 1
+            if config.stop_check == "step" and rule.reached(forget_accuracy(work, forget_x, forget_y)):
+                break
+        return steps
 
     start = time.perf_counter()
     outcome = run_until_stop(
@@ -264,6 +298,49 @@ def _run_forget_only(
     )
     phases["training"] = time.perf_counter() - start
     return outcome, phases, importance, len(adversarial) if adversarial is not None else 0
+
+
+def runner_up_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the class with the highest logit other than the target (``relabel_to="runner_up"``)."""
+    others = logits.detach().clone()
+    others[torch.arange(len(targets), device=logits.device), targets.to(logits.device)] = -math.inf
+    return others.argmax(dim=1).cpu()
+
+
+@dataclass(frozen=True)
+class AnchorSet:
+    """Noisy copies of the forget utterances and the original model's log-probabilities on them."""
+
+    waves: torch.Tensor
+    log_probs: torch.Tensor
+    source: torch.Tensor
+
+
+@torch.no_grad()
+def _anchor_set(forget_x: torch.Tensor, original_logits: torch.Tensor, *, config: UnlearnConfig,
+                generator: torch.Generator) -> AnchorSet:
+    """``anchor_copies`` white-noise copies of every forget utterance at ``anchor_snr_db``.
+
+    The targets are the original model's outputs on the *clean* utterance: the copies ask the
+    model to keep answering as before in a small neighbourhood of the utterances it keeps.
+    """
+    source = torch.arange(len(forget_x)).repeat_interleave(config.anchor_copies)
+    clean = forget_x[source.to(forget_x.device)]
+    power = clean.pow(2).mean(dim=1, keepdim=True)
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+    noisy = clean + noise * torch.sqrt(power / 10.0 ** (config.anchor_snr_db / 10.0))
+    log_probs = torch.log_softmax(original_logits[source.to(original_logits.device)], dim=1)
+    return AnchorSet(waves=noisy.clamp(-1.0, 1.0), log_probs=log_probs, source=source)
+
+
+def _anchor_loss(model: nn.Module, anchor: AnchorSet, *, keep: torch.Tensor) -> torch.Tensor:
+    """KL(original || model) on the noisy copies of the forget rows in ``keep`` (0 if none)."""
+    rows = keep[anchor.source].nonzero().flatten()
+    if len(rows) == 0:
+        return torch.zeros((), device=anchor.waves.device)
+    rows = rows.to(anchor.waves.device)
+    log_q = torch.log_softmax(model(anchor.waves[rows]), dim=1)
+    return nn.functional.kl_div(log_q, anchor.log_probs[rows], log_target=True, reduction="batchmean")
 
 
 def _rows_to_forget(
@@ -299,12 +376,16 @@ def _forget_only_loss(
         inputs.append(adversarial.waves[adv_rows])
     logits = model(torch.cat(inputs))
     logits_forget = logits[: len(idx)]
+    n_adv = len(adv_rows) if adv_rows is not None else 0
+    share_f, share_adv = (len(idx) / (len(idx) + n_adv), n_adv / (len(idx) + n_adv)) if (
+        config.loss_weighting == "set_size") else (1.0, 1.0)
     if recipe.forgetting == "relabel":
-        loss = config.forget_weight * relabel_loss(logits_forget, relabels[idx])
+        loss = share_f * config.forget_weight * relabel_loss(logits_forget, relabels[idx])
     else:
-        loss = config.forget_weight * negative_ce_loss(logits_forget, forget_y[idx])
+        loss = share_f * config.forget_weight * negative_ce_loss(logits_forget, forget_y[idx])
     if adv_rows is not None and len(adv_rows):
-        loss = loss + config.adv_weight * nn.functional.cross_entropy(logits[len(idx) :], adversarial.targets[adv_rows])
+        adv_loss = nn.functional.cross_entropy(logits[len(idx) :], adversarial.targets[adv_rows])
+        loss = loss + share_adv * config.adv_weight * adv_loss
     if penalty is not None:
         loss = loss + penalty(model)
     return loss
