@@ -9,7 +9,7 @@ Protocol (docs/forgetting.md has the reasoning and the results):
   is the *pool* the models train on. The training speakers are split again: ``tuning_speakers``
   of them supply the tuning forget sets, the others the evaluation forget sets.
 * **Models.** The compact log-mel CNN (``model``), trained as practitioners fine-tune: fixed
-  epochs, no early stopping (:data:`common.training.CONVERGED`). ``n_originals`` originals
+  epochs, no early stopping (:data:`serforget.common.training.CONVERGED`). ``n_originals`` originals
   with their own seeds; one Retrain per evaluation forget set, seeded independently of every
   original; ``n_shadows`` shadow models for the per-example attack, each trained on the pool
   minus a random half of the evaluation speakers' utterances (per-utterance inclusion, seeded).
@@ -20,7 +20,7 @@ Protocol (docs/forgetting.md has the reasoning and the results):
 * **Stop target a server can honestly supply.** The original's accuracy on the in-speaker
   held-out utterances (annotated labels): what a device measures on recordings it keeps out of
   training, no Retrain needed.
-* **Metrics** (one definition each, :mod:`common.unlearning.audit`): forget accuracy and its
+* **Metrics** (one definition each, :mod:`serforget.common.unlearning.audit`): forget accuracy and its
   difference to Retrain; test UA drop against the original (test speakers; WA is not reported:
   the test set is balanced, so WA equals UA); the per-example (U-LiRA-style) attack AUC of
   unlearned vs Retrain; the population loss attack with in-speaker and unseen-speaker
@@ -58,17 +58,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.corpora.synth import LABELS_NAME, REGIMES, SynthConfig, read_label_table, synthesize_corpus
-from common.data import WaveformSet, load_waveforms
-from common.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.labels import FOUR_CLASS
-from common.manifest import read_manifest
-from common.metrics import classification_report
-from common.models.cnn import CNNConfig, LogMelCNN
-from common.pipeline import make_splits
-from common.training import CONVERGED, TrainConfig, predict_logits, train_model
-from common.unlearning import UnlearnConfig, unlearn
-from common.unlearning.audit import (
+from serforget.common.corpora.synth import LABELS_NAME, REGIMES, SynthConfig, read_label_table, synthesize_corpus
+from serforget.common.data import WaveformSet, load_waveforms
+from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from serforget.common.labels import FOUR_CLASS
+from serforget.common.manifest import read_manifest
+from serforget.common.metrics import classification_report
+from serforget.common.models.cnn import CNNConfig, LogMelCNN
+from serforget.common.pipeline import make_splits
+from serforget.common.training import CONVERGED, TrainConfig, predict_logits, train_model
+from serforget.common.unlearning import UnlearnConfig, unlearn
+from serforget.common.unlearning.audit import (
     ShadowScores,
     emd_1d,
     lira_scores,
@@ -78,7 +78,7 @@ from common.unlearning.audit import (
     speedups,
     ulira_auc,
 )
-from common.unlearning.measure import ResourceMeter
+from serforget.common.unlearning.measure import ResourceMeter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FORMAT_VERSION = 1

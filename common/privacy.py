@@ -8,7 +8,7 @@ per-utterance scores, higher meaning "more member-like":
 - ``confidence``: the probability given to the true label;
 - ``entropy``: minus the entropy of the predicted distribution (members get confident outputs).
 - ``logit``: ``log p_y - log(1 - p_y)``, the logit-scaled confidence that LiRA/U-LiRA model as
-  Gaussian per example (:mod:`common.unlearning.audit`); not in the default :data:`ATTACKS`,
+  Gaussian per example (:mod:`serforget.common.unlearning.audit`); not in the default :data:`ATTACKS`,
   since as a threshold attack it ranks utterances exactly as ``loss`` does.
 
 The attack's threshold is fitted on *known* members (the remaining training data) versus known

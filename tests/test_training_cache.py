@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from common.data import WaveformSet
-from common.models.cnn import CNNConfig, LogMelCNN
-from common.training import CONVERGED, TrainConfig, cached_frontend, train_model
+from serforget.common.data import WaveformSet
+from serforget.common.models.cnn import CNNConfig, LogMelCNN
+from serforget.common.training import CONVERGED, TrainConfig, cached_frontend, train_model
 
 
 def _data() -> WaveformSet:

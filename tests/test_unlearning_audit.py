@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.privacy import membership_scores
-from common.unlearning.audit import (
+from serforget.common.privacy import membership_scores
+from serforget.common.unlearning.audit import (
     ShadowScores,
     emd_1d,
     lira_scores,

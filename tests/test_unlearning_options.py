@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.unlearning import UnlearnConfig, unlearn
-from common.unlearning.engine import runner_up_labels
-from common.unlearning.stopping import REASON_TARGET, REASON_ZERO
-from tests.test_unlearning_common import trained_tiny
+from serforget.common.unlearning import UnlearnConfig, unlearn
+from serforget.common.unlearning.engine import runner_up_labels
+from serforget.common.unlearning.stopping import REASON_TARGET, REASON_ZERO
+from tests.helpers.unlearning import trained_tiny
 
 FAST = UnlearnConfig(device="cpu", max_epochs=3, pgd_steps=2, pgd_k=1)
 

@@ -1,6 +1,6 @@
 """Forgetting audit: per-example (U-LiRA-style) attack, population attack, EMD and paired CIs.
 
-Why more than :mod:`common.privacy`: a population attack (one loss threshold for all
+Why more than :mod:`serforget.common.privacy`: a population attack (one loss threshold for all
 utterances) cannot tell an utterance that is hard for every model from one that this model has
 forgotten badly, and it is blind when the original model generalises. Hayes et al. ("Inexact
 unlearning needs more careful evaluations to avoid a false sense of privacy", 2024) therefore
@@ -8,7 +8,7 @@ calibrate per example with shadow models: for each forget utterance ``x`` the at
 ``x`` scores under models that were *trained on x and then unlearned* and under models that
 *never saw x* (retrained), fits a Gaussian to each, and asks of the audited model which of the
 two it resembles. This module implements that test (:func:`ulira_ratios`, :func:`ulira_auc`)
-with the LiRA score (:func:`common.privacy.membership_scores` ``"logit"``) and a fixed,
+with the LiRA score (:func:`serforget.common.privacy.membership_scores` ``"logit"``) and a fixed,
 pooled variance (Carlini et al.'s "fixed variance" variant, which is the robust choice with few
 shadows: each per-example variance would rest on 2-8 values).
 
@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.privacy import membership_scores, roc_auc
+from serforget.common.privacy import membership_scores, roc_auc
 
 #: Floor of the pooled standard deviation (logit units): with shadows that agree exactly the
 #: Gaussians would collapse and every ratio would become +-inf.
