@@ -314,3 +314,27 @@ def test_edge_modules_do_not_import_torch() -> None:
         "bad = {'torch', 'flwr'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+
+def test_pull_progress_counts_every_byte_of_the_release(registry, published, key, dest, monkeypatch) -> None:
+    """``edge pull --progress``: one byte-level bar whose total is the release's signed size, filled exactly."""
+    import serforget.common.edge.pull as pull_module
+
+    bars = []
+
+    class Spy(pull_module.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.counted, self.shown = 0, not kwargs.get("disable", False)
+            bars.append(self)
+
+        def update(self, n: float = 1) -> None:
+            self.counted += n
+            super().update(n)
+
+    monkeypatch.setattr(pull_module, "tqdm", Spy)
+    version = published("a")
+    total = sum(meta["size"] for meta in registry.manifest(version).files.values())
+    pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key(), progress=True)
+    assert [(bar.total, bar.counted, bar.shown) for bar in bars] == [(total, total, True)]

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from tqdm import tqdm
 
 from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
 from serforget.common.release import (
@@ -143,14 +144,15 @@ class _LocalState:
 class _Source(Protocol):
     def read_small(self, relpath: str, *, limit: int) -> bytes: ...
 
-    def download(self, relpath: str, target: Path, *, expected_size: int) -> None: ...
+    def download(self, relpath: str, target: Path, *, expected_size: int, on_bytes: Callable[[int], object]) -> None: ...
 
     def read_index(self) -> tuple[bytes, bytes]: ...
 
     def read_rotation(self, version: int) -> bytes | None: ...
 
 
-def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: str) -> None:
+def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: str,
+                  on_bytes: Callable[[int], object]) -> None:
     """Stream ``reader`` into a new file, refusing more bytes than the signed size."""
     written = 0
     with open(target, "xb") as out:
@@ -159,6 +161,7 @@ def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: s
             if written > expected_size:
                 raise PullError(f"{what}: larger than the signed size {expected_size}")
             out.write(chunk)
+            on_bytes(len(chunk))
         out.flush()
         os.fsync(out.fileno())
     if written != expected_size:
@@ -194,9 +197,9 @@ class _DirectorySource:
         with self._open(relpath) as handle:
             return _read_limited(handle, limit=limit, what=str(self.root / relpath))
 
-    def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
+    def download(self, relpath: str, target: Path, *, expected_size: int, on_bytes: Callable[[int], object]) -> None:
         with self._open(relpath) as handle:
-            _copy_limited(handle, target, expected_size=expected_size, what=str(self.root / relpath))
+            _copy_limited(handle, target, expected_size=expected_size, what=str(self.root / relpath), on_bytes=on_bytes)
 
     def read_index(self) -> tuple[bytes, bytes]:
         try:
@@ -299,10 +302,15 @@ class _HttpSource:
         self._chunks(relpath, budget=limit, budget_name=f"the {limit}-byte limit", out=parts.append)
         return b"".join(parts)
 
-    def download(self, relpath: str, target: Path, *, expected_size: int) -> None:
+    def download(self, relpath: str, target: Path, *, expected_size: int, on_bytes: Callable[[int], object]) -> None:
         url = f"{self.base_url}/{relpath}"
+
+        def write(chunk: bytes) -> None:
+            handle.write(chunk)
+            on_bytes(len(chunk))
+
         with open(target, "xb") as handle:
-            self._chunks(relpath, budget=expected_size, budget_name=f"the signed size {expected_size}", out=handle.write)
+            self._chunks(relpath, budget=expected_size, budget_name=f"the signed size {expected_size}", out=write)
             written = handle.tell()
             handle.flush()
             os.fsync(handle.fileno())
@@ -539,7 +547,8 @@ def _verify_installed(folder: Path, entry: IndexEntry, *, public_key: Ed25519Pub
         raise PullError(str(exc)) from None
 
 
-def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey) -> Path:
+def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey,
+                      progress: bool) -> Path:
     """Fetch and verify a release into a private folder under ``dest`` and return that folder."""
     name = version_dirname(entry.version)
     manifest_bytes = origin.read_small(f"{name}/{MANIFEST_NAME}", limit=MAX_MANIFEST_BYTES)
@@ -549,8 +558,11 @@ def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_
     try:
         (incoming / MANIFEST_NAME).write_bytes(manifest_bytes)
         (incoming / SIGNATURE_NAME).write_bytes(signature)
-        for file_name, meta in sorted(manifest.files.items()):
-            origin.download(f"{name}/{file_name}", incoming / file_name, expected_size=meta["size"])
+        total = sum(meta["size"] for meta in manifest.files.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"pulling {name}", disable=not progress) as bar:
+            for file_name, meta in sorted(manifest.files.items()):
+                origin.download(f"{name}/{file_name}", incoming / file_name, expected_size=meta["size"],
+                                on_bytes=bar.update)
         _verify_installed(incoming, entry, public_key=public_key)
         fsync_dir(incoming)
     except BaseException:
@@ -571,7 +583,8 @@ def _install(dest: Path, incoming: Path, version: int) -> Path:
     return target
 
 
-def _ensure_installed(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey) -> tuple[Path, bool]:
+def _ensure_installed(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey,
+                      progress: bool) -> tuple[Path, bool]:
     """Return the verified local folder for ``entry`` and whether it had to be downloaded."""
     target = dest / RELEASES_DIR / version_dirname(entry.version)
     if target.is_dir():
@@ -580,7 +593,7 @@ def _ensure_installed(origin: _Source, dest: Path, entry: IndexEntry, *, public_
             return target, False
         except PullError as exc:
             logger.warning("installed copy failed verification, downloading again: %s", exc)
-    incoming = _download_release(origin, dest, entry, public_key=public_key)
+    incoming = _download_release(origin, dest, entry, public_key=public_key, progress=progress)
     return _install(dest, incoming, entry.version), True
 
 
@@ -595,6 +608,7 @@ def pull_release(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     min_rate: float = DEFAULT_MIN_RATE,
     min_sequence: int = 0,
+    progress: bool = False,
 ) -> PullResult:
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
@@ -603,7 +617,8 @@ def pull_release(
     signed with it or with the key a chain of verified rotations (``root/rNNNNNN.json``) leads
     to, which the device then trusts instead.
     ``min_sequence`` is the trust anchor of a fresh device: the oldest index sequence it may
-    accept (the device's own history raises that floor with every pull).
+    accept (the device's own history raises that floor with every pull). ``progress`` shows a
+    byte-level progress bar on stderr while release files download.
     Over HTTP each file must arrive within ``timeout_s`` plus its size budget at ``min_rate``
     bytes per second, or the pull fails (a slow-retrieval attacker cannot hold it).
     Any verification failure raises :class:`PullError` and keeps the installed release, except
@@ -632,7 +647,7 @@ def pull_release(
         try:
             if newest is None:
                 raise PullError(f"{origin} index: every release is revoked; nothing to install")
-            folder, downloaded = _ensure_installed(origin, dest, newest, public_key=trusted)
+            folder, downloaded = _ensure_installed(origin, dest, newest, public_key=trusted, progress=progress)
         except PullError:
             _withdraw_revoked(dest, state, revoked)
             raise

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from serforget.cli._args import add_progress
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_export(sub)
@@ -50,6 +52,7 @@ def _register_edge(sub: argparse._SubParsersAction) -> None:
                       help="slowest average download rate in KiB/s before a file's deadline cuts it off (default 64)")
     pull.add_argument("--min-sequence", type=int, default=0,
                       help="trust anchor of a fresh device: oldest index sequence to accept (default 0)")
+    add_progress(pull)
     pull.set_defaults(handler=_pull)
 
     predict = edge_sub.add_parser("predict", help="emotion of audio files, as JSON (ONNX Runtime only)")
@@ -106,7 +109,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     result = pull_release(
         source=args.source, dest=args.dest, server_public_key=load_signing_public(args.server_key), timeout_s=args.timeout,
-        min_rate=args.min_rate * 1024, min_sequence=args.min_sequence,
+        min_rate=args.min_rate * 1024, min_sequence=args.min_sequence, progress=args.progress,
     )
     print(json.dumps({"version": result.version, "path": str(result.path), "changed": result.changed,
                       "removed_revoked": result.removed_revoked}, indent=2))
