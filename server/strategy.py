@@ -48,8 +48,11 @@ class ImportanceFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
-            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0  # a node's claim, not trusted to parse
+            try:  # a node's claim: a malformed reply is left to FedAvg's own checks, never crashes this count
+                weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+            except (StopIteration, KeyError, TypeError, ValueError):
+                continue
+            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0
             if IMPORTANCE_KEY not in msg.content:
                 continue
             maps.append((msg.content[IMPORTANCE_KEY].to_torch_state_dict(), weight))
