@@ -2,7 +2,8 @@
 
 Handlers are glue: every step they take is a function of ``common`` that the CLI calls too.
 - ``train``: FedAvg local training on the node's recordings minus requested deletions; the
-  reply also carries the node's MAS importance map for the server's elastic constraint.
+  reply also carries the node's MAS importance map for the server's elastic constraint when
+  the server asks for it (config ``importance``; the server asks in the last round only).
 - ``evaluate``: accuracy of the global model on the node's remaining recordings.
 - ``query.pending``: which deletion requests wait on this node.
 - ``query.unlearn``: forget-set-only unlearning of the pending requests on the global model,
@@ -41,14 +42,14 @@ def train(msg: Message, context: Context) -> Message:
         tc = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + round_no,
                          device=cfg.device, select_best=False, cache_frontend=True)
         loss = train_model(model, data, config=tc, progress=False).epochs[-1]["train_loss"]
-    sample = data.subset(range(min(len(data), cfg.importance_max_utts)))
-    importance = mas_importance(model, sample, device=cfg.device) if len(sample) else {
-        k: v.detach().cpu() * 0 for k, v in model.named_parameters()}
-    return Message(RecordDict({
-        "arrays": ArrayRecord(model.cpu().state_dict()),
-        "importance": ArrayRecord({k: v.detach().cpu() for k, v in importance.items()}),
-        "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
-    }), reply_to=msg)
+    reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
+                        "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss})})
+    if msg.content["config"].get("importance", True):  # the server keeps only its last round's maps
+        sample = data.subset(range(min(len(data), cfg.importance_max_utts)))
+        importance = mas_importance(model, sample, device=cfg.device) if len(sample) else {
+            k: v.detach().cpu() * 0 for k, v in model.named_parameters()}
+        reply["importance"] = ArrayRecord({k: v.detach().cpu() for k, v in importance.items()})
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

@@ -73,7 +73,7 @@ def run_retrain_oracle(
     """FedAvg from ``initial`` again, now that the nodes leave their requested recordings out.
 
     ``evaluate`` is the central evaluation of each round (its rows are the oracle's curve); no
-    federated evaluation is asked of the nodes, which does not change the weights.
+    federated evaluation and no importance map is asked of the nodes: neither changes the weights.
     """
     reason = oracle_skip_reason(cfg, requests)
     if reason is not None:
@@ -88,7 +88,7 @@ def run_retrain_oracle(
         outcome.eval_seconds += time.perf_counter() - start
         return metrics
 
-    strategy = ImportanceFedAvg(fraction_train=1.0, fraction_evaluate=0.0,
+    strategy = ImportanceFedAvg(collect_importance=False, fraction_train=1.0, fraction_evaluate=0.0,
                                 min_available_nodes=n_nodes, min_train_nodes=n_nodes)
     log.info("retrain oracle: FedAvg for %d rounds without %d deleted recordings",
              cfg.num_rounds, sum(len(r["utt_ids"]) for r in requests))

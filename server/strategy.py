@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from serforget.server.federation import weighted_average
 
@@ -22,25 +22,39 @@ class ImportanceFedAvg(FedAvg):
     out of each reply before the standard aggregation runs.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, collect_importance: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.importance: dict[str, torch.Tensor] | None = None
+        #: whether nodes send importance maps; only the last round's is kept, so only it is asked
+        #: for (a node's MAS pass costs about a local epoch)
+        self.collect_importance = collect_importance
+        self._last_round = 0
         #: round -> recordings the nodes trained on (sum of their ``num-examples``): lets a report
         #: show what a run excluded, e.g. the retrain oracle's missing deleted recordings
         self.examples_per_round: dict[int, int] = {}
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs) -> Result:
+        self._last_round = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**dict(config), "server-round": server_round})
+        wanted = self.collect_importance and server_round == self._last_round
+        config = ConfigRecord({**dict(config), "server-round": server_round, IMPORTANCE_KEY: wanted})
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         maps, examples = [], 0
         for msg in replies:
-            if msg.has_error() or IMPORTANCE_KEY not in msg.content:
+            if msg.has_error():
                 continue
-            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
-            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0  # a node's claim, not trusted to parse
+            try:  # a node's claim: a malformed reply is left to FedAvg's own checks, never crashes this count
+                weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+            except (StopIteration, KeyError, TypeError, ValueError):
+                continue
+            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0
+            if IMPORTANCE_KEY not in msg.content:
+                continue
             maps.append((msg.content[IMPORTANCE_KEY].to_torch_state_dict(), weight))
             del msg.content[IMPORTANCE_KEY]
         self.examples_per_round[server_round] = examples

@@ -118,3 +118,29 @@ def test_per_example_attack_calls_members_members_and_outsiders_outsiders() -> N
         per_example_attack(member_phi=members, nonmember_phi=nonmembers, target_phi=np.array([np.nan]))
     with pytest.raises(ValueError, match="4 non-member"):
         per_example_attack(member_phi=members, nonmember_phi=nonmembers[:3], target_phi=targets)
+
+
+def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None:
+    """The per-round example count (recordings trained on) skips a malformed reply instead of raising."""
+    from flwr.app import ArrayRecord, Message, MetricRecord
+    from flwr.app.metadata import Metadata
+
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    from server.strategy import ImportanceFedAvg
+
+    def reply(content: RecordDict) -> Message:
+        incoming = Message(content=RecordDict(), metadata=Metadata(
+            run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+            created_at=0.0, ttl=60.0, message_type="train"))
+        return Message(content, reply_to=incoming)
+
+    arrays = ArrayRecord({"w": torch.ones(2)})
+    good = [reply(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})) for n in (3, 2)]
+    strategy = ImportanceFedAvg(fraction_train=1.0, fraction_evaluate=0.0)
+    strategy.aggregate_train(1, good)
+    assert strategy.examples_per_round[1] == 5
+    # a reply without metrics: the count skips it; refusing the batch is left to FedAvg's own check
+    with pytest.raises(InconsistentMessageReplies):
+        strategy.aggregate_train(2, good + [reply(RecordDict({"arrays": arrays}))])
+    assert strategy.examples_per_round[2] == 5
