@@ -127,7 +127,7 @@ def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None
 
     from flwr.serverapp.exception import InconsistentMessageReplies
 
-    from server.strategy import ImportanceFedAvg
+    from serforget.server.strategy import ImportanceFedAvg
 
     def reply(content: RecordDict) -> Message:
         incoming = Message(content=RecordDict(), metadata=Metadata(
