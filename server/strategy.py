@@ -13,6 +13,27 @@ from flwr.serverapp.strategy import FedAvg
 from serforget.server.federation import weighted_average
 
 IMPORTANCE_KEY = "importance"
+#: the ClientApp's record saying where it computed (serforget.client.runtime.NODE_INFO)
+NODE_INFO_KEY = "node-info"
+_INFO_MAX_CHARS = 200
+
+
+def node_device(msg: Message) -> dict[str, str] | None:
+    """``{"node", "device", "note"}`` from a reply's node-info record (None when absent or malformed).
+
+    A node's own claim, only ever shown in the report: strings are required and cut to a bounded
+    length so a hostile node cannot bloat or break it.
+    """
+    try:
+        info = msg.content.config_records.get(NODE_INFO_KEY)
+        if info is None:
+            return None
+        values = {name: info.get(key, "") for name, key in (("node", "node-id"), ("device", "device"), ("note", "device-note"))}
+        if not all(isinstance(v, str) for v in values.values()):
+            return None
+        return {k: v[:_INFO_MAX_CHARS] for k, v in values.items()}
+    except Exception:  # noqa: BLE001 - a malformed record only loses this node's device line
+        return None
 
 
 class ImportanceFedAvg(FedAvg):
@@ -28,6 +49,8 @@ class ImportanceFedAvg(FedAvg):
         #: round -> recordings the nodes trained on (sum of their ``num-examples``): lets a report
         #: show what a run excluded, e.g. the retrain oracle's missing deleted recordings
         self.examples_per_round: dict[int, int] = {}
+        #: node name -> device it trained on in its latest round (and a note when not what was asked)
+        self.devices: dict[str, dict[str, str]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
@@ -37,7 +60,12 @@ class ImportanceFedAvg(FedAvg):
         replies = list(replies)
         maps, examples = [], 0
         for msg in replies:
-            if msg.has_error() or IMPORTANCE_KEY not in msg.content:
+            if msg.has_error():
+                continue
+            info = node_device(msg)
+            if info is not None:
+                self.devices[info["node"] or str(msg.metadata.src_node_id)] = {"device": info["device"], "note": info["note"]}
+            if IMPORTANCE_KEY not in msg.content:
                 continue
             weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
             examples += int(weight) if math.isfinite(weight) and weight > 0 else 0  # a node's claim, not trusted to parse
