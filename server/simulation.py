@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Iterable, Protocol
 
 from serforget.client.node import NodeDir, pin_server_keys, prepare_node_dir
 from serforget.common.corpora.synth import SynthConfig, synthesize_corpus
@@ -20,8 +20,12 @@ from serforget.common.manifest import by_speaker, read_manifest
 from serforget.common.pipeline import make_splits, training_speakers
 from serforget.server.federation import ServerDir
 
-if TYPE_CHECKING:
-    from flwr.serverapp import Grid
+
+class NodeSource(Protocol):
+    """What ``require_partition_nodes`` needs of Flower's Grid (this module stays free of flwr imports)."""
+
+    def get_node_ids(self) -> Iterable[int]: ...
+
 
 #: how long a simulated ServerApp waits for its SuperNodes before refusing the run
 NODE_WAIT_S = 60.0
@@ -71,7 +75,7 @@ def provision_simulation(
     return layout
 
 
-def require_partition_nodes(grid: "Grid", *, n_partitions: int, timeout: float = NODE_WAIT_S, poll: float = 1.0) -> list[int]:
+def require_partition_nodes(grid: NodeSource, *, n_partitions: int, timeout: float = NODE_WAIT_S, poll: float = 1.0) -> list[int]:
     """The simulation's node ids, once exactly one SuperNode per partition is connected.
 
     Why: a plain ``flwr run .`` uses the connection's ``num-supernodes`` (Flower's default is
