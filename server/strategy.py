@@ -51,6 +51,9 @@ class ImportanceFedAvg(FedAvg):
         self.examples_per_round: dict[int, int] = {}
         #: node name -> device it trained on in its latest round (and a note when not what was asked)
         self.devices: dict[str, dict[str, str]] = {}
+        #: round -> error reasons of the nodes whose train reply was an error (e.g. ``device = cuda``
+        #: on a node without a GPU): lets the ServerApp stop when no node trained at all
+        self.node_errors: dict[int, list[str]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
@@ -59,6 +62,7 @@ class ImportanceFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         maps, examples = [], 0
+        self.node_errors[server_round] = [str(msg.error.reason)[:_INFO_MAX_CHARS] for msg in replies if msg.has_error()]
         for msg in replies:
             if msg.has_error():
                 continue
@@ -75,3 +79,17 @@ class ImportanceFedAvg(FedAvg):
         if any(w > 0 for _, w in maps):
             self.importance = weighted_average([(m, w) for m, w in maps if w > 0])
         return super().aggregate_train(server_round, replies)
+
+
+def require_training(strategy: ImportanceFedAvg, *, num_rounds: int) -> None:
+    """Stop the run when a FedAvg round had no node that trained, naming the nodes' errors.
+
+    Why: FedAvg keeps the previous global model when every reply failed, so a setting every node
+    rejects (``device = cuda`` without a GPU, a missing partition) would otherwise publish an
+    untrained model as if nothing happened.
+    """
+    for server_round in range(1, num_rounds + 1):
+        if strategy.examples_per_round.get(server_round, 0) == 0:
+            errors = strategy.node_errors.get(server_round, [])
+            detail = f"; node errors: {sorted(set(errors))}" if errors else ""
+            raise RuntimeError(f"FedAvg round {server_round}: no node trained on any recording{detail}")

@@ -143,6 +143,16 @@ def test_node_without_cuda_refuses_cuda_and_reports_a_cpu_fallback_of_auto() -> 
     assert device == "cpu" and "gpus-per-node = 0.5 but no CUDA device is visible" in note
 
 
+def test_a_round_no_node_trained_in_stops_the_run_with_the_nodes_reasons(tmp_path: Path) -> None:
+    """Every node's train reply is an error (as ``device = cuda`` on nodes without a GPU makes it, see above):
+    the ServerApp stops instead of publishing the untrained initial model."""
+    config = {**TINY, "work-dir": str(tmp_path / "sim")}
+    grid = InProcessGrid(client_app, run_config=config, n_nodes=4, fail_types=("train",))
+    with pytest.raises(RuntimeError, match=r"FedAvg round 1: no node trained .*injected failure for train"):
+        server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    assert not (tmp_path / "sim" / "server" / "releases" / "1").exists()
+
+
 def test_reply_device_record_is_read_defensively() -> None:
     def reply(info: dict | None) -> Message:
         content = RecordDict({"metrics": MetricRecord({"num-examples": 1})})
@@ -232,3 +242,34 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     assert report["releases"]["unlearned"] == 2
     assert len(report["node_devices"]["train"]) == 9
     assert not (tmp_path / "sim" / "corpus").exists()  # nothing synthesized
+
+
+@pytest.mark.slow
+def test_two_simulations_at_once_each_start_and_stop_their_own_superlink(tmp_path: Path) -> None:
+    """Two `serforget simulate` runs in parallel: each its own local SuperLink (own ports), both complete."""
+    tiny = ("synth-speakers=6 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=1 num-rounds=1 local-epochs=1 "
+            "clip-seconds=1.0 scenario-partial-n=3 scenario-partial-node=0 scenario-whole-node=1 importance-max-utts=8 "
+            "max-ua-drop=100.0 onnx-export=false retrain-oracle=false model-json='{\"channels\": [8, 16], \"hidden\": 16}' "
+            "unlearn-json='{\"max_epochs\": 3, \"pgd_k\": 1, \"pgd_steps\": 2}'")
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / name / "sim"),
+         "--flwr-home", str(tmp_path / name / "flwr"), "--run-config", tiny],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for name in ("a", "b")}
+    outputs = {name: proc.communicate()[0] for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, outputs[name][-3000:]
+        assert (tmp_path / name / "sim" / "report" / "report.json").exists()
+        log = tmp_path / name / "flwr" / "local-superlink" / "superlink.log"
+        assert log.exists(), f"run {name} did not start its own local SuperLink"
+    # every SuperLink the two runs started is gone again
+    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp_path).encode() in _cmdline(p)
+             and b"flower-superlink" in _cmdline(p)]
+    assert alive == []
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
