@@ -63,6 +63,18 @@ def test_a_manifest_that_cannot_be_split_names_itself(ravdess_manifest: Path, tm
         training_speakers(manifest=tmp_path / "missing.csv")
 
 
+def test_simulate_refuses_a_missing_manifest_before_starting_flower(tmp_path: Path, capsys) -> None:
+    from serforget.cli import main
+
+    args = ["simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"), "--flwr-home", str(tmp_path / "flwr")]
+    assert main([*args, "--manifest", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert not (tmp_path / "flwr").exists()
+    if not torch.cuda.is_available():
+        assert main([*args, "--run-config", "gpus-per-node=0.5"]) == 2
+        assert "gpus-per-node = 0.5 but no CUDA device is visible" in capsys.readouterr().err
+
+
 class _Nodes:
     def __init__(self, n: int) -> None:
         self.n = n
