@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from serforget.client.node import (adopt_release, load_forget_set, load_training_set, pinned_release_key, requests_to_unlearn,
                                    seal_unlearning_delta, verify_announced_release)
-from serforget.client.runtime import model_from, node_dir, pinned_server_key, settings
+from serforget.client.runtime import NODE_INFO, model_from, node_device, node_dir, node_info, pinned_server_key, settings
 from serforget.common.checkpoint import state_sha256
 from serforget.common.labels import task_labels
 from serforget.common.training import TrainConfig, evaluate_model, train_model
@@ -34,19 +34,21 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = settings(context)
+    device, note = node_device(cfg)
     labels, node, model = task_labels(cfg.task), node_dir(context, cfg), model_from(msg.content["arrays"], cfg)
     data = load_training_set(node, labels=labels, clip_seconds=cfg.clip_seconds)
     loss = float("nan")
     if len(data):
         round_no = int(msg.content["config"].get("server-round", 0))
         tc = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + round_no,
-                         device=cfg.device, select_best=False, cache_frontend=True)
+                         device=device, select_best=False, cache_frontend=True)
         loss = train_model(model, data, config=tc, progress=False).epochs[-1]["train_loss"]
     reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
-                        "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss})})
+                        "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
+                        NODE_INFO: node_info(node, device, note)})
     if msg.content["config"].get("importance", True):  # the server keeps only its last round's maps
         sample = data.subset(range(min(len(data), cfg.importance_max_utts)))
-        importance = mas_importance(model, sample, device=cfg.device) if len(sample) else {
+        importance = mas_importance(model, sample, device=device) if len(sample) else {
             k: v.detach().cpu() * 0 for k, v in model.named_parameters()}
         reply["importance"] = ArrayRecord({k: v.detach().cpu() for k, v in importance.items()})
     return Message(reply, reply_to=msg)
@@ -76,6 +78,7 @@ def pending(msg: Message, context: Context) -> Message:
 @app.query("unlearn")
 def unlearn_pending(msg: Message, context: Context) -> Message:
     cfg, conf = settings(context), msg.content["config"]
+    device, note = node_device(cfg)
     labels, node = task_labels(cfg.task), node_dir(context, cfg)
     base_state = msg.content["arrays"].to_torch_state_dict()
     if state_sha256(base_state) != conf["base-sha256"]:
@@ -83,7 +86,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
     requests = requests_to_unlearn(node)
     forget = load_forget_set(node, requests, labels=labels, clip_seconds=cfg.clip_seconds)
     ucfg = UnlearnConfig.from_mapping({**cfg.unlearn_overrides, "stop": cfg.unlearn_stop, "seed": cfg.seed,
-                                       "target_forget_acc": float(conf["target-forget-acc"]), "device": cfg.device})
+                                       "target_forget_acc": float(conf["target-forget-acc"]), "device": device})
     result = unlearn(model_from(msg.content["arrays"], cfg), forget, method=cfg.unlearn_method, config=ucfg)
     start = time.perf_counter()
     sealed = seal_unlearning_delta(node=node, requests=requests, base_state=base_state, unlearned=result.model.cpu(),
@@ -94,6 +97,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"n-forget": len(forget), "unlearn-s": result.seconds, "seal-s": time.perf_counter() - start,
                                  "forget-acc-before": result.forget_acc_trajectory[0], "forget-acc-after": result.forget_acc,
                                  "steps": result.steps, "envelope-bytes": len(sealed.envelope)}),
+        NODE_INFO: node_info(node, device, note),
     }), reply_to=msg)
 
 

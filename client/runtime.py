@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
+from serforget.common.device import resolve_device
 from serforget.common.keys import load_hpke_public
 from serforget.common.labels import task_labels
 from serforget.common.models import build_model
@@ -43,3 +44,25 @@ def model_from(arrays: ArrayRecord, cfg: RunSettings) -> torch.nn.Module:
 def pinned_server_key(node: NodeDir):
     """The server's HPKE public key pinned on the device at enrollment (never taken from a message)."""
     return load_hpke_public(node.keys_dir / SERVER_HPKE_PIN)
+
+
+#: reply record naming the device a node computed on (a ConfigRecord: FedAvg's replies hold one MetricRecord)
+NODE_INFO = "node-info"
+
+
+def node_device(cfg: RunSettings) -> tuple[str, str]:
+    """The device this node computes on, and a note when it is not what the run config asked for.
+
+    ``device = cuda`` without a visible GPU raises (``resolve_device``): never a silent CPU run.
+    ``auto`` with ``gpus-per-node > 0`` but no GPU visible to this node runs on the CPU and says so.
+    """
+    device = str(resolve_device(cfg.device))
+    note = ""
+    if cfg.gpus_per_node > 0 and device == "cpu":
+        note = f"gpus-per-node = {cfg.gpus_per_node:g} but no CUDA device is visible to this node: ran on the CPU"
+    return device, note
+
+
+def node_info(node: NodeDir, device: str, note: str) -> ConfigRecord:
+    """What a reply says about where it was computed (shown per node in the report)."""
+    return ConfigRecord({"node-id": node.node_id, "device": device, "device-note": note})

@@ -51,6 +51,23 @@ def make_splits(
     return paths
 
 
+def training_speakers(*, manifest: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0) -> list[str]:
+    """The training speakers (sorted) that ``make_splits`` with the same arguments keeps: one node each.
+
+    Why apart from ``make_splits``: ``serforget simulate`` must size Flower's simulation
+    (``num-supernodes``) before the ServerApp provisions anything, with exactly the partition
+    the ServerApp will then write.
+    """
+    utts = filter_labels(read_manifest(manifest), task_labels(task))  # ManifestError names the file and row
+    if not utts:
+        raise ValueError(f"data-manifest {manifest}: no utterance carries a label of task {task!r} ({', '.join(task_labels(task))})")
+    try:
+        split = speaker_split(utts, n_valid=n_valid, n_test=n_test, seed=seed)
+    except ValueError as exc:
+        raise ValueError(f"data-manifest {manifest}: {exc} (valid-speakers / test-speakers)") from None
+    return sorted({u.speaker for u in split.train})
+
+
 def train_checkpoint(
     *,
     train_manifest: Path,

@@ -42,6 +42,13 @@ class RunSettings:
     synth_label_noise: float = 0.15
     valid_speakers: int = 3
     test_speakers: int = 5
+    # simulation on an indexed corpus (``serforget corpus index``) instead of the synthetic one:
+    # its speakers are split by the same random speaker split (valid/test held out for central
+    # evaluation, the retrain-level target and the utility gate); every training speaker is a node
+    data_manifest: str = ""
+    # GPU share of every simulated node (Flower's client-resources.num-gpus; 0.25 = four nodes per
+    # GPU). Ray hides the GPU from a node that asked for none, so ``device = auto`` needs this > 0
+    gpus_per_node: float = 0.0
     # FedAvg; resume = start from the newest non-revoked release (num-rounds = 0: unlearning only)
     resume: bool = False
     num_rounds: int = 15
@@ -94,6 +101,8 @@ class RunSettings:
                 raise ValueError(f"run-config {key!r} must be {kind.__name__}, got {value!r}")
             values[f.name] = value
         settings = cls(**values)
+        if not 0.0 <= settings.gpus_per_node <= 64.0:
+            raise ValueError(f"run-config 'gpus-per-node' must be between 0 and 64, got {settings.gpus_per_node!r}")
         if settings.mode not in ("simulation", "deployment"):
             raise ValueError(f"run-config 'mode' must be 'simulation' or 'deployment', got {settings.mode!r}")
         for name in ("model_json", "unlearn_json"):
@@ -116,6 +125,11 @@ class RunSettings:
     @property
     def server_path(self) -> Path:
         return Path(self.server_dir).expanduser().resolve() if self.server_dir else self.work_path / "server"
+
+    @property
+    def data_manifest_path(self) -> Path | None:
+        """The indexed corpus of a simulation (None: synthesize one)."""
+        return Path(self.data_manifest).expanduser().resolve() if self.data_manifest else None
 
     @property
     def model_config(self) -> dict:

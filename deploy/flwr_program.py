@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -21,12 +22,40 @@ from pathlib import Path
 from serforget.common.fsutil import atomic_write_text
 
 
-def flwr_env(home: Path) -> dict[str, str]:
-    """Environment of every Flower program: this FLWR_HOME, this venv's programs, no telemetry or installs."""
+#: the environment variables Flower's CLI reads for the ports of the local SuperLink it starts for
+#: ``address = ":local:"`` (flwr/cli/constant.py; defaults 39091 and 39093 on every machine)
+LOCAL_HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+LOCAL_CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
+
+
+def flwr_env(home: Path, *, local_ports: tuple[int, int] | None = None) -> dict[str, str]:
+    """Environment of every Flower program: this FLWR_HOME, this venv's programs, no telemetry or installs.
+
+    ``local_ports`` (HTTP API, Control API) moves the local SuperLink of ``address = ":local:"``
+    off Flower's fixed defaults. Why: ``flwr run`` reuses any SuperLink answering on the default
+    port, so a second simulation on the machine would otherwise join the first one's SuperLink.
+    Every later ``flwr`` call of the run must get the same environment to reach that SuperLink.
+    """
     bin_dir = os.path.dirname(sys.executable)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    if local_ports is not None:
+        env[LOCAL_HTTP_PORT_ENV], env[LOCAL_CONTROL_PORT_ENV] = (str(p) for p in local_ports)
+    return env
+
+
+def free_local_ports() -> tuple[int, int]:
+    """Two distinct TCP ports free on 127.0.0.1 right now (the OS picks them: no fixed range to collide in)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        http, control = (sock.getsockname()[1] for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return http, control
 
 
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern `flwr run --run-config` uses
@@ -54,11 +83,21 @@ def toml_value(value: object) -> str:
     raise ValueError(f"run-config value {text!r} holds both quote characters")
 
 
-def write_flower_home(home: Path, *, num_supernodes: int, cpus_per_node: int) -> None:
+def write_flower_home(home: Path, *, num_supernodes: int, cpus_per_node: int, gpus_per_node: float = 0.0) -> None:
+    """The Flower connection config of a local simulation: node count and per-node CPU/GPU share.
+
+    ``gpus_per_node`` is Ray's ``num_gpus`` per node actor (fractions share a GPU); Ray hides
+    the GPU from a node that reserves none.
+    """
+    if num_supernodes < 1:
+        raise ValueError(f"a simulation needs at least one SuperNode, got {num_supernodes}")
+    if cpus_per_node < 1 or gpus_per_node < 0:
+        raise ValueError(f"cpus-per-node must be >= 1 and gpus-per-node >= 0, got {cpus_per_node} and {gpus_per_node}")
     atomic_write_text(home / "config.toml", "\n".join([
         "[superlink]", 'default = "local"', "", "[superlink.local]", 'address = ":local:"',
         f"options.num-supernodes = {num_supernodes}",
-        f"options.backend.client-resources.num-cpus = {cpus_per_node}", "",
+        f"options.backend.client-resources.num-cpus = {cpus_per_node}",
+        f"options.backend.client-resources.num-gpus = {float(gpus_per_node)!r}", "",
     ]))
 
 
@@ -78,19 +117,42 @@ def run_status(run_id: str, env: dict) -> dict:
         return {"status": "unknown", "status-details": out.stdout + out.stderr}
 
 
-def stop_local_superlink(home: Path) -> list[int]:
-    """End the local SuperLink that `flwr run` spawned for this FLWR_HOME (and nothing else)."""
-    marker = str(home / "local-superlink")
+def is_our_local_superlink(argv: list[str], home: Path, port: str | None = None) -> bool:
+    """Whether a process's argv is the local SuperLink ``flwr`` started for this FLWR_HOME (and port).
+
+    Flower starts it as ``flower-superlink ... --log-file $FLWR_HOME/local-superlink/superlink.log``;
+    the argument must equal that path exactly (a substring test would also match a FLWR_HOME
+    that merely ends in this one's path), and with ``port`` the ``--port`` argument must match.
+    """
+    if not argv or not any(os.path.basename(a) == "flower-superlink" for a in argv[:2]):
+        return False
+    value = lambda flag: argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+    if value("--log-file") != str(home / "local-superlink" / "superlink.log"):
+        return False
+    return port is None or value("--port") == str(port)
+
+
+def stop_local_superlink(home: Path, *, port: str | None = None) -> list[int]:
+    """End the local SuperLink that `flwr run` spawned for this FLWR_HOME (and nothing else).
+
+    Only this user's processes whose argv ``is_our_local_superlink``: another run's SuperLink,
+    even one started from a FLWR_HOME nested in this one, keeps running.
+    """
     stopped = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if proc.stat().st_uid != os.getuid():
+                continue
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
         except OSError:
             continue
-        if "flower-superlink" in cmdline and marker in cmdline:
-            os.kill(int(proc.name), signal.SIGTERM)
+        if is_our_local_superlink(argv, home, port):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                continue
             stopped.append(int(proc.name))
     return stopped
 

@@ -19,7 +19,8 @@ from serforget.common.settings import RunSettings
 from serforget.server.oracle import run_retrain_oracle
 from serforget.server.report import build_report
 from serforget.server.scenario import Scenario
-from serforget.server.strategy import ImportanceFedAvg
+from serforget.server.simulation import require_partition_nodes
+from serforget.server.strategy import ImportanceFedAvg, require_training
 from serforget.server.unlearning_round import announce_release, retry_by_node, run_unlearning_round
 
 app = ServerApp()
@@ -30,6 +31,8 @@ log = logging.getLogger("serforget.server")
 def main(grid: Grid, context: Context) -> None:
     cfg = RunSettings.from_mapping(context.run_config)
     scenario = Scenario.provision(cfg)
+    if scenario.layout is not None:
+        require_partition_nodes(grid, n_partitions=scenario.n_nodes)
     torch.manual_seed(cfg.seed)
     base = latest_release_state(scenario.server) if cfg.resume else None
     if cfg.num_rounds == 0 and base is None:
@@ -44,6 +47,8 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.num_rounds,
                                 timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=scenario.central_evaluate)
         scenario.timings["fedavg_s"] = time.perf_counter() - start
+        require_training(strategy, num_rounds=cfg.num_rounds)
+        scenario.train_devices = dict(strategy.devices)
         trained, importance = result.arrays.to_torch_state_dict(), strategy.importance
         fedavg_examples = dict(strategy.examples_per_round)
         if importance is not None:

@@ -87,6 +87,8 @@ def build_report(
             "elastic": scenario.cfg.elastic,
         },
         "node_release_reports": node_reports,
+        "node_devices": {"train": dict(scenario.train_devices),
+                         "unlearn": {n: {"device": m["device"], "note": m.get("device-note", "")} for n, m in node_unlearn.items() if "device" in m}},
         "releases": {
             "trained": v_trained.version,
             "unlearned": v_unlearned.version if v_unlearned else None,

@@ -40,6 +40,8 @@ class Scenario:
     test: Any
     rounds: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: node name -> {"device", "note"} of its FedAvg training (from the replies' node-info)
+    train_devices: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def provision(cls, cfg: RunSettings) -> "Scenario":
@@ -53,7 +55,7 @@ class Scenario:
         synth = SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences, takes_per_emotion=cfg.synth_takes,
                             speaker_style_spread=cfg.synth_style_spread, ambiguous_rate=cfg.synth_ambiguous_rate,
                             label_noise_rate=cfg.synth_label_noise, seed=cfg.seed)
-        layout = provision_simulation(root=cfg.work_path, synth=synth,
+        layout = provision_simulation(root=cfg.work_path, synth=synth, manifest=cfg.data_manifest_path,
                                       task=cfg.task, n_valid=cfg.valid_speakers, n_test=cfg.test_speakers, seed=cfg.seed)
         load = lambda name: load_waveforms(read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds)
         scenario = cls(cfg, layout.server, layout, labels, load("valid"), load("test"))
@@ -219,6 +221,7 @@ def report_markdown(report: dict) -> str:
         if node.get("forget-acc-release", -1.0) >= 0:
             lines.append(f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} | |")
     lines += ["", *deleted_recordings_markdown(report)]
+    lines += devices_markdown(report.get("node_devices") or {})
     t = report["timings"]
     lines += ["", "| timing | seconds |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in sorted(t.items())]
     lines += ["", f"bytes sent to nodes for unlearning: {report['unlearning']['bytes_sent']}, "
@@ -226,6 +229,20 @@ def report_markdown(report: dict) -> str:
     for v in report["unlearning"]["verdicts"]:
         lines.append(f"- delta from {v['node']}: {v['reason']}")
     return "\n".join(lines) + "\n"
+
+
+def devices_markdown(devices: dict) -> list[str]:
+    """Where the nodes trained and unlearned (``cuda: 3 nodes``), and every node's note (asked for a GPU, ran on CPU)."""
+    lines = []
+    for step in ("train", "unlearn"):
+        per_node = devices.get(step) or {}
+        if per_node:
+            counts: dict[str, int] = {}
+            for d in per_node.values():
+                counts[d["device"]] = counts.get(d["device"], 0) + 1
+            lines.append(f"devices ({step}): " + ", ".join(f"{dev}: {n} node(s)" for dev, n in sorted(counts.items())))
+            lines += [f"- {node}: {d['note']}" for node, d in sorted(per_node.items()) if d.get("note")]
+    return ["", *lines] if lines else []
 
 
 def deleted_recordings_markdown(report: dict) -> list[str]:

@@ -13,6 +13,27 @@ from flwr.serverapp.strategy import FedAvg, Result
 from serforget.server.federation import weighted_average
 
 IMPORTANCE_KEY = "importance"
+#: the ClientApp's record saying where it computed (serforget.client.runtime.NODE_INFO)
+NODE_INFO_KEY = "node-info"
+_INFO_MAX_CHARS = 200
+
+
+def node_device(msg: Message) -> dict[str, str] | None:
+    """``{"node", "device", "note"}`` from a reply's node-info record (None when absent or malformed).
+
+    A node's own claim, only ever shown in the report: strings are required and cut to a bounded
+    length so a hostile node cannot bloat or break it.
+    """
+    try:
+        info = msg.content.config_records.get(NODE_INFO_KEY)
+        if info is None:
+            return None
+        values = {name: info.get(key, "") for name, key in (("node", "node-id"), ("device", "device"), ("note", "device-note"))}
+        if not all(isinstance(v, str) for v in values.values()):
+            return None
+        return {k: v[:_INFO_MAX_CHARS] for k, v in values.items()}
+    except Exception:  # noqa: BLE001 - a malformed record only loses this node's device line
+        return None
 
 
 class ImportanceFedAvg(FedAvg):
@@ -32,6 +53,11 @@ class ImportanceFedAvg(FedAvg):
         #: round -> recordings the nodes trained on (sum of their ``num-examples``): lets a report
         #: show what a run excluded, e.g. the retrain oracle's missing deleted recordings
         self.examples_per_round: dict[int, int] = {}
+        #: node name -> device it trained on in its latest round (and a note when not what was asked)
+        self.devices: dict[str, dict[str, str]] = {}
+        #: round -> error reasons of the nodes whose train reply was an error (e.g. ``device = cuda``
+        #: on a node without a GPU): lets the ServerApp stop when no node trained at all
+        self.node_errors: dict[int, list[str]] = {}
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs) -> Result:
         self._last_round = num_rounds
@@ -45,9 +71,13 @@ class ImportanceFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         maps, examples = [], 0
+        self.node_errors[server_round] = [str(msg.error.reason)[:_INFO_MAX_CHARS] for msg in replies if msg.has_error()]
         for msg in replies:
             if msg.has_error():
                 continue
+            info = node_device(msg)
+            if info is not None:
+                self.devices[info["node"] or str(msg.metadata.src_node_id)] = {"device": info["device"], "note": info["note"]}
             try:  # a node's claim: a malformed reply is left to FedAvg's own checks, never crashes this count
                 weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
             except (StopIteration, KeyError, TypeError, ValueError):
@@ -61,3 +91,17 @@ class ImportanceFedAvg(FedAvg):
         if any(w > 0 for _, w in maps):
             self.importance = weighted_average([(m, w) for m, w in maps if w > 0])
         return super().aggregate_train(server_round, replies)
+
+
+def require_training(strategy: ImportanceFedAvg, *, num_rounds: int) -> None:
+    """Stop the run when a FedAvg round had no node that trained, naming the nodes' errors.
+
+    Why: FedAvg keeps the previous global model when every reply failed, so a setting every node
+    rejects (``device = cuda`` without a GPU, a missing partition) would otherwise publish an
+    untrained model as if nothing happened.
+    """
+    for server_round in range(1, num_rounds + 1):
+        if strategy.examples_per_round.get(server_round, 0) == 0:
+            errors = strategy.node_errors.get(server_round, [])
+            detail = f"; node errors: {sorted(set(errors))}" if errors else ""
+            raise RuntimeError(f"FedAvg round {server_round}: no node trained on any recording{detail}")

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from serforget.common.checkpoint import state_sha256
 from serforget.common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from serforget.common.settings import RunSettings
+from serforget.server.strategy import node_device
 from serforget.server.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 
 log = logging.getLogger("serforget.server")
@@ -156,6 +157,9 @@ def run_unlearning_round(
                                  owners=owners, round_requests=round_requests)
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
+        info = node_device(reply)
+        if info is not None:
+            metrics.update({"device": info["device"], "device-note": info["note"]})
         outcome.node_metrics[verdict.node_id] = metrics
     merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
     if score is not None:

@@ -18,7 +18,9 @@ import tomllib
 from pathlib import Path
 
 from serforget.common.settings import RunSettings
-from serforget.deploy.flwr_program import flwr_env, parse_overrides, run_flwr, run_config_text, run_status, stop_local_superlink, write_flower_home
+from serforget.common.pipeline import training_speakers
+from serforget.deploy.flwr_program import (LOCAL_HTTP_PORT_ENV, free_local_ports, flwr_env, parse_overrides, run_flwr, run_config_text,
+                                           run_status, stop_local_superlink, write_flower_home)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--flwr-home", type=Path, default=Path(".flwr"), help="Flower CLI home for this project")
     sim.add_argument("--run-config", default="", help='extra overrides, e.g. "num-rounds=5 elastic=false"')
     sim.add_argument("--fresh", action="store_true", help="discard devices/server/report (keeps the corpus) and rerun")
+    sim.add_argument("--manifest", type=Path, default=None,
+                     help="an indexed corpus (`serforget corpus index`) instead of the synthetic one: run config data-manifest")
     sim.add_argument("--cpus-per-node", type=int, default=1)
     sim.set_defaults(handler=_simulate)
 
@@ -45,10 +49,54 @@ def app_settings(app: Path, overrides: dict) -> RunSettings:
     return RunSettings.from_mapping({**config, **overrides})
 
 
+def simulation_nodes(cfg: RunSettings) -> int:
+    """SuperNodes the run needs: one per training speaker of the corpus the ServerApp will split."""
+    if cfg.data_manifest_path is not None:
+        return len(training_speakers(manifest=cfg.data_manifest_path, task=cfg.task, n_valid=cfg.valid_speakers,
+                                     n_test=cfg.test_speakers, seed=cfg.seed))
+    return cfg.synth_speakers - cfg.valid_speakers - cfg.test_speakers
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_mismatch(cfg: RunSettings, *, cuda_visible: bool) -> str | None:
+    """Why the GPU settings cannot work on this machine (None when they can).
+
+    Ray gives a node a GPU only when ``client-resources.num-gpus`` > 0 and hides it otherwise, so
+    ``device = cuda`` with ``gpus-per-node = 0`` fails in every node, and ``gpus-per-node > 0``
+    without a GPU leaves Ray's actor pool empty; both are refused here with the fix named.
+    """
+    wants_cuda = cfg.device.strip().lower().startswith("cuda")
+    if cfg.gpus_per_node > 0 and not cuda_visible:
+        return f"gpus-per-node = {cfg.gpus_per_node:g} but no CUDA device is visible on this machine (set gpus-per-node=0.0)"
+    if wants_cuda and not cuda_visible:
+        return f"device = {cfg.device!r} but no CUDA device is visible on this machine (use device='auto' or 'cpu')"
+    if wants_cuda and cfg.gpus_per_node == 0:
+        return (f"device = {cfg.device!r} needs gpus-per-node > 0: Flower's simulation hides the GPU from nodes "
+                "that reserve none (e.g. gpus-per-node=0.25 shares one GPU among four nodes)")
+    return None
+
+
 def _simulate(args: argparse.Namespace) -> int:
     app, work, home = args.app.resolve(), args.work_dir.resolve(), args.flwr_home.resolve()
     overrides = {**parse_overrides(args.run_config), "work-dir": str(work)}
+    if args.manifest is not None:
+        overrides["data-manifest"] = str(args.manifest)
+    if overrides.get("data-manifest"):  # the ServerApp runs elsewhere: it gets an absolute path
+        overrides["data-manifest"] = str(Path(str(overrides["data-manifest"])).expanduser().resolve())
     cfg = app_settings(app, overrides)
+    n_nodes = simulation_nodes(cfg)
+    gpu_problem = gpu_mismatch(cfg, cuda_visible=_cuda_visible())
+    if gpu_problem:
+        print(f"serforget: {gpu_problem}", file=sys.stderr)
+        return 2
+    if cfg.gpus_per_node == 0 and cfg.device.strip().lower() == "auto" and _cuda_visible():
+        print("serforget: this machine has a GPU but gpus-per-node = 0: the nodes train on the CPU "
+              "(Flower's simulation hides the GPU; set gpus-per-node, e.g. 0.25)", file=sys.stderr)
     report_path = work / "report" / "report.json"
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     if args.fresh:
@@ -62,9 +110,10 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"serforget: {work} holds an earlier run with other settings or an unfinished one; rerun with --fresh",
               file=sys.stderr)
         return 2
-    n_nodes = cfg.synth_speakers - cfg.valid_speakers - cfg.test_speakers
-    write_flower_home(home, num_supernodes=n_nodes, cpus_per_node=args.cpus_per_node)
-    env = flwr_env(home)
+    write_flower_home(home, num_supernodes=n_nodes, cpus_per_node=args.cpus_per_node, gpus_per_node=cfg.gpus_per_node)
+    # a local SuperLink of this run's own on free ports: `flwr run` reuses whatever answers on
+    # Flower's fixed default port, i.e. another simulation's SuperLink
+    env = flwr_env(home, local_ports=free_local_ports())
     run_config = run_config_text(overrides)
     started = time.time()
     try:
@@ -81,7 +130,7 @@ def _simulate(args: argparse.Namespace) -> int:
             time.sleep(2)
             status = run_status(run_id, env)
     finally:
-        stop_local_superlink(home)
+        stop_local_superlink(home, port=env[LOCAL_HTTP_PORT_ENV])
     ok = status.get("status") == "finished:completed" and report_path.exists() and report_path.stat().st_mtime >= started
     if not ok:
         print(f"serforget: run {run_id} ended as {status.get('status')!r}: {status.get('status-details')}", file=sys.stderr)

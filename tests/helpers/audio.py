@@ -36,3 +36,27 @@ def write_espeak_corpus(folder: Path, *, speakers: tuple[str, ...] = ("en-us", "
                 )
                 utterances.append(Utterance(utt_id, path, speaker, emotion))
     return write_manifest(folder / "manifest.csv", utterances)
+
+
+#: RAVDESS emotion codes of the 4-class task (neutral, happy, sad, angry)
+_RAVDESS_4CLASS = {"01": 200.0, "03": 330.0, "04": 150.0, "05": 260.0}
+
+
+def write_ravdess_tree(root: Path, *, actors: int = 12, seconds: float = 1.0, sr: int = 16_000) -> Path:
+    """A RAVDESS-layout tree (``Actor_XX/03-01-EE-II-SS-RR-XX.wav``) of noisy tones, 8 takes per actor.
+
+    Audio-only speech of the four 4-class emotions, normal intensity, both statements, first
+    repetition; each actor's pitch is shifted so speakers differ. One song file per actor is
+    written too: the indexer must skip it, as with the real corpus.
+    """
+    import soundfile as sf
+
+    for a in range(1, actors + 1):
+        folder = root / f"Actor_{a:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for e, (code, freq) in enumerate(_RAVDESS_4CLASS.items()):
+            for statement in ("01", "02"):
+                wave = tone(freq * (1.0 + 0.03 * a), seconds, sr=sr, seed=a * 100 + e * 10 + int(statement))
+                sf.write(str(folder / f"03-01-{code}-01-{statement}-01-{a:02d}.wav"), wave, sr, subtype="PCM_16")
+        sf.write(str(folder / f"03-02-03-01-01-01-{a:02d}.wav"), tone(300.0, seconds, sr=sr), sr, subtype="PCM_16")
+    return root
