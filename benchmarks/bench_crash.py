@@ -55,10 +55,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from serforget.server.federation import ServerDir
-from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
 from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, Ledger
+from serforget.common.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
 from serforget.common.release import MANIFEST_NAME, ReleaseError, ReleaseRegistry
+from serforget.server.federation import ServerDir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_VERSION = 1

@@ -50,7 +50,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -409,7 +409,7 @@ def run_cell(ctx: Context, *, n: int, index: int, methods: Sequence[str], work: 
     for k, logits in enumerate(shadow_logits):
         out_scores[k, ~inside[k]] = lira_scores(logits, y)[~inside[k]]
     retrain_ensemble = np.concatenate(
-        [losses(retrain_logits, y)] + [losses(l, y)[~inside[k]] for k, l in enumerate(shadow_logits)]
+        [losses(retrain_logits, y)] + [losses(shadow, y)[~inside[k]] for k, shadow in enumerate(shadow_logits)]
     )
     heldout_logits = predict_logits(original, data.heldout, device="cpu")
     rows = []
@@ -504,7 +504,9 @@ def summarize(rows: list[dict[str, Any]], *, regime: str, n: int, seed: int = 0)
         have = [i for i in cells if (method, i) in by and ("retrain", i) in by and ("original", i) in by]
         if not have:
             continue
-        get = lambda m, key: np.array([by[(m, i)][key] for i in have], dtype=np.float64)  # noqa: E731
+        def get(m: str, key: str, have: list = have) -> np.ndarray:
+            return np.array([by[(m, i)][key] for i in have], dtype=np.float64)
+
         auc = paired_bootstrap(get(method, "attack_auc"), seed=seed)
         entry = {
             "N": n, "method": method, "name": METHOD_NAMES.get(method, method), "n_forget_sets": len(have),

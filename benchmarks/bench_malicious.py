@@ -50,13 +50,13 @@ from torch.func import functional_call
 
 from serforget.common.checkpoint import load_checkpoint
 from serforget.common.data import WaveformSet, load_waveforms
-from serforget.server.federation import DeltaError, DeltaVerdict, check_delta, gate_on_held_out, merge_deltas
 from serforget.common.fsutil import atomic_write_json, atomic_write_text
 from serforget.common.manifest import read_manifest
 from serforget.common.settings import RunSettings
 from serforget.common.training import evaluate_model
 from serforget.common.unlearning import mas_importance
 from serforget.common.unlearning.elastic import elastic_constraint
+from serforget.server.federation import DeltaError, DeltaVerdict, check_delta, gate_on_held_out, merge_deltas
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_VERSION = 2

@@ -22,7 +22,6 @@ swaps in a tiny wav2vec2 config and fewer steps: the quick self-test, not a meas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -19,14 +19,28 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from serforget.client.node import (adopt_release, load_forget_set, load_training_set, pinned_release_key, requests_to_unlearn,
-                                   seal_unlearning_delta, verify_announced_release)
-from serforget.client.runtime import NODE_INFO, model_from, node_device, node_dir, node_info, pinned_server_key, settings
+from serforget.client.node import (
+    adopt_release,
+    load_forget_set,
+    load_training_set,
+    pinned_release_key,
+    requests_to_unlearn,
+    seal_unlearning_delta,
+    verify_announced_release,
+)
+from serforget.client.runtime import (
+    NODE_INFO,
+    model_from,
+    node_device,
+    node_dir,
+    node_info,
+    pinned_server_key,
+    settings,
+)
 from serforget.common.checkpoint import state_sha256
 from serforget.common.labels import task_labels
 from serforget.common.training import TrainConfig, evaluate_model, train_model
 from serforget.common.unlearning import UnlearnConfig, mas_importance, unlearn
-
 
 app = ClientApp()
 

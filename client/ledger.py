@@ -43,8 +43,8 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence

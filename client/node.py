@@ -36,10 +36,9 @@ from serforget.common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_wavefo
 from serforget.common.envelope import read_header_unverified, seal_delta
 from serforget.common.fsutil import atomic_write_json
 from serforget.common.keys import init_keys, load_signing_private, load_signing_public
-from serforget.common.protocol import SERVER_HPKE_PIN, SERVER_SIGN_PIN
 from serforget.common.manifest import IdError, Utterance, check_id, read_manifest, write_manifest
+from serforget.common.protocol import SERVER_HPKE_PIN, SERVER_SIGN_PIN
 from serforget.common.release import ReleaseError, ReleaseManifest, check_signed_manifest
-
 
 NODE_FORMAT_VERSION = 1
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
+from serforget.client.node import NodeDir
 from serforget.common.device import resolve_device
 from serforget.common.keys import load_hpke_public
 from serforget.common.labels import task_labels
 from serforget.common.models import build_model
-from serforget.client.node import NodeDir
 from serforget.common.protocol import SERVER_HPKE_PIN
 from serforget.common.settings import RunSettings
 

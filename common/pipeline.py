@@ -9,7 +9,6 @@ the spirit of SpeechBrain's idempotent data preparation.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence

@@ -65,8 +65,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from serforget.common.manifest import IdError, check_id
 from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
+from serforget.common.manifest import IdError, check_id
 
 logger = logging.getLogger(__name__)
 

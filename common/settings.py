@@ -8,7 +8,7 @@ Keys are the dataclass fields with ``_`` written as ``-``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 

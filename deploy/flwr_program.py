@@ -21,7 +21,6 @@ from pathlib import Path
 
 from serforget.common.fsutil import atomic_write_text
 
-
 #: the environment variables Flower's CLI reads for the ports of the local SuperLink it starts for
 #: ``address = ":local:"`` (flwr/cli/constant.py; defaults 39091 and 39093 on every machine)
 LOCAL_HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"

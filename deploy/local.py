@@ -43,7 +43,6 @@ from serforget.deploy.processes import ManagedProcess, ProcessTable, private_dir
 from serforget.server.federation import ServerDir
 from serforget.server.simulation import node_id_for
 
-
 CONNECTION = "serforget"
 SUPERLINK = "superlink"
 REGISTRY_FORMAT_VERSION = 1
@@ -460,7 +459,7 @@ def finish_run(deployment: Deployment, submitted: subprocess.Popen, *, timeout: 
         submitted.kill()
         log, _ = submitted.communicate()
         match = _RUN_ID.search(log or "")
-        raise DeployError(f"run {match.group(1) if match else '?'} did not finish within {timeout:.0f} s:\n{log[-4000:]}")
+        raise DeployError(f"run {match.group(1) if match else '?'} did not finish within {timeout:.0f} s:\n{log[-4000:]}") from None
     match = _RUN_ID.search(log)
     if match is None:
         raise DeployError(f"`flwr run` did not start a run:\n{log[-4000:]}")

@@ -94,9 +94,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import importlib
 
     import uvicorn
-    from flwr.superlink.main import create_app
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
 
     # the package re-exports a function of the same name, so import the module by its full name
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")

@@ -13,9 +13,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
 from serforget.common.models import build_model
 from serforget.common.settings import RunSettings
+from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
 from serforget.server.oracle import run_retrain_oracle
 from serforget.server.report import build_report
 from serforget.server.scenario import Scenario

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -44,7 +44,14 @@ import torch
 from serforget.common.checkpoint import state_dict_from_bytes
 from serforget.common.envelope import EnvelopeError, EnvelopeHeader, open_delta, read_header_unverified
 from serforget.common.fsutil import atomic_write_json
-from serforget.common.keys import enroll_node, init_keys, load_enrolled_nodes, load_hpke_private, load_signing_private, revoked_nodes
+from serforget.common.keys import (
+    enroll_node,
+    init_keys,
+    load_enrolled_nodes,
+    load_hpke_private,
+    load_signing_private,
+    revoked_nodes,
+)
 
 #: How old an envelope may be (``created_at``) and how far ahead of the server clock, when opened.
 ENVELOPE_MAX_AGE_S = 3600.0

@@ -17,17 +17,17 @@ from typing import Any, Callable, Mapping
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from serforget.client.node import file_deletion_request
 from serforget.common.corpora.synth import SynthConfig
 from serforget.common.data import load_waveforms
 from serforget.common.fsutil import atomic_write_json, atomic_write_text
 from serforget.common.labels import task_labels
 from serforget.common.manifest import read_manifest
 from serforget.common.models import build_model
-from serforget.client.node import file_deletion_request
-from serforget.server.federation import ServerDir
 from serforget.common.settings import RunSettings
-from serforget.server.simulation import SimulationLayout, provision_simulation
 from serforget.common.training import evaluate_model, predict_logits
+from serforget.server.federation import ServerDir
+from serforget.server.simulation import SimulationLayout, provision_simulation
 
 
 @dataclass

@@ -20,8 +20,15 @@ from flwr.serverapp import Grid
 from serforget.common.checkpoint import state_sha256
 from serforget.common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from serforget.common.settings import RunSettings
+from serforget.server.federation import (
+    DeltaVerdict,
+    ServerDir,
+    applied_request_ids,
+    gate_on_held_out,
+    merge_deltas,
+    open_and_check,
+)
 from serforget.server.strategy import node_device
-from serforget.server.federation import DeltaVerdict, ServerDir, applied_request_ids, gate_on_held_out, merge_deltas, open_and_check
 
 log = logging.getLogger("serforget.server")
 

@@ -10,11 +10,10 @@ import torch
 from serforget.common.audio import save_audio
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import Utterance, write_manifest
-from tests.helpers.audio import tone
 from serforget.server.federation import ServerDir
+from tests.helpers.audio import tone
 from tests.helpers.envelopes import WORLD, World
 from tests.helpers.federation import make_server
-
 
 
 @pytest.fixture

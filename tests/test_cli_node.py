@@ -2,8 +2,8 @@ from pathlib import Path
 
 from serforget.cli import main
 from serforget.client.ledger import Ledger
-from serforget.common.manifest import read_manifest
 from serforget.client.node import prepare_node_dir
+from serforget.common.manifest import read_manifest
 
 
 def test_node_forget_cli_is_idempotent_and_validates(tiny_corpus: Path, tmp_path: Path, capsys) -> None:

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serforget.common.corpora import FORMATS, IndexResult, index_corpus
-from serforget.common.corpora import cremad, emodb, iemocap, ravdess
+from serforget.common.corpora import FORMATS, IndexResult, cremad, emodb, iemocap, index_corpus, ravdess
 
 
 def _wav(path: Path, *, seconds: float = 0.05, sample_rate: int = 16000) -> Path:

@@ -46,9 +46,9 @@ def test_the_checks_detect_lost_and_corrupted_records(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from benchmarks.bench_crash import StoreResult, _check_ledger, _check_releases, _check_seen
-    from serforget.server.federation import ServerDir
     from serforget.client.ledger import Ledger
     from serforget.common.release import ReleaseRegistry
+    from serforget.server.federation import ServerDir
 
     key = Ed25519PrivateKey.generate()
     source = tmp_path / "model.onnx"

@@ -23,9 +23,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from serforget.client.ledger import Ledger
-from serforget.common.manifest import by_speaker, read_manifest
 from serforget.client.node import file_deletion_request, prepare_node_dir
-from serforget.deploy.pki import PKIError, create_ca, create_node_auth_key, issue_server_certificate, load_node_auth_public
+from serforget.common.manifest import by_speaker, read_manifest
+from serforget.deploy.pki import (
+    PKIError,
+    create_ca,
+    create_node_auth_key,
+    issue_server_certificate,
+    load_node_auth_public,
+)
 from serforget.deploy.processes import ProcessTable, start_ticks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,9 +160,9 @@ def _restricted(code: str, *, max_file_bytes: int | None = None, read_only_dirs:
 @pytest.fixture
 def published(tmp_path: Path):
     """A server dir with release v1 of a tiny model, and the v1 manifest bytes."""
-    from serforget.server.federation import ServerDir, publish_release
     from serforget.common.labels import FOUR_CLASS
     from serforget.common.models import build_model
+    from serforget.server.federation import ServerDir, publish_release
 
     server = ServerDir(tmp_path / "server").init()
     model = build_model(arch="logmel_cnn", config={"channels": [8, 16], "hidden": 16}, labels=FOUR_CLASS)

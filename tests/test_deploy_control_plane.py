@@ -18,8 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from serforget.deploy.local import (CONNECTION, Deployment, create_pki, down, flwr, free_port, register_supernode, start_superlink,
-                          unregister_supernode, write_connection)
+from serforget.deploy.local import (
+    CONNECTION,
+    Deployment,
+    create_pki,
+    down,
+    flwr,
+    free_port,
+    register_supernode,
+    start_superlink,
+    unregister_supernode,
+    write_connection,
+)
 from serforget.deploy.pki import create_node_auth_key
 from serforget.deploy.superlink import FleetOnlySocket, fleet_paths
 

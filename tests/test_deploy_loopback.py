@@ -19,14 +19,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from serforget.cli import main as serforget
+from serforget.client.ledger import Ledger
 from serforget.common.fsutil import atomic_write_bytes
 from serforget.common.keys import load_signing_public
 from serforget.common.labels import FOUR_CLASS
-from serforget.client.ledger import Ledger
 from serforget.common.manifest import Utterance, write_manifest
 from serforget.common.release import ReleaseRegistry
-from serforget.deploy.local import (Deployment, deployment_run_config, down, finish_run, free_port, online_nodes, register_supernode,
-                          run_app, start_superlink, start_supernode, submit_run, up, wait_online)
+from serforget.deploy.local import (
+    Deployment,
+    deployment_run_config,
+    down,
+    finish_run,
+    free_port,
+    online_nodes,
+    register_supernode,
+    run_app,
+    start_superlink,
+    start_supernode,
+    submit_run,
+    up,
+    wait_online,
+)
 from serforget.deploy.pki import create_node_auth_key
 from tests.helpers.audio import tone
 

@@ -18,9 +18,9 @@ import torch
 import torchaudio.functional as AF
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from serforget.cli import main
 from serforget.common.audio import fix_length, load_audio
 from serforget.common.checkpoint import save_checkpoint
-from serforget.cli import main
 from serforget.common.edge.predict import predict_file, predict_files, resolve_model_file
 from serforget.common.edge.runtime import EdgeAudioError, EdgeModelError, OnnxModel, read_audio, resample, split_windows
 from serforget.common.keys import save_public_key

@@ -18,7 +18,23 @@ from serforget.common.envelope import (
     read_header_unverified,
 )
 from serforget.common.keys import UnsupportedSuiteError
-from tests.helpers.envelopes import (BASE_SHA, NOW, PAYLOAD, World, WORLD, make_world, seal, open_, rejected, split, frame, header_json, canonical, forge)
+from tests.helpers.envelopes import (
+    BASE_SHA,
+    NOW,
+    PAYLOAD,
+    WORLD,
+    World,
+    canonical,
+    forge,
+    frame,
+    header_json,
+    make_world,
+    open_,
+    rejected,
+    seal,
+    split,
+)
+
 
 def test_round_trip(world: World) -> None:
     envelope = seal(world)

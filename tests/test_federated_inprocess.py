@@ -16,7 +16,6 @@ from serforget.server.inprocess import InProcessGrid
 from tests.helpers.scenario import TINY
 
 
-
 def _run(tmp_path: Path, **overrides) -> tuple[dict, InProcessGrid, Path]:
     work = tmp_path / "sim"
     run_config = {**TINY, "work-dir": str(work), **overrides}

@@ -7,9 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from serforget.server.federation import (DeltaError, DeltaVerdict, ServerDir, check_delta, gate_on_held_out, merge_deltas, weighted_average)
 from serforget.client.node import weight_delta
+from serforget.server.federation import (
+    DeltaError,
+    DeltaVerdict,
+    ServerDir,
+    check_delta,
+    gate_on_held_out,
+    merge_deltas,
+    weighted_average,
+)
 from tests.helpers.federation import BASE, open_as, seal_as
+
 
 def test_accepts_a_valid_delta_once(server: ServerDir, tmp_path: Path) -> None:
     delta = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}

@@ -38,7 +38,7 @@ from serforget.common.edge.runtime import EdgeAudioError, read_audio
 from serforget.common.envelope import REASONS, EnvelopeError
 from serforget.common.manifest import ManifestError, read_manifest
 from serforget.common.release import ReleaseError, ReleaseIndex, ReleaseManifest
-from tests.helpers.envelopes import WORLD, PAYLOAD, forge, header_json, open_, seal
+from tests.helpers.envelopes import PAYLOAD, WORLD, forge, header_json, open_, seal
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,14 +28,14 @@ import soundfile as sf
 import torch
 from onnx import TensorProto, helper
 
+from serforget.cli import main as cli_main
 from serforget.common.audio import AudioError, load_audio
 from serforget.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from serforget.cli import main as cli_main
 from serforget.common.edge.runtime import ONNX_FORMAT, EdgeAudioError, EdgeModelError, ModelInfo, OnnxModel, read_audio
-from serforget.server.federation import DeltaError, check_delta
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import ManifestError, read_manifest
 from serforget.common.models import build_model
+from serforget.server.federation import DeltaError, check_delta
 from tests.helpers.envelopes import PAYLOAD, World, forge, frame, header_json, rejected, seal, split
 from tests.helpers.federation import BASE, open_as, seal_as
 
@@ -280,9 +280,9 @@ def test_a_delta_exactly_at_the_norm_limit_is_accepted() -> None:
 )
 def test_sealed_payloads_that_are_not_safetensors_are_refused(server, tmp_path: Path, payload: bytes) -> None:  # noqa: F811
     """A validly signed envelope whose plaintext is garbage: a logged verdict, nothing stored."""
+    from serforget.common.checkpoint import state_sha256
     from serforget.common.envelope import seal_delta
     from serforget.common.keys import load_hpke_public, load_signing_private
-    from serforget.common.checkpoint import state_sha256
 
     envelope = seal_delta(payload=payload, node_id="node-a", request_ids=["r1"], base_version=1,
                           base_sha256=state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),

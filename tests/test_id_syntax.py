@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from serforget.client.ledger import Ledger, LedgerError
+from serforget.client.node import NodeError, prepare_node_dir
 from serforget.common.audio import save_audio
 from serforget.common.keys import NODE_ID_PATTERN
-from serforget.client.ledger import Ledger, LedgerError
 from serforget.common.manifest import ID_PATTERN, IdError, ManifestError, Utterance, check_id, read_manifest
-from serforget.client.node import NodeError, prepare_node_dir
 from serforget.common.release import ReleaseError, ReleaseRegistry
 from tests.helpers.audio import tone
 

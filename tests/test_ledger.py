@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import serforget.client.ledger as ledger_module
-from serforget.common.fsutil import sha256_bytes
 from serforget.client.ledger import (
     APPLIED,
     PENDING,
@@ -24,6 +23,7 @@ from serforget.client.ledger import (
     LedgerError,
     purge_request,
 )
+from serforget.common.fsutil import sha256_bytes
 from serforget.common.manifest import Utterance, read_manifest, write_manifest
 from tests.helpers.ledger import KNOWN, applied_request, make_node
 

@@ -2,8 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from serforget.common.manifest import (ManifestError, Utterance, by_speaker, filter_labels, read_manifest,
-                             speaker_split, write_manifest)
+from serforget.common.manifest import (
+    ManifestError,
+    Utterance,
+    by_speaker,
+    filter_labels,
+    read_manifest,
+    speaker_split,
+    write_manifest,
+)
 
 
 def _write(path: Path, text: str) -> Path:

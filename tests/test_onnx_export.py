@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from serforget.common.checkpoint import load_checkpoint, save_checkpoint
 from serforget.cli import main
+from serforget.common.checkpoint import load_checkpoint, save_checkpoint
 from serforget.common.edge.runtime import METADATA_KEYS, OnnxModel, parse_model_info
 from serforget.common.fsutil import sha256_file
 from serforget.common.labels import FOUR_CLASS
@@ -21,7 +21,6 @@ from serforget.common.manifest import read_manifest
 from serforget.common.models import build_model
 from serforget.common.models.cnn import CNNConfig, LogMelCNN
 from serforget.common.models.hf import tiny_hf_config
-from tests.helpers.audio import write_espeak_corpus
 from serforget.common.onnx_export import (
     INT8_FILE,
     PARITY_BATCH_SIZES,
@@ -30,14 +29,16 @@ from serforget.common.onnx_export import (
     EvalSet,
     OnnxExportError,
     ParityError,
+    _StableGroupNorm,
     eval_set_from_manifest,
     export_onnx,
     export_release_models,
-    _StableGroupNorm,
     parity_waves_from_manifest,
     probe_waves,
     quantize_int8,
 )
+from tests.helpers.audio import write_espeak_corpus
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -14,14 +14,21 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from serforget.common.audio import save_audio
-from serforget.server.federation import ServerDir, publish_release
-from serforget.common.labels import FOUR_CLASS
 from serforget.client.ledger import APPLIED, PURGED, UNLEARNED
+from serforget.client.node import (
+    NodeDir,
+    NodeError,
+    adopt_release,
+    file_deletion_request,
+    pin_server_keys,
+    prepare_node_dir,
+)
+from serforget.common.audio import save_audio
+from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import Utterance
 from serforget.common.models import build_model
-from serforget.client.node import NodeDir, NodeError, adopt_release, file_deletion_request, pin_server_keys, prepare_node_dir
 from serforget.common.release import MANIFEST_NAME, ReleaseRegistry, sign_bytes
+from serforget.server.federation import ServerDir, publish_release
 from serforget.server.unlearning_round import signed_manifests
 from tests.helpers.audio import tone
 

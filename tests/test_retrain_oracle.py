@@ -124,7 +124,6 @@ def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None
     """The per-round example count (recordings trained on) skips a malformed reply instead of raising."""
     from flwr.app import ArrayRecord, Message, MetricRecord
     from flwr.app.metadata import Metadata
-
     from flwr.serverapp.exception import InconsistentMessageReplies
 
     from serforget.server.strategy import ImportanceFedAvg

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from serforget.common.checkpoint import state_dict_bytes
 from serforget.cli import main as serforget
+from serforget.common.checkpoint import state_dict_bytes, state_sha256
 from serforget.common.envelope import seal_delta
-from serforget.server.federation import REPLAY_WINDOW_S, ServerDir, ServerStateError, open_and_check
 from serforget.common.keys import EnrollmentError, init_keys, load_hpke_public, load_signing_private
-from serforget.common.checkpoint import state_sha256
 from serforget.deploy.pki import PKIError, create_ca, create_node_auth_key, issue_server_certificate
+from serforget.server.federation import REPLAY_WINDOW_S, ServerDir, ServerStateError, open_and_check
 
 BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
 

@@ -15,13 +15,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from serforget.common.checkpoint import state_dict_bytes
+from serforget.common.checkpoint import state_dict_bytes, state_sha256
 from serforget.common.envelope import seal_delta
-from serforget.server.federation import ServerDir, ServerStateError, open_and_check
 from serforget.common.keys import init_keys, load_hpke_public, load_signing_private
-from serforget.common.checkpoint import state_sha256
 from serforget.common.release import ReleaseRegistry
 from serforget.common.settings import RunSettings
+from serforget.server.federation import ServerDir, ServerStateError, open_and_check
 from serforget.server.inprocess import InProcessGrid
 from serforget.server.unlearning_round import announce_release, retry_by_node, run_unlearning_round
 

@@ -21,8 +21,15 @@ from serforget.common.corpora import index_corpus
 from serforget.common.manifest import read_manifest, write_manifest
 from serforget.common.pipeline import make_splits, training_speakers
 from serforget.common.settings import RunSettings
-from serforget.deploy.flwr_program import (LOCAL_CONTROL_PORT_ENV, LOCAL_HTTP_PORT_ENV, flwr_env, free_local_ports,
-                                           is_our_local_superlink, stop_local_superlink, write_flower_home)
+from serforget.deploy.flwr_program import (
+    LOCAL_CONTROL_PORT_ENV,
+    LOCAL_HTTP_PORT_ENV,
+    flwr_env,
+    free_local_ports,
+    is_our_local_superlink,
+    stop_local_superlink,
+    write_flower_home,
+)
 from serforget.server.app import app as server_app
 from serforget.server.inprocess import InProcessGrid
 from serforget.server.simulation import require_partition_nodes

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from serforget.common.checkpoint import load_checkpoint, save_checkpoint
 from serforget.cli import main
+from serforget.common.checkpoint import load_checkpoint, save_checkpoint
 from serforget.common.manifest import Utterance, write_manifest
 from tests.helpers.unlearning import LABELS, tone_set, trained_tiny
 

@@ -81,6 +81,7 @@ call with a different config refuses.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -90,7 +91,6 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-import dataclasses
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from multiprocessing import get_context

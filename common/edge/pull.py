@@ -61,9 +61,9 @@ from tqdm import tqdm
 from serforget.common.fsutil import atomic_write_json, fsync_dir, sha256_bytes
 from serforget.common.release import (
     INDEX_NAME,
-    MAX_INDEX_LIFETIME_S,
     INDEX_SIGNATURE_NAME,
     MANIFEST_NAME,
+    MAX_INDEX_LIFETIME_S,
     SIGNATURE_NAME,
     IndexEntry,
     ReleaseError,
@@ -71,10 +71,10 @@ from serforget.common.release import (
     ReleaseManifest,
     ReleaseRegistry,
     check_release_dir,
+    check_rotation,
     check_signed_manifest,
     exclusive_lock,
     parse_signed_index,
-    check_rotation,
     parse_version_dirname,
     public_key_hex,
     rotation_name,

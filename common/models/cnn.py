@@ -9,8 +9,7 @@ statistics would otherwise overwrite running BatchNorm buffers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -384,7 +384,7 @@ def _load_pretrained(
         )
     except (OSError, ValueError) as exc:
         raise ValueError(f"pretrained_dir {directory}: cannot load a {arch} checkpoint: {exc}") from exc
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         # torch.load(weights_only=True) blocked a pickle that would run code: a tampered or
         # foreign file, to be reported like any other bad checkpoint, naming the file
         from serforget.common.checkpoint import CheckpointError  # lazy: common.checkpoint imports this package

@@ -17,10 +17,19 @@ import time
 import tomllib
 from pathlib import Path
 
-from serforget.common.settings import RunSettings
 from serforget.common.pipeline import training_speakers
-from serforget.deploy.flwr_program import (LOCAL_HTTP_PORT_ENV, free_local_ports, flwr_env, parse_overrides, run_flwr, run_config_text,
-                                           run_status, stop_local_superlink, write_flower_home)
+from serforget.common.settings import RunSettings
+from serforget.deploy.flwr_program import (
+    LOCAL_HTTP_PORT_ENV,
+    flwr_env,
+    free_local_ports,
+    parse_overrides,
+    run_config_text,
+    run_flwr,
+    run_status,
+    stop_local_superlink,
+    write_flower_home,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -161,7 +161,13 @@ def _unlearn_eval(args: argparse.Namespace) -> int:
     from serforget.common.checkpoint import load_checkpoint
     from serforget.common.fsutil import check_output_dir
     from serforget.common.training import evaluate_model
-    from serforget.common.unlearning.evaluation import EvalSets, evaluate_unlearning, parse_run, run_retrain, write_report
+    from serforget.common.unlearning.evaluation import (
+        EvalSets,
+        evaluate_unlearning,
+        parse_run,
+        run_retrain,
+        write_report,
+    )
 
     check_output_dir(args.out, what="--out")
     original, meta = load_checkpoint(args.checkpoint)

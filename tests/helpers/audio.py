@@ -9,6 +9,7 @@ import numpy as np
 
 from serforget.common.manifest import Utterance, write_manifest
 
+
 def tone(freq: float, seconds: float, *, sr: int = 16_000, seed: int = 0, amp: float = 0.3) -> np.ndarray:
     """A noisy tone: a tiny, learnable stand-in for an emotional utterance."""
     rng = np.random.default_rng(seed)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from serforget.common.checkpoint import state_dict_bytes
+from serforget.common.checkpoint import state_dict_bytes, state_sha256
 from serforget.common.envelope import seal_delta
-from serforget.server.federation import (ServerDir, open_and_check)
 from serforget.common.keys import init_keys, load_hpke_public, load_signing_private
-from serforget.common.checkpoint import state_sha256
+from serforget.server.federation import ServerDir, open_and_check
 
 BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
 
