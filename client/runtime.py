@@ -16,7 +16,7 @@ from serforget.common.device import resolve_device
 from serforget.common.keys import load_hpke_public
 from serforget.common.labels import task_labels
 from serforget.common.models import build_model
-from serforget.common.protocol import SERVER_HPKE_PIN
+from serforget.common.protocol import DEVICE, DEVICE_NOTE, NODE_ID, SERVER_HPKE_PIN
 from serforget.common.settings import RunSettings
 
 
@@ -46,8 +46,6 @@ def pinned_server_key(node: NodeDir):
     return load_hpke_public(node.keys_dir / SERVER_HPKE_PIN)
 
 
-#: reply record naming the device a node computed on (a ConfigRecord: FedAvg's replies hold one MetricRecord)
-NODE_INFO = "node-info"
 
 
 def node_device(cfg: RunSettings) -> tuple[str, str]:
@@ -65,4 +63,4 @@ def node_device(cfg: RunSettings) -> tuple[str, str]:
 
 def node_info(node: NodeDir, device: str, note: str) -> ConfigRecord:
     """What a reply says about where it was computed (shown per node in the report)."""
-    return ConfigRecord({"node-id": node.node_id, "device": device, "device-note": note})
+    return ConfigRecord({NODE_ID: node.node_id, DEVICE: device, DEVICE_NOTE: note})

@@ -10,11 +10,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from serforget.common.protocol import DEVICE, DEVICE_NOTE, IMPORTANCE, NODE_ID, NODE_INFO, SERVER_ROUND, WANT_IMPORTANCE
 from serforget.server.federation import weighted_average
 
-IMPORTANCE_KEY = "importance"
-#: the ClientApp's record saying where it computed (serforget.client.runtime.NODE_INFO)
-NODE_INFO_KEY = "node-info"
 _INFO_MAX_CHARS = 200
 
 
@@ -25,10 +23,10 @@ def node_device(msg: Message) -> dict[str, str] | None:
     length so a hostile node cannot bloat or break it.
     """
     try:
-        info = msg.content.config_records.get(NODE_INFO_KEY)
+        info = msg.content.config_records.get(NODE_INFO)
         if info is None:
             return None
-        values = {name: info.get(key, "") for name, key in (("node", "node-id"), ("device", "device"), ("note", "device-note"))}
+        values = {name: info.get(key, "") for name, key in (("node", NODE_ID), ("device", DEVICE), ("note", DEVICE_NOTE))}
         if not all(isinstance(v, str) for v in values.values()):
             return None
         return {k: v[:_INFO_MAX_CHARS] for k, v in values.items()}
@@ -65,7 +63,7 @@ class ImportanceFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         wanted = self.collect_importance and server_round == self._last_round
-        config = ConfigRecord({**dict(config), "server-round": server_round, IMPORTANCE_KEY: wanted})
+        config = ConfigRecord({**dict(config), SERVER_ROUND: server_round, WANT_IMPORTANCE: wanted})
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -83,10 +81,10 @@ class ImportanceFedAvg(FedAvg):
             except (StopIteration, KeyError, TypeError, ValueError):
                 continue
             examples += int(weight) if math.isfinite(weight) and weight > 0 else 0
-            if IMPORTANCE_KEY not in msg.content:
+            if IMPORTANCE not in msg.content:
                 continue
-            maps.append((msg.content[IMPORTANCE_KEY].to_torch_state_dict(), weight))
-            del msg.content[IMPORTANCE_KEY]
+            maps.append((msg.content[IMPORTANCE].to_torch_state_dict(), weight))
+            del msg.content[IMPORTANCE]
         self.examples_per_round[server_round] = examples
         if any(w > 0 for _, w in maps):
             self.importance = weighted_average([(m, w) for m, w in maps if w > 0])

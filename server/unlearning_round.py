@@ -18,6 +18,28 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from serforget.common.checkpoint import state_sha256
+from serforget.common.protocol import (
+    APPLIED_REQUEST_IDS,
+    ARRAYS,
+    BASE_SHA256,
+    BASE_VERSION,
+    CONFIG,
+    DEVICE,
+    DEVICE_NOTE,
+    ENVELOPE,
+    METRICS,
+    NODE_ID,
+    PENDING,
+    QUERY_PENDING,
+    QUERY_RELEASE,
+    QUERY_UNLEARN,
+    RELEASE_MANIFESTS,
+    RELEASE_SIGNATURES,
+    RELEASE_VERSION,
+    REQUEST_IDS,
+    RETRY_REQUEST_IDS,
+    TARGET_FORGET_ACC,
+)
 from serforget.common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from serforget.common.settings import RunSettings
 from serforget.server.federation import (
@@ -74,7 +96,7 @@ def wait_for_nodes(grid: Grid, *, n_nodes: int, timeout: float) -> list[int]:
 
 def find_pending(grid: Grid, *, timeout: float) -> tuple[dict[int, list[str]], dict[int, str]]:
     """Flower node id -> pending request ids (nodes that have some), and -> node name (all that answer)."""
-    replies = _query(grid, list(grid.get_node_ids()), "pending", RecordDict({"config": ConfigRecord({})}), timeout)
+    replies = _query(grid, list(grid.get_node_ids()), QUERY_PENDING, RecordDict({CONFIG: ConfigRecord({})}), timeout)
     pending, names = {}, {}
     for reply in replies:
         src = reply.metadata.src_node_id
@@ -82,8 +104,8 @@ def find_pending(grid: Grid, *, timeout: float) -> tuple[dict[int, list[str]], d
             log.warning("query.pending failed on node %s: %s", src, reply.error.reason)
             continue
         try:
-            name = reply.content["pending"]["node-id"]
-            ids = [r for r in reply.content["pending"]["request-ids"] if r]
+            name = reply.content[PENDING][NODE_ID]
+            ids = [r for r in reply.content[PENDING][REQUEST_IDS] if r]
             if not isinstance(name, str) or not all(isinstance(r, str) for r in ids):
                 raise TypeError("node-id and request-ids must be strings")
         except Exception as exc:  # noqa: BLE001 - a malformed reply costs that node its turn, not the round
@@ -138,9 +160,9 @@ def run_unlearning_round(
         return outcome
     owners = bind_pending(server, pending, names)
     arrays = ArrayRecord(dict(base_state))
-    config = ConfigRecord({"base-version": base_version, "base-sha256": state_sha256(base_state),
-                           "target-forget-acc": float(target_forget_acc)})
-    replies = _query(grid, list(outcome.pending), "unlearn", RecordDict({"arrays": arrays, "config": config}), cfg.unlearn_timeout)
+    config = ConfigRecord({BASE_VERSION: base_version, BASE_SHA256: state_sha256(base_state),
+                           TARGET_FORGET_ACC: float(target_forget_acc)})
+    replies = _query(grid, list(outcome.pending), QUERY_UNLEARN, RecordDict({ARRAYS: arrays, CONFIG: config}), cfg.unlearn_timeout)
     outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
     seen = server.seen_ids()
     already = applied_request_ids(server.releases)
@@ -152,21 +174,21 @@ def run_unlearning_round(
             outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"node-error: {reply.error.reason}"))
             continue
         try:
-            envelope = bytes(reply.content["envelope"]["envelope"])
-            metrics = dict(reply.content["metrics"])
+            envelope = bytes(reply.content[ENVELOPE][ENVELOPE])
+            metrics = dict(reply.content[METRICS])
         except Exception as exc:  # noqa: BLE001 - a malformed reply is that node's verdict
             outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"invalid: reply: {type(exc).__name__}: {exc}"))
             continue
         outcome.bytes_received += len(envelope)
         verdict = open_and_check(envelope=envelope, claimed_node=names.get(src, ""), server=server,
-                                 base_state=base_state, base_version=base_version, base_sha256=config["base-sha256"],
+                                 base_state=base_state, base_version=base_version, base_sha256=config[BASE_SHA256],
                                  seen=seen, max_delta_ratio=cfg.max_delta_ratio, applied_requests=already,
                                  owners=owners, round_requests=round_requests)
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
         info = node_device(reply)
         if info is not None:
-            metrics.update({"device": info["device"], "device-note": info["note"]})
+            metrics.update({DEVICE: info["device"], DEVICE_NOTE: info["note"]})
         outcome.node_metrics[verdict.node_id] = metrics
     merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
     if score is not None:
@@ -219,11 +241,11 @@ def announce_release(
     """
     manifests, signatures = signed_manifests(releases, version=version, applied=applied)
     arrays = ArrayRecord(dict(state))
-    messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({
-                    "version": version, "applied-request-ids": applied or [""],
-                    "retry-request-ids": list(retry.get(node, [])) or [""],
-                    "release-manifests": manifests, "release-signatures": signatures})}),
-                        message_type="query.release", dst_node_id=node)
+    messages = [Message(content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({
+                    RELEASE_VERSION: version, APPLIED_REQUEST_IDS: applied or [""],
+                    RETRY_REQUEST_IDS: list(retry.get(node, [])) or [""],
+                    RELEASE_MANIFESTS: manifests, RELEASE_SIGNATURES: signatures})}),
+                        message_type=f"query.{QUERY_RELEASE}", dst_node_id=node)
                 for node in grid.get_node_ids()]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     for reply in replies:
