@@ -136,7 +136,10 @@ def _release_writer(root: str, key_bytes: bytes, log: str, ready: Any) -> None:
         number = max(registry.versions(), default=0) + 1
         applies = number % _REVOKE_EVERY == 0
         manifest = registry.publish(
-            files=files, signing_key=key, parent=None, applies_requests=[f"req-{number}"] if applies else [],
+            files=files,
+            signing_key=key,
+            parent=None,
+            applies_requests=[f"req-{number}"] if applies else [],
             revoke_previous=applies,
         )
         _append_fsynced(Path(log), str(manifest.version))
@@ -241,7 +244,10 @@ def _check_revocations(
 
 
 def _check_index(
-    registry: ReleaseRegistry, public_key: Ed25519PublicKey, versions: list[int], revoked: dict[int, str],
+    registry: ReleaseRegistry,
+    public_key: Ed25519PublicKey,
+    versions: list[int],
+    revoked: dict[int, str],
     result: StoreResult,
 ) -> None:
     """The signed index must verify and describe existing releases; it may lag behind the newest ones.
@@ -380,8 +386,9 @@ def release_trials(*, work: Path, trials: int, seed: int, max_delay_s: float = D
     registry, log = ReleaseRegistry(work / "releases"), work / "releases.log"
     for _ in range(trials):
         before, logged_before = set(registry.versions()), len(_read_log(log))
-        _kill_after_random_delay(context, _release_writer, (str(registry.root), key_bytes, str(log)),
-                                 delay=rng.uniform(0, max_delay_s))
+        _kill_after_random_delay(
+            context, _release_writer, (str(registry.root), key_bytes, str(log)), delay=rng.uniform(0, max_delay_s)
+        )
         logged = _read_log(log)
         _check_releases(registry, key.public_key(), logged, before, result)
         result.committed_logged = len(logged)
@@ -445,13 +452,19 @@ def seen_trials(*, work: Path, trials: int, seed: int, max_delay_s: float = DEFA
 
 def owners_trials(*, work: Path, trials: int, seed: int, max_delay_s: float = DEFAULT_MAX_DELAY_S) -> StoreResult:
     """Kill the request-owner writer ``trials`` times; every logged binding must survive, unmoved."""
-    result, rng, context = StoreResult(store="request owners (request_owners.json)"), random.Random(seed + 3), _context()
+    result, rng, context = (
+        StoreResult(store="request owners (request_owners.json)"),
+        random.Random(seed + 3),
+        _context(),
+    )
     started = time.perf_counter()
     server, log = ServerDir(work / "server"), work / "owners.log"
     server.root.mkdir(parents=True, exist_ok=True)
     stored: dict[str, str] = {}
     for _ in range(trials):
-        _kill_after_random_delay(context, _owners_writer, (str(server.root), str(log)), delay=rng.uniform(0, max_delay_s))
+        _kill_after_random_delay(
+            context, _owners_writer, (str(server.root), str(log)), delay=rng.uniform(0, max_delay_s)
+        )
         logged = _read_log(log)
         stored = _check_owners(server, logged, stored, result)
         result.committed_logged = len(logged)
@@ -468,8 +481,14 @@ STORES: dict[str, Callable[..., StoreResult]] = {
 }
 
 
-def run_all(*, work: Path, trials: int, seed: int, max_delay_s: float = DEFAULT_MAX_DELAY_S,
-            stores: Sequence[str] = tuple(STORES)) -> list[StoreResult]:
+def run_all(
+    *,
+    work: Path,
+    trials: int,
+    seed: int,
+    max_delay_s: float = DEFAULT_MAX_DELAY_S,
+    stores: Sequence[str] = tuple(STORES),
+) -> list[StoreResult]:
     """Every store's trials, each in its own sub-folder of ``work``."""
     results = []
     for name in stores:
@@ -531,7 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stores": [asdict(r) | {"ok": r.ok} for r in results],
     }
     atomic_write_json(args.out_dir / "crash.json", document)
-    atomic_write_text(args.out_dir / "crash.md", to_markdown(results, trials=args.trials, seed=args.seed, seconds=seconds))
+    atomic_write_text(
+        args.out_dir / "crash.md", to_markdown(results, trials=args.trials, seed=args.seed, seconds=seconds)
+    )
     print(to_markdown(results, trials=args.trials, seed=args.seed, seconds=seconds))
     return 0 if all(r.ok for r in results) else 1
 

@@ -212,7 +212,9 @@ def run_benchmark(*, sizes: Sequence[int], repeats: int) -> dict[str, Any]:
 
 def print_row(row: dict[str, Any], *, suites: Sequence[str]) -> None:
     mb = row["mb_per_s"]
-    print(f"payload {row['payload_bytes']:>11,} B: AES-GCM enc {mb['aes256gcm_encrypt']:8.0f} MB/s, dec {mb['aes256gcm_decrypt']:8.0f} MB/s")
+    print(
+        f"payload {row['payload_bytes']:>11,} B: AES-GCM enc {mb['aes256gcm_encrypt']:8.0f} MB/s, dec {mb['aes256gcm_decrypt']:8.0f} MB/s"
+    )
     for suite in suites:
         seal, open_ = mb[f"envelope_{suite}_seal"], mb[f"envelope_{suite}_open"]
         print(

@@ -27,8 +27,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def settings(rounds: int, speakers: int) -> dict:
-    return {"synth-speakers": speakers, "synth-sentences": 4, "synth-takes": 1, "valid-speakers": 2, "test-speakers": 2,
-            "num-rounds": rounds, "local-epochs": 1, "onnx-export": False, "scenario-partial-n": 5}
+    return {
+        "synth-speakers": speakers,
+        "synth-sentences": 4,
+        "synth-takes": 1,
+        "valid-speakers": 2,
+        "test-speakers": 2,
+        "num-rounds": rounds,
+        "local-epochs": 1,
+        "onnx-export": False,
+        "scenario-partial-n": 5,
+    }
 
 
 def run_flower(work: Path, cfg: dict) -> dict:
@@ -36,10 +45,29 @@ def run_flower(work: Path, cfg: dict) -> dict:
 
     overrides = run_config_text(cfg)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(work),
-                           "--flwr-home", str(work.parent / "flwr-home"), "--run-config", overrides, "--fresh",
-                           "--cpus-per-node", "2"],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serforget",
+            "simulate",
+            "--app",
+            str(ROOT),
+            "--work-dir",
+            str(work),
+            "--flwr-home",
+            str(work.parent / "flwr-home"),
+            "--run-config",
+            overrides,
+            "--fresh",
+            "--cpus-per-node",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise SystemExit(f"flwr path failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     report = json.loads((work / "report" / "report.json").read_text())
@@ -60,7 +88,9 @@ def run_inprocess(work: Path, cfg: dict) -> dict:
     # same compute shape as the Flower path below (--cpus-per-node 2): one node at a time, 2 threads
     torch.set_num_threads(2)
     start = time.perf_counter()
-    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     report = json.loads((work / "report" / "report.json").read_text())
     report["timings"]["total_wall_s"] = time.perf_counter() - start
     return report
@@ -78,19 +108,40 @@ def main() -> None:
     rows = []
     for name, report in (("in-process", inproc), ("flwr run (simulation)", flower)):
         t = report["timings"]
-        rows.append({"path": name, "rounds": args.rounds, "nodes": report["n_nodes"],
-                     "fedavg_s": t["fedavg_s"], "per_round_s": t["fedavg_s"] / args.rounds,
-                     "unlearning_round_s": t["unlearning_round_s"], "total_wall_s": t["total_wall_s"]})
+        rows.append(
+            {
+                "path": name,
+                "rounds": args.rounds,
+                "nodes": report["n_nodes"],
+                "fedavg_s": t["fedavg_s"],
+                "per_round_s": t["fedavg_s"] / args.rounds,
+                "unlearning_round_s": t["unlearning_round_s"],
+                "total_wall_s": t["total_wall_s"],
+            }
+        )
     ratio = rows[1]["per_round_s"] / rows[0]["per_round_s"]
-    result = {"settings": cfg, "rows": rows, "per_round_ratio_flower_vs_inprocess": ratio,
-              "per_round_overhead_s": rows[1]["per_round_s"] - rows[0]["per_round_s"]}
+    result = {
+        "settings": cfg,
+        "rows": rows,
+        "per_round_ratio_flower_vs_inprocess": ratio,
+        "per_round_overhead_s": rows[1]["per_round_s"] - rows[0]["per_round_s"],
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "flower_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| path | nodes | rounds | FedAvg s/round | unlearning round s | total wall s |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['path']} | {r['nodes']} | {r['rounds']} | {r['per_round_s']:.2f} | {r['unlearning_round_s']:.2f} | "
-              f"{r['total_wall_s']:.1f} |" for r in rows]
-    lines += ["", f"Flower path / in-process, per FedAvg round: **{ratio:.2f}x** "
-              f"(+{result['per_round_overhead_s']:.2f} s per round)."]
+    lines = [
+        "| path | nodes | rounds | FedAvg s/round | unlearning round s | total wall s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['path']} | {r['nodes']} | {r['rounds']} | {r['per_round_s']:.2f} | {r['unlearning_round_s']:.2f} | "
+        f"{r['total_wall_s']:.1f} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        f"Flower path / in-process, per FedAvg round: **{ratio:.2f}x** "
+        f"(+{result['per_round_overhead_s']:.2f} s per round).",
+    ]
     (RESULTS / "flower_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

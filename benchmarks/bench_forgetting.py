@@ -137,26 +137,64 @@ class Settings:
 
     def model_fingerprint(self) -> str:
         """What a trained model depends on (not the unlearning settings, so those can change freely)."""
-        payload = [self.epochs, self.lr, self.channels, self.n_fft, self.hop_length, self.hidden, self.dropout, self.synth_overrides,
-                   self.n_valid, self.n_test, self.holdout_frac, self.tuning_speakers]
+        payload = [
+            self.epochs,
+            self.lr,
+            self.channels,
+            self.n_fft,
+            self.hop_length,
+            self.hidden,
+            self.dropout,
+            self.synth_overrides,
+            self.n_valid,
+            self.n_test,
+            self.holdout_frac,
+            self.tuning_speakers,
+        ]
         return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:12]
 
     def train_config(self, seed: int) -> TrainConfig:
-        return dataclasses.replace(CONVERGED, epochs=self.epochs, lr=self.lr, seed=seed, device="cpu",
-                                   cache_frontend=True)
+        return dataclasses.replace(
+            CONVERGED, epochs=self.epochs, lr=self.lr, seed=seed, device="cpu", cache_frontend=True
+        )
 
 
 FULL = Settings()
 REDUCED = Settings(
-    epochs=30, sizes=(10, 50), fidelity_sizes=(10,), generalising_sizes=(10,), n_eval_sets=3, tuning_sizes=(10,), n_tuning_sets=2,
-    n_shadows=4, l2ul_pgd_steps=10, zero_max_epochs=100, reduced=True,
+    epochs=30,
+    sizes=(10, 50),
+    fidelity_sizes=(10,),
+    generalising_sizes=(10,),
+    n_eval_sets=3,
+    tuning_sizes=(10,),
+    n_tuning_sets=2,
+    n_shadows=4,
+    l2ul_pgd_steps=10,
+    zero_max_epochs=100,
+    reduced=True,
     grid=((), (("relabel_to", "runner_up"),), (("relabel_to", "runner_up"), ("anchor_weight", 1.0))),
 )
 #: Small enough for the test suite (structure and attack power only).
 SMOKE = Settings(
-    regimes=("memorising",), sizes=(10,), fidelity_sizes=(10,), generalising_sizes=(), n_eval_sets=2, tuning_sizes=(10,), n_tuning_sets=1,
-    n_originals=1, n_shadows=2, epochs=30, lr=3e-3, channels=(8, 16), l2ul_pgd_steps=2, zero_max_epochs=5,
-    grid=((), (("relabel_to", "runner_up"),)), reduced=True, tuning_speakers=2, n_valid=2, n_test=2,
+    regimes=("memorising",),
+    sizes=(10,),
+    fidelity_sizes=(10,),
+    generalising_sizes=(),
+    n_eval_sets=2,
+    tuning_sizes=(10,),
+    n_tuning_sets=1,
+    n_originals=1,
+    n_shadows=2,
+    epochs=30,
+    lr=3e-3,
+    channels=(8, 16),
+    l2ul_pgd_steps=2,
+    zero_max_epochs=5,
+    grid=((), (("relabel_to", "runner_up"),)),
+    reduced=True,
+    tuning_speakers=2,
+    n_valid=2,
+    n_test=2,
     synth_overrides=(("n_speakers", 8), ("sentences_per_speaker", 4)),
 )
 
@@ -226,8 +264,13 @@ def forget_set(candidates: Sequence[str], *, n: int, tag: str) -> list[str]:
 
 
 def _model(settings: Settings) -> LogMelCNN:
-    config = CNNConfig(channels=settings.channels, n_fft=settings.n_fft, hop_length=settings.hop_length,
-                       hidden=settings.hidden, dropout=settings.dropout)
+    config = CNNConfig(
+        channels=settings.channels,
+        n_fft=settings.n_fft,
+        hop_length=settings.hop_length,
+        hidden=settings.hidden,
+        dropout=settings.dropout,
+    )
     return LogMelCNN(n_classes=len(FOUR_CLASS), config=config)
 
 
@@ -244,7 +287,9 @@ class NotCached(RuntimeError):
 
 def trained(path: Path, data: WaveformSet, *, seed: int, settings: Settings, cached_only: bool = False) -> Trained:
     """Train (or load from ``path``) a fresh model on ``data`` with seed ``seed``."""
-    key = hashlib.sha256(("\n".join(sorted(data.utt_ids)) + f"|{seed}|{settings.model_fingerprint()}").encode()).hexdigest()
+    key = hashlib.sha256(
+        ("\n".join(sorted(data.utt_ids)) + f"|{seed}|{settings.model_fingerprint()}").encode()
+    ).hexdigest()
     meta_path = path.with_suffix(".json")
     if meta_path.exists() and path.exists():
         meta = json.loads(meta_path.read_text())
@@ -267,7 +312,9 @@ def trained(path: Path, data: WaveformSet, *, seed: int, settings: Settings, cac
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         atomic_write_bytes(path, buffer.getvalue())
-        atomic_write_json(meta_path, {"key": key, "seconds": meter.result.seconds, "cpu_seconds": meter.result.cpu_seconds})
+        atomic_write_json(
+            meta_path, {"key": key, "seconds": meter.result.seconds, "cpu_seconds": meter.result.cpu_seconds}
+        )
     finally:
         path.with_suffix(".lock").unlink(missing_ok=True)
     return Trained(model.eval(), meter.result.seconds, meter.result.cpu_seconds)
@@ -354,9 +401,20 @@ def method_config(name: str, *, target: float, ctx: Context, seed: int) -> tuple
         return "rl_adv_ela", base.replace(stop="zero", max_epochs=ctx.settings.zero_max_epochs)
     if name == "l2ul":
         return "neggrad_adv_ela", base.replace(
-            stop="zero", stop_check="step", optimizer="sgd", lr=1e-3, weight_decay=1e-4, loss_weighting="set_size",
-            adv_label="attack_target", adv_drop_unflipped=False, pgd_k=20, pgd_steps=ctx.settings.l2ul_pgd_steps,
-            pgd_step=2.5 / ctx.settings.l2ul_pgd_steps, ela_lambda=0.5, tau=1.0, importance="mas",
+            stop="zero",
+            stop_check="step",
+            optimizer="sgd",
+            lr=1e-3,
+            weight_decay=1e-4,
+            loss_weighting="set_size",
+            adv_label="attack_target",
+            adv_drop_unflipped=False,
+            pgd_k=20,
+            pgd_steps=ctx.settings.l2ul_pgd_steps,
+            pgd_step=2.5 / ctx.settings.l2ul_pgd_steps,
+            ela_lambda=0.5,
+            tau=1.0,
+            importance="mas",
             max_epochs=ctx.settings.zero_max_epochs,
         )
     raise ValueError(f"unknown row {name!r}")
@@ -383,12 +441,22 @@ def prefetch_retrains(settings: Settings, *, regime: str, data_root: Path, work_
     inside = shadow_membership(data.eval_candidates, settings.n_shadows, regime=regime)
     for k in tqdm(list(reversed(range(settings.n_shadows))), desc=f"shadows ({regime})", unit="model"):
         dropped = {u for u, keep in zip(data.eval_candidates, inside[k]) if not keep}
-        trained(work_root / regime / f"shadow_{k}.pt", data.pool.exclude_ids(sorted(dropped)), seed=5000 + k, settings=settings)
+        trained(
+            work_root / regime / f"shadow_{k}.pt",
+            data.pool.exclude_ids(sorted(dropped)),
+            seed=5000 + k,
+            settings=settings,
+        )
     sizes = settings.sizes if regime == "memorising" else settings.generalising_sizes
     plan = [(n, i) for i in range(settings.n_eval_sets) for n in sizes]
     for n, i in tqdm(list(reversed(plan)), desc=f"retrains ({regime})", unit="model"):
         ids = forget_set(data.eval_candidates, n=n, tag=f"eval-{regime}-{n}-{i}")
-        trained(retrain_path(work_root / regime, n, i), data.pool.exclude_ids(ids), seed=retrain_seed(n, i), settings=settings)
+        trained(
+            retrain_path(work_root / regime, n, i),
+            data.pool.exclude_ids(ids),
+            seed=retrain_seed(n, i),
+            settings=settings,
+        )
 
 
 def run_cell(ctx: Context, *, n: int, index: int, methods: Sequence[str], work: Path) -> list[dict[str, Any]]:
@@ -413,13 +481,26 @@ def run_cell(ctx: Context, *, n: int, index: int, methods: Sequence[str], work: 
     )
     heldout_logits = predict_logits(original, data.heldout, device="cpu")
     rows = []
-    common = {"regime": ctx.regime, "n": n, "index": index, "original": which, "target": target,
-              "n_mislabelled": sum(u in data.mislabelled for u in ids),
-              "retrain_forget_acc": accuracy(retrain_logits, y), "retrain_s": retrain.seconds,
-              "retrain_cpu_s": retrain.cpu_seconds}
+    common = {
+        "regime": ctx.regime,
+        "n": n,
+        "index": index,
+        "original": which,
+        "target": target,
+        "n_mislabelled": sum(u in data.mislabelled for u in ids),
+        "retrain_forget_acc": accuracy(retrain_logits, y),
+        "retrain_s": retrain.seconds,
+        "retrain_cpu_s": retrain.cpu_seconds,
+    }
     for name in methods:
         if name == "retrain":
-            model, seconds, cpu_seconds, steps, reason = retrain.model, retrain.seconds, retrain.cpu_seconds, None, "retrain"
+            model, seconds, cpu_seconds, steps, reason = (
+                retrain.model,
+                retrain.seconds,
+                retrain.cpu_seconds,
+                None,
+                "retrain",
+            )
             in_scores = out_scores  # the Retrain row is the reference: its own attack is 0.5 by definition
         elif name == "original":
             model, seconds, cpu_seconds, steps, reason = original, 0.0, 0.0, 0, "no_op"
@@ -429,8 +510,13 @@ def run_cell(ctx: Context, *, n: int, index: int, methods: Sequence[str], work: 
         else:
             method, config = method_config(name, target=target, ctx=ctx, seed=index)
             result = unlearn(original, forget, method=method, config=config)
-            model, seconds, cpu_seconds, steps, reason = (result.model, result.seconds, result.cpu_seconds,
-                                                          result.steps, result.stop_reason)
+            model, seconds, cpu_seconds, steps, reason = (
+                result.model,
+                result.seconds,
+                result.cpu_seconds,
+                result.steps,
+                result.stop_reason,
+            )
             in_scores = np.full(inside.shape, np.nan)
             for k, shadow in enumerate(ctx.shadows):
                 members = np.flatnonzero(inside[k])
@@ -442,16 +528,27 @@ def run_cell(ctx: Context, *, n: int, index: int, methods: Sequence[str], work: 
         logits = predict_logits(model, forget, device="cpu")
         scores = ShadowScores(unlearned=in_scores, retrained=out_scores)
         row = {
-            **common, "method": name,
+            **common,
+            "method": name,
             "forget_acc": accuracy(logits, y),
             "test_ua": ua(model, data.test),
-            "attack_auc": 0.5 if name == "retrain" else ulira_auc(lira_scores(logits, y), lira_scores(retrain_logits, y), scores),
-            "pop_auc_inspeaker": population_auc(logits, y, predict_logits(model, data.heldout, device="cpu"), data.heldout.targets),
-            "pop_auc_unseen": population_auc(logits, y, predict_logits(model, data.test, device="cpu"), data.test.targets),
+            "attack_auc": 0.5
+            if name == "retrain"
+            else ulira_auc(lira_scores(logits, y), lira_scores(retrain_logits, y), scores),
+            "pop_auc_inspeaker": population_auc(
+                logits, y, predict_logits(model, data.heldout, device="cpu"), data.heldout.targets
+            ),
+            "pop_auc_unseen": population_auc(
+                logits, y, predict_logits(model, data.test, device="cpu"), data.test.targets
+            ),
             "emd_to_retrain": emd_1d(losses(logits, y), retrain_ensemble),
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "steps": steps, "stop_reason": reason,
-            "flipped_mislabelled": int(sum(1 for i, u in enumerate(ids) if u in data.mislabelled
-                                           and int(logits[i].argmax()) != int(y[i]))),
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "steps": steps,
+            "stop_reason": reason,
+            "flipped_mislabelled": int(
+                sum(1 for i, u in enumerate(ids) if u in data.mislabelled and int(logits[i].argmax()) != int(y[i]))
+            ),
         }
         rows.append(row)
     original_test_ua = ctx.original_test_ua[which]
@@ -480,15 +577,30 @@ def tune(ctx: Context) -> dict[str, Any]:
             for j in range(settings.n_tuning_sets):
                 ids = forget_set(data.tuning_candidates, n=n, tag=f"tune-{ctx.regime}-{n}-{j}")
                 forget = data.pool.select_ids(ids)
-                config = UnlearnConfig(device="cpu", seed=j, stop="retrain-level", target_forget_acc=target, **dict(changes))
+                config = UnlearnConfig(
+                    device="cpu", seed=j, stop="retrain-level", target_forget_acc=target, **dict(changes)
+                )
                 result = unlearn(original, forget, method="rl_adv_ela", config=config)
                 drop = (valid_ua - ua(result.model, data.valid)) * 100
                 miss = abs(result.forget_acc - target) * 100
-                per_set.append({"n": n, "set": j, "valid_ua_drop": drop, "forget_acc": result.forget_acc,
-                                "target": target, "steps": result.steps, "score": drop + miss})
+                per_set.append(
+                    {
+                        "n": n,
+                        "set": j,
+                        "valid_ua_drop": drop,
+                        "forget_acc": result.forget_acc,
+                        "target": target,
+                        "steps": result.steps,
+                        "score": drop + miss,
+                    }
+                )
         log.append({"changes": dict(changes), "score": float(np.mean([p["score"] for p in per_set])), "sets": per_set})
     best = min(log, key=lambda entry: entry["score"])
-    return {"chosen": best["changes"], "log": log, "criterion": "mean over tuning sets of valid-UA drop + |forget acc - target| (points)"}
+    return {
+        "chosen": best["changes"],
+        "log": log,
+        "criterion": "mean over tuning sets of valid-UA drop + |forget acc - target| (points)",
+    }
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -504,35 +616,58 @@ def summarize(rows: list[dict[str, Any]], *, regime: str, n: int, seed: int = 0)
         have = [i for i in cells if (method, i) in by and ("retrain", i) in by and ("original", i) in by]
         if not have:
             continue
+
         def get(m: str, key: str, have: list = have) -> np.ndarray:
             return np.array([by[(m, i)][key] for i in have], dtype=np.float64)
 
         auc = paired_bootstrap(get(method, "attack_auc"), seed=seed)
         entry = {
-            "N": n, "method": method, "name": METHOD_NAMES.get(method, method), "n_forget_sets": len(have),
+            "N": n,
+            "method": method,
+            "name": METHOD_NAMES.get(method, method),
+            "n_forget_sets": len(have),
             "forget_acc": paired_bootstrap(get(method, "forget_acc"), seed=seed).to_dict(),
             "retrain_forget_acc": paired_bootstrap(get("retrain", "forget_acc"), seed=seed).to_dict(),
-            "forget_acc_minus_retrain": paired_bootstrap(get(method, "forget_acc"), reference=get("retrain", "forget_acc"), seed=seed).to_dict(),
+            "forget_acc_minus_retrain": paired_bootstrap(
+                get(method, "forget_acc"), reference=get("retrain", "forget_acc"), seed=seed
+            ).to_dict(),
             "test_ua_drop": paired_bootstrap(get(method, "test_ua_drop"), seed=seed).to_dict(),
-            "attack_auc": auc.mean, "attack_auc_ci_low": auc.low, "attack_auc_ci_high": auc.high,
+            "attack_auc": auc.mean,
+            "attack_auc_ci_low": auc.low,
+            "attack_auc_ci_high": auc.high,
             "original_attack_auc": paired_bootstrap(get("original", "attack_auc"), seed=seed).mean,
-            "attack_auc_minus_original": paired_bootstrap(get(method, "attack_auc"), reference=get("original", "attack_auc"), seed=seed).to_dict(),
+            "attack_auc_minus_original": paired_bootstrap(
+                get(method, "attack_auc"), reference=get("original", "attack_auc"), seed=seed
+            ).to_dict(),
             "pop_auc_inspeaker": paired_bootstrap(get(method, "pop_auc_inspeaker"), seed=seed).to_dict(),
             "pop_auc_unseen": paired_bootstrap(get(method, "pop_auc_unseen"), seed=seed).to_dict(),
             "emd_to_retrain": paired_bootstrap(get(method, "emd_to_retrain"), seed=seed).to_dict(),
-            "emd_minus_original": paired_bootstrap(get(method, "emd_to_retrain"), reference=get("original", "emd_to_retrain"), seed=seed).to_dict(),
+            "emd_minus_original": paired_bootstrap(
+                get(method, "emd_to_retrain"), reference=get("original", "emd_to_retrain"), seed=seed
+            ).to_dict(),
             # Cells where an unlearning method took no step at all (its speed-up is then meaningless).
-            "zero_step_cells": (None if method in ("original", "retrain")
-                                else int(sum(1 for i in have if by[(method, i)]["steps"] == 0))),
-            "stop_reasons": {k: sum(1 for i in have if by[(method, i)]["stop_reason"] == k)
-                             for k in sorted({by[(method, i)]["stop_reason"] for i in have})},
+            "zero_step_cells": (
+                None
+                if method in ("original", "retrain")
+                else int(sum(1 for i in have if by[(method, i)]["steps"] == 0))
+            ),
+            "stop_reasons": {
+                k: sum(1 for i in have if by[(method, i)]["stop_reason"] == k)
+                for k in sorted({by[(method, i)]["stop_reason"] for i in have})
+            },
             "steps_median": float(np.median([by[(method, i)]["steps"] or 0 for i in have])),
         }
         if method not in ("original", "retrain"):
             cpu = speedups(get(method, "retrain_cpu_s"), get(method, "cpu_seconds"))
             wall = speedups(get(method, "retrain_s"), get(method, "seconds"))
-            entry.update({"speedup_median": cpu["median"], "speedup_ratio_of_totals": cpu["ratio_of_totals"],
-                          "speedup_wall_median": wall["median"], "speedup_wall_ratio_of_totals": wall["ratio_of_totals"]})
+            entry.update(
+                {
+                    "speedup_median": cpu["median"],
+                    "speedup_ratio_of_totals": cpu["ratio_of_totals"],
+                    "speedup_wall_median": wall["median"],
+                    "speedup_wall_ratio_of_totals": wall["ratio_of_totals"],
+                }
+            )
         else:
             entry.update({"speedup_median": None, "speedup_ratio_of_totals": None})
         out.append(entry)
@@ -546,15 +681,35 @@ def check_targets(table: list[dict[str, Any]], *, method: str) -> list[dict[str,
         if entry["method"] != method or entry["N"] not in (10, 50):
             continue
         n, diff, drop = entry["N"], entry["forget_acc_minus_retrain"], entry["test_ua_drop"]
-        checks.append({"target": f"N={n}: forget acc within 5 points of Retrain",
-                       "met": abs(diff["mean"]) <= 0.05, "value": f"{diff['mean'] * 100:+.1f} pts [{diff['ci_low'] * 100:+.1f}, {diff['ci_high'] * 100:+.1f}]"})
-        checks.append({"target": f"N={n}: test UA within 1.5 points of Original",
-                       "met": drop["mean"] <= 0.015, "value": f"drop {drop['mean'] * 100:.1f} pts [{drop['ci_low'] * 100:.1f}, {drop['ci_high'] * 100:.1f}]"})
-        checks.append({"target": f"N={n}: per-example attack AUC CI upper bound <= 0.55",
-                       "met": entry["attack_auc_ci_high"] <= 0.55, "value": f"{entry['attack_auc']:.3f} [{entry['attack_auc_ci_low']:.3f}, {entry['attack_auc_ci_high']:.3f}]"})
+        checks.append(
+            {
+                "target": f"N={n}: forget acc within 5 points of Retrain",
+                "met": abs(diff["mean"]) <= 0.05,
+                "value": f"{diff['mean'] * 100:+.1f} pts [{diff['ci_low'] * 100:+.1f}, {diff['ci_high'] * 100:+.1f}]",
+            }
+        )
+        checks.append(
+            {
+                "target": f"N={n}: test UA within 1.5 points of Original",
+                "met": drop["mean"] <= 0.015,
+                "value": f"drop {drop['mean'] * 100:.1f} pts [{drop['ci_low'] * 100:.1f}, {drop['ci_high'] * 100:.1f}]",
+            }
+        )
+        checks.append(
+            {
+                "target": f"N={n}: per-example attack AUC CI upper bound <= 0.55",
+                "met": entry["attack_auc_ci_high"] <= 0.55,
+                "value": f"{entry['attack_auc']:.3f} [{entry['attack_auc_ci_low']:.3f}, {entry['attack_auc_ci_high']:.3f}]",
+            }
+        )
         if n == 10:
-            checks.append({"target": "N=10: >= 100x faster than Retrain (median, CPU time)",
-                           "met": entry["speedup_median"] >= 100, "value": f"{entry['speedup_median']:.0f}x median, {entry['speedup_ratio_of_totals']:.0f}x ratio of totals"})
+            checks.append(
+                {
+                    "target": "N=10: >= 100x faster than Retrain (median, CPU time)",
+                    "met": entry["speedup_median"] >= 100,
+                    "value": f"{entry['speedup_median']:.0f}x median, {entry['speedup_ratio_of_totals']:.0f}x ratio of totals",
+                }
+            )
     return checks
 
 
@@ -567,37 +722,63 @@ def _fmt(d: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Forgetting benchmark (issue 10)", ""]
-    lines += [f"- **config**: {report['config']['label']}", f"- **tuned_on**: {report['tuned_on']}",
-              f"- **chosen changes** (frozen before evaluation): `{report['tuning']['chosen']}`",
-              f"- **machine**: {report['machine']}", ""]
-    lines += ["Intervals are 95 % paired bootstrap intervals over forget sets. Accuracies and drops in points;",
-              "AUCs 0.5 = chance. Speed-up = Retrain CPU time / unlearning CPU time (median of per-set ratios;",
-              "ratio of totals in brackets). Per-example attack = U-LiRA-style shadow likelihood ratio, unlearned",
-              "vs that forget set's Retrain; its value on the Original row shows the attack's power.", ""]
+    lines += [
+        f"- **config**: {report['config']['label']}",
+        f"- **tuned_on**: {report['tuned_on']}",
+        f"- **chosen changes** (frozen before evaluation): `{report['tuning']['chosen']}`",
+        f"- **machine**: {report['machine']}",
+        "",
+    ]
+    lines += [
+        "Intervals are 95 % paired bootstrap intervals over forget sets. Accuracies and drops in points;",
+        "AUCs 0.5 = chance. Speed-up = Retrain CPU time / unlearning CPU time (median of per-set ratios;",
+        "ratio of totals in brackets). Per-example attack = U-LiRA-style shadow likelihood ratio, unlearned",
+        "vs that forget set's Retrain; its value on the Original row shows the attack's power.",
+        "",
+    ]
     for regime in report["regimes"]:
-        lines += [f"## {regime['regime']} regime", "",
-                  f"Original models: training accuracy {regime['original_train_acc'] * 100:.1f} %, in-speaker held-out "
-                  f"accuracy {regime['original_heldout_acc'] * 100:.1f} %, test UA {regime['original_test_ua'] * 100:.1f} % "
-                  f"(means over {len(regime['originals'])} seeds); population loss-attack AUC of pool members vs in-speaker "
-                  f"held-out {regime['original_member_auc_inspeaker']:.3f}, vs unseen speakers {regime['original_member_auc_unseen']:.3f}; "
-                  f"{regime['n_forget_sets']} forget sets per N.", ""]
+        lines += [
+            f"## {regime['regime']} regime",
+            "",
+            f"Original models: training accuracy {regime['original_train_acc'] * 100:.1f} %, in-speaker held-out "
+            f"accuracy {regime['original_heldout_acc'] * 100:.1f} %, test UA {regime['original_test_ua'] * 100:.1f} % "
+            f"(means over {len(regime['originals'])} seeds); population loss-attack AUC of pool members vs in-speaker "
+            f"held-out {regime['original_member_auc_inspeaker']:.3f}, vs unseen speakers {regime['original_member_auc_unseen']:.3f}; "
+            f"{regime['n_forget_sets']} forget sets per N.",
+            "",
+        ]
         for n in sorted({e["N"] for e in regime["table"]}):
-            lines += [f"### N = {n}", "",
-                      "| method | forget acc | Retrain forget acc | diff to Retrain | test UA drop | per-example AUC [CI] | pop. AUC in-speaker | pop. AUC unseen | EMD to Retrain | speed-up | zero-step cells | stop reasons |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            lines += [
+                f"### N = {n}",
+                "",
+                "| method | forget acc | Retrain forget acc | diff to Retrain | test UA drop | per-example AUC [CI] | pop. AUC in-speaker | pop. AUC unseen | EMD to Retrain | speed-up | zero-step cells | stop reasons |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            ]
             for e in [e for e in regime["table"] if e["N"] == n]:
-                speed = "-" if e["speedup_median"] is None else f"{e['speedup_median']:.0f}x ({e['speedup_ratio_of_totals']:.0f}x)"
+                speed = (
+                    "-"
+                    if e["speedup_median"] is None
+                    else f"{e['speedup_median']:.0f}x ({e['speedup_ratio_of_totals']:.0f}x)"
+                )
                 lines.append(
                     f"| {e['name']} | {_fmt(e['forget_acc'])} | {_fmt(e['retrain_forget_acc'])} | {_fmt(e['forget_acc_minus_retrain'])} | "
                     f"{_fmt(e['test_ua_drop'])} | {e['attack_auc']:.3f} [{e['attack_auc_ci_low']:.3f}, {e['attack_auc_ci_high']:.3f}] | "
                     f"{_fmt(e['pop_auc_inspeaker'], 1, 3)} | {_fmt(e['pop_auc_unseen'], 1, 3)} | {_fmt(e['emd_to_retrain'], 1, 3)} | "
-                    f"{speed} | {'-' if e['zero_step_cells'] is None else e['zero_step_cells']} | {', '.join(f'{k}: {v}' for k, v in e['stop_reasons'].items())} |")
+                    f"{speed} | {'-' if e['zero_step_cells'] is None else e['zero_step_cells']} | {', '.join(f'{k}: {v}' for k, v in e['stop_reasons'].items())} |"
+                )
             lines.append("")
-    lines += ["## Targets (memorising regime, tuned default method; met = the mean meets it, CI in brackets)", "",
-              "| target | met | value |", "|---|---|---|"]
+    lines += [
+        "## Targets (memorising regime, tuned default method; met = the mean meets it, CI in brackets)",
+        "",
+        "| target | met | value |",
+        "|---|---|---|",
+    ]
     lines += [f"| {c['target']} | {'yes' if c['met'] else 'MISSED'} | {c['value']} |" for c in report["targets"]]
     lines += ["", "The landed default (for comparison):", "", "| target | met | value |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {'yes' if c['met'] else 'MISSED'} | {c['value']} |" for c in report["targets_landed_default"]]
+    lines += [
+        f"| {c['target']} | {'yes' if c['met'] else 'MISSED'} | {c['value']} |"
+        for c in report["targets_landed_default"]
+    ]
     lines += ["", "## Fidelity: do the papers' claims reproduce?", ""]
     lines += [f"- {line}" for line in report["fidelity"]]
     lines += ["", "## Tuning log (tuning forget sets only)", "", "| changes | score (points) |", "|---|---:|"]
@@ -620,7 +801,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         names = [e["method"] for e in table]
         x = np.arange(len(table))
         auc = np.array([e["attack_auc"] for e in table])
-        err = np.array([[e["attack_auc"] - e["attack_auc_ci_low"] for e in table], [e["attack_auc_ci_high"] - e["attack_auc"] for e in table]])
+        err = np.array(
+            [
+                [e["attack_auc"] - e["attack_auc_ci_low"] for e in table],
+                [e["attack_auc_ci_high"] - e["attack_auc"] for e in table],
+            ]
+        )
         ax = axes[0][col]
         ax.bar(x, auc, yerr=err, capsize=3, color="tab:blue")
         ax.axhline(0.5, color="k", ls="--", lw=1, label="chance (0.5)")
@@ -631,8 +817,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.legend(fontsize=7)
         drop = np.array([e["test_ua_drop"]["mean"] * 100 for e in table])
-        derr = np.array([[(e["test_ua_drop"]["mean"] - e["test_ua_drop"]["ci_low"]) * 100 for e in table],
-                         [(e["test_ua_drop"]["ci_high"] - e["test_ua_drop"]["mean"]) * 100 for e in table]])
+        derr = np.array(
+            [
+                [(e["test_ua_drop"]["mean"] - e["test_ua_drop"]["ci_low"]) * 100 for e in table],
+                [(e["test_ua_drop"]["ci_high"] - e["test_ua_drop"]["mean"]) * 100 for e in table],
+            ]
+        )
         ax = axes[1][col]
         ax.bar(x, drop, yerr=derr, capsize=3, color="tab:orange")
         ax.axhline(1.5, color="tab:red", ls=":", lw=1, label="target 1.5 pts")
@@ -671,7 +861,9 @@ class CellCache:
         return raw["value"]
 
     def put(self, key: str, value: Any) -> None:
-        atomic_write_json(self._path(key), {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "value": value})
+        atomic_write_json(
+            self._path(key), {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "value": value}
+        )
 
     def claim(self, key: str) -> bool:
         """Whether this process may compute ``key`` (no live process is computing it)."""
@@ -681,21 +873,40 @@ class CellCache:
         self._path(key).with_suffix(".lock").unlink(missing_ok=True)
 
 
-def build_context(regime: str, *, settings: Settings, data_root: Path, work: Path, tuned: dict[str, Any],
-                  cached_only: bool = False) -> Context:
+def build_context(
+    regime: str, *, settings: Settings, data_root: Path, work: Path, tuned: dict[str, Any], cached_only: bool = False
+) -> Context:
     data = load_regime(regime, data_root, settings)
-    originals = [trained(work / f"original_{i}.pt", data.pool, seed=1000 + i, settings=settings, cached_only=cached_only)
-                 for i in tqdm(range(settings.n_originals), desc=f"originals ({regime})", leave=False)]
+    originals = [
+        trained(work / f"original_{i}.pt", data.pool, seed=1000 + i, settings=settings, cached_only=cached_only)
+        for i in tqdm(range(settings.n_originals), desc=f"originals ({regime})", leave=False)
+    ]
     inside = shadow_membership(data.eval_candidates, settings.n_shadows, regime=regime)
     shadows = []
     for k in tqdm(range(settings.n_shadows), desc=f"shadows ({regime})", leave=False):
         dropped = {u for u, keep in zip(data.eval_candidates, inside[k]) if not keep}
-        shadows.append(trained(work / f"shadow_{k}.pt", data.pool.exclude_ids(sorted(dropped)), seed=5000 + k,
-                               settings=settings, cached_only=cached_only))
+        shadows.append(
+            trained(
+                work / f"shadow_{k}.pt",
+                data.pool.exclude_ids(sorted(dropped)),
+                seed=5000 + k,
+                settings=settings,
+                cached_only=cached_only,
+            )
+        )
     targets = [accuracy(predict_logits(o.model, data.heldout, device="cpu"), data.heldout.targets) for o in originals]
-    return Context(regime=regime, data=data, originals=originals, shadows=shadows, inside=inside, targets=targets,
-                   original_test_ua=[ua(o.model, data.test) for o in originals],
-                   original_valid_ua=[ua(o.model, data.valid) for o in originals], settings=settings, tuned=tuned)
+    return Context(
+        regime=regime,
+        data=data,
+        originals=originals,
+        shadows=shadows,
+        inside=inside,
+        targets=targets,
+        original_test_ua=[ua(o.model, data.test) for o in originals],
+        original_valid_ua=[ua(o.model, data.valid) for o in originals],
+        settings=settings,
+        tuned=tuned,
+    )
 
 
 def regime_summary(ctx: Context, rows: list[dict[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
@@ -705,13 +916,24 @@ def regime_summary(ctx: Context, rows: list[dict[str, Any]], sizes: Sequence[int
         pool_logits = predict_logits(o.model, data.pool, device="cpu")
         held_logits = predict_logits(o.model, data.heldout, device="cpu")
         test_logits = predict_logits(o.model, data.test, device="cpu")
-        per.append({"train_acc": accuracy(pool_logits, data.pool.targets), "heldout_acc": accuracy(held_logits, data.heldout.targets),
-                    "test_ua": ua(o.model, data.test), "seconds": o.seconds, "cpu_seconds": o.cpu_seconds,
-                    "member_auc_inspeaker": population_auc(pool_logits, data.pool.targets, held_logits, data.heldout.targets),
-                    "member_auc_unseen": population_auc(pool_logits, data.pool.targets, test_logits, data.test.targets)})
+        per.append(
+            {
+                "train_acc": accuracy(pool_logits, data.pool.targets),
+                "heldout_acc": accuracy(held_logits, data.heldout.targets),
+                "test_ua": ua(o.model, data.test),
+                "seconds": o.seconds,
+                "cpu_seconds": o.cpu_seconds,
+                "member_auc_inspeaker": population_auc(
+                    pool_logits, data.pool.targets, held_logits, data.heldout.targets
+                ),
+                "member_auc_unseen": population_auc(pool_logits, data.pool.targets, test_logits, data.test.targets),
+            }
+        )
     table = [e for n in sizes for e in summarize(rows, regime=ctx.regime, n=n)]
     return {
-        "regime": ctx.regime, "synth_config": ctx.settings.synth_config(ctx.regime).to_json(), "originals": per,
+        "regime": ctx.regime,
+        "synth_config": ctx.settings.synth_config(ctx.regime).to_json(),
+        "originals": per,
         "original_train_acc": float(np.mean([p["train_acc"] for p in per])),
         "original_heldout_acc": float(np.mean([p["heldout_acc"] for p in per])),
         "original_test_ua": float(np.mean([p["test_ua"] for p in per])),
@@ -719,7 +941,10 @@ def regime_summary(ctx: Context, rows: list[dict[str, Any]], sizes: Sequence[int
         "original_member_auc_unseen": float(np.mean([p["member_auc_unseen"] for p in per])),
         "honest_targets": ctx.targets,
         "n_forget_sets": max((e["n_forget_sets"] for e in table), default=0),
-        "pool": len(data.pool), "heldout": len(data.heldout), "test": len(data.test), "valid": len(data.valid),
+        "pool": len(data.pool),
+        "heldout": len(data.heldout),
+        "test": len(data.test),
+        "valid": len(data.valid),
         "table": table,
     }
 
@@ -733,11 +958,15 @@ def fidelity_lines(regimes: list[dict[str, Any]]) -> list[str]:
                 continue
             drop = e["test_ua_drop"]
             verdict = "reproduces" if drop["ci_high"] <= 0.015 else "does not reproduce"
-            lines.append(f"{regime['regime']}, N = {e['N']}, {e['name']}: forget acc {_fmt(e['forget_acc'])} %, test UA drop "
-                         f"{_fmt(drop)} points -> the ~1.5-point claim {verdict}; stop reasons {e['stop_reasons']}")
+            lines.append(
+                f"{regime['regime']}, N = {e['N']}, {e['name']}: forget acc {_fmt(e['forget_acc'])} %, test UA drop "
+                f"{_fmt(drop)} points -> the ~1.5-point claim {verdict}; stop reasons {e['stop_reasons']}"
+            )
     if not lines:
-        lines.append("fidelity rows (RL+Adv+Ela@zero, L2UL-faithful) not finished when this report was assembled: "
-                     "their cells were still computing; the papers' ~1.5-point claim is not assessed here")
+        lines.append(
+            "fidelity rows (RL+Adv+Ela@zero, L2UL-faithful) not finished when this report was assembled: "
+            "their cells were still computing; the papers' ~1.5-point claim is not assessed here"
+        )
     return lines
 
 
@@ -754,8 +983,16 @@ def _wait_for_tuning(cache_path: Path, fingerprint: str, *, poll_s: float = 15.0
         time.sleep(poll_s)
 
 
-def run(settings: Settings, *, data_root: Path, work_root: Path, out: Path, progress: bool = True,
-        only_regime: str | None = None, report_only: bool = False) -> dict[str, Any] | None:
+def run(
+    settings: Settings,
+    *,
+    data_root: Path,
+    work_root: Path,
+    out: Path,
+    progress: bool = True,
+    only_regime: str | None = None,
+    report_only: bool = False,
+) -> dict[str, Any] | None:
     """The benchmark; returns the report (also written as JSON + Markdown + PNG under ``out``).
 
     ``only_regime`` computes one regime's cells and returns ``None`` (several processes can share
@@ -773,8 +1010,9 @@ def run(settings: Settings, *, data_root: Path, work_root: Path, out: Path, prog
     if tuning is None and only_regime in (None, "memorising") and not report_only and tuning_cache.claim("tuning"):
         # Tuning first, in the memorising regime, with tuning speakers and validation speakers only.
         try:
-            contexts["memorising"] = build_context("memorising", settings=settings, data_root=data_root,
-                                                   work=work_root / "memorising", tuned={})
+            contexts["memorising"] = build_context(
+                "memorising", settings=settings, data_root=data_root, work=work_root / "memorising", tuned={}
+            )
             tuning = tune(contexts["memorising"])
             tuning_cache.put("tuning", tuning)
         finally:
@@ -785,8 +1023,14 @@ def run(settings: Settings, *, data_root: Path, work_root: Path, out: Path, prog
             continue
         cache = CellCache(work_root / regime / "cells", fingerprint)
         try:
-            ctx = contexts.get(regime) or build_context(regime, settings=settings, data_root=data_root,
-                                                        work=work_root / regime, tuned={}, cached_only=report_only)
+            ctx = contexts.get(regime) or build_context(
+                regime,
+                settings=settings,
+                data_root=data_root,
+                work=work_root / regime,
+                tuned={},
+                cached_only=report_only,
+            )
         except NotCached:
             continue
         if tuning is None:
@@ -798,8 +1042,12 @@ def run(settings: Settings, *, data_root: Path, work_root: Path, out: Path, prog
         # Base rows of every forget set first, then the (costly) fidelity rows: an interrupted run
         # still has complete main tables.
         plan = [(f"n{n}/{i}", n, i, BASE_METHODS) for i in range(settings.n_eval_sets) for n in sizes]
-        plan += [(f"n{n}/{i}/fidelity", n, i, FIDELITY_METHODS) for i in range(settings.n_eval_sets) for n in sizes
-                 if n in settings.fidelity_sizes]
+        plan += [
+            (f"n{n}/{i}/fidelity", n, i, FIDELITY_METHODS)
+            for i in range(settings.n_eval_sets)
+            for n in sizes
+            if n in settings.fidelity_sizes
+        ]
         if not report_only:
             for key, n, i, methods in tqdm(plan, desc=f"forget sets ({regime})", unit="cell", disable=not progress):
                 if cache.get(key) is not None or not cache.claim(key):
@@ -815,15 +1063,27 @@ def run(settings: Settings, *, data_root: Path, work_root: Path, out: Path, prog
     memorising = next((r for r in regimes if r["regime"] == "memorising"), None)
     report = {
         "format_version": FORMAT_VERSION,
-        "config": {"label": ("REDUCED configuration (fewer forget sets and shadows; not the full protocol)"
-                             if settings.reduced else "full configuration"), **asdict(settings)},
+        "config": {
+            "label": (
+                "REDUCED configuration (fewer forget sets and shadows; not the full protocol)"
+                if settings.reduced
+                else "full configuration"
+            ),
+            **asdict(settings),
+        },
         "regime": [r["regime"] for r in regimes],
         "original_train_acc": {r["regime"]: r["original_train_acc"] for r in regimes},
-        "n_forget_sets": {f"{r['regime']}/N={e['N']}": e["n_forget_sets"] for r in regimes for e in r["table"]
-                          if e["method"] == "original"},
-        "tuned_on": (f"{settings.n_tuning_sets} tuning forget sets per N in {list(settings.tuning_sizes)} from "
-                     f"{settings.tuning_speakers} tuning speakers (seeds tune-*), scored with validation-speaker UA; "
-                     "evaluation forget sets use seeds eval-* from the other training speakers"),
+        "n_forget_sets": {
+            f"{r['regime']}/N={e['N']}": e["n_forget_sets"]
+            for r in regimes
+            for e in r["table"]
+            if e["method"] == "original"
+        },
+        "tuned_on": (
+            f"{settings.n_tuning_sets} tuning forget sets per N in {list(settings.tuning_sizes)} from "
+            f"{settings.tuning_speakers} tuning speakers (seeds tune-*), scored with validation-speaker UA; "
+            "evaluation forget sets use seeds eval-* from the other training speakers"
+        ),
         "tuning": tuning,
         "regimes": regimes,
         "targets": check_targets(memorising["table"], method="tuned") if memorising else [],
@@ -847,10 +1107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_forgetting"))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--reduced", action="store_true", help="the labelled reduced configuration")
-    parser.add_argument("--regime", choices=tuple(REGIMES), help="compute only this regime's cells (parallel processes)")
-    parser.add_argument("--report-only", action="store_true", help="assemble the report from cached cells, compute nothing")
-    parser.add_argument("--prefetch-retrains", choices=tuple(REGIMES), help="only train that regime's shadows and Retrain models")
-    parser.add_argument("--prefetch-originals", choices=tuple(REGIMES), help="only train that regime's originals (last first)")
+    parser.add_argument(
+        "--regime", choices=tuple(REGIMES), help="compute only this regime's cells (parallel processes)"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="assemble the report from cached cells, compute nothing"
+    )
+    parser.add_argument(
+        "--prefetch-retrains", choices=tuple(REGIMES), help="only train that regime's shadows and Retrain models"
+    )
+    parser.add_argument(
+        "--prefetch-originals", choices=tuple(REGIMES), help="only train that regime's originals (last first)"
+    )
     args = parser.parse_args(argv)
     settings = REDUCED if args.reduced else FULL
     if args.prefetch_originals:
@@ -861,11 +1129,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             trained(work / f"original_{i}.pt", data.pool, seed=1000 + i, settings=settings)
         return 0
     if args.prefetch_retrains:
-        prefetch_retrains(settings, regime=args.prefetch_retrains, data_root=args.data_root,
-                          work_root=args.work_dir / ("reduced" if args.reduced else "full"))
+        prefetch_retrains(
+            settings,
+            regime=args.prefetch_retrains,
+            data_root=args.data_root,
+            work_root=args.work_dir / ("reduced" if args.reduced else "full"),
+        )
         return 0
-    report = run(settings, data_root=args.data_root, work_root=args.work_dir / ("reduced" if args.reduced else "full"),
-                 out=args.out, only_regime=args.regime, report_only=args.report_only)
+    report = run(
+        settings,
+        data_root=args.data_root,
+        work_root=args.work_dir / ("reduced" if args.reduced else "full"),
+        out=args.out,
+        only_regime=args.regime,
+        report_only=args.report_only,
+    )
     if report is None:
         return 0
     for check in report["targets"]:

@@ -145,8 +145,13 @@ def _elastic_scales(ctx: AttackContext) -> Delta:
     return elastic_constraint(ones, ctx.importance, tau=ctx.setting.elastic_tau, strength=ctx.setting.elastic_strength)
 
 
-def _pgd(ctx: AttackContext, *, budget: float, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-         through_elastic: bool) -> Delta:
+def _pgd(
+    ctx: AttackContext,
+    *,
+    budget: float,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    through_elastic: bool,
+) -> Delta:
     """Projected normalised-gradient descent on ``objective(logits, targets)`` within ``budget``.
 
     ``through_elastic`` optimises the delta the server will actually apply (scaled entry-wise by
@@ -228,8 +233,16 @@ def _ua(model: nn.Module, state: Delta, test: WaveformSet, labels: Sequence[str]
     return float(evaluate_model(model, test, labels=labels, device="cpu")["ua"])
 
 
-def run_trial(attack: str, ratio: float, ctx: AttackContext, *, test: WaveformSet, gate: WaveformSet,
-              labels: Sequence[str], ua_before: float) -> Trial:
+def run_trial(
+    attack: str,
+    ratio: float,
+    ctx: AttackContext,
+    *,
+    test: WaveformSet,
+    gate: WaveformSet,
+    labels: Sequence[str],
+    ua_before: float,
+) -> Trial:
     """Craft, check, gate and merge one delta exactly as the ServerApp would, and measure the damage."""
     delta = craft(attack, ctx, ratio=ratio)
     try:
@@ -237,19 +250,42 @@ def run_trial(attack: str, ratio: float, ctx: AttackContext, *, test: WaveformSe
         accepted, reason = True, "accepted"
     except DeltaError as exc:
         relative, accepted, reason = _norm(delta) / ctx.model_norm, False, exc.reason
-    (gated,) = gate_on_held_out([DeltaVerdict(attack, True, "accepted", delta=delta)], base=ctx.base,
-                                score=lambda state: _ua(ctx.model, state, gate, labels), max_ua_drop=ctx.setting.max_ua_drop,
-                                importance=ctx.importance, elastic=True, tau=ctx.setting.elastic_tau,
-                                strength=ctx.setting.elastic_strength)
+    (gated,) = gate_on_held_out(
+        [DeltaVerdict(attack, True, "accepted", delta=delta)],
+        base=ctx.base,
+        score=lambda state: _ua(ctx.model, state, gate, labels),
+        max_ua_drop=ctx.setting.max_ua_drop,
+        importance=ctx.importance,
+        elastic=True,
+        tau=ctx.setting.elastic_tau,
+        strength=ctx.setting.elastic_strength,
+    )
     if accepted and not gated.accepted:
         accepted, reason = False, "harms-held-out"
-    elastic = merge_deltas(ctx.base, [delta], importance=ctx.importance, elastic=True,
-                           tau=ctx.setting.elastic_tau, strength=ctx.setting.elastic_strength)
+    elastic = merge_deltas(
+        ctx.base,
+        [delta],
+        importance=ctx.importance,
+        elastic=True,
+        tau=ctx.setting.elastic_tau,
+        strength=ctx.setting.elastic_strength,
+    )
     plain = merge_deltas(ctx.base, [delta], importance=None, elastic=False, tau=ctx.setting.elastic_tau, strength=0.0)
     ua_elastic, ua_plain = _ua(ctx.model, elastic, test, labels), _ua(ctx.model, plain, test, labels)
     ctx.model.load_state_dict(ctx.base)
-    return Trial(attack, ratio, relative, accepted, reason, gated.accepted, float(gated.ua_drop), ua_elastic, ua_plain,
-                 100.0 * (ua_before - ua_elastic), 100.0 * (ua_before - ua_plain))
+    return Trial(
+        attack,
+        ratio,
+        relative,
+        accepted,
+        reason,
+        gated.accepted,
+        float(gated.ua_drop),
+        ua_elastic,
+        ua_plain,
+        100.0 * (ua_before - ua_elastic),
+        100.0 * (ua_before - ua_plain),
+    )
 
 
 # --------------------------------------------------------------------------- reporting
@@ -265,9 +301,13 @@ def summarise(trials: Sequence[Trial], *, ua_before: float) -> dict[str, Any]:
         "n_accepted": len(accepted),
         "n_rejected": len(trials) - len(accepted),
         "worst_accepted_damage_points_elastic": worst_elastic.damage_elastic if worst_elastic else 0.0,
-        "worst_accepted_attack_elastic": f"{worst_elastic.attack}@{worst_elastic.target_ratio}" if worst_elastic else None,
+        "worst_accepted_attack_elastic": f"{worst_elastic.attack}@{worst_elastic.target_ratio}"
+        if worst_elastic
+        else None,
         "worst_accepted_damage_points_without_elastic": worst_plain.damage_plain if worst_plain else 0.0,
-        "worst_accepted_attack_without_elastic": f"{worst_plain.attack}@{worst_plain.target_ratio}" if worst_plain else None,
+        "worst_accepted_attack_without_elastic": f"{worst_plain.attack}@{worst_plain.target_ratio}"
+        if worst_plain
+        else None,
         "worst_damage_by_bound": worst_damage_by_bound(trials),
     }
 
@@ -281,12 +321,14 @@ def worst_damage_by_bound(trials: Sequence[Trial]) -> list[dict[str, float]]:
     rows = []
     for bound in sorted({t.target_ratio for t in trials}):
         inside = [t for t in trials if t.relative_norm <= bound]
-        rows.append({
-            "max_delta_ratio": bound,
-            "worst_damage_elastic": max((t.damage_elastic for t in inside), default=0.0),
-            "worst_damage_without_elastic": max((t.damage_plain for t in inside), default=0.0),
-            "worst_damage_elastic_gated": max((t.damage_elastic for t in inside if t.passes_gate), default=0.0),
-        })
+        rows.append(
+            {
+                "max_delta_ratio": bound,
+                "worst_damage_elastic": max((t.damage_elastic for t in inside), default=0.0),
+                "worst_damage_without_elastic": max((t.damage_plain for t in inside), default=0.0),
+                "worst_damage_elastic_gated": max((t.damage_elastic for t in inside if t.passes_gate), default=0.0),
+            }
+        )
     return rows
 
 
@@ -330,8 +372,10 @@ def to_markdown(document: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|",
     ]
     for row in s["worst_damage_by_bound"]:
-        lines.append(f"| {row['max_delta_ratio']:.2f} | {row['worst_damage_elastic_gated']:.1f} | {row['worst_damage_elastic']:.1f} | "
-                     f"{row['worst_damage_without_elastic']:.1f} |")
+        lines.append(
+            f"| {row['max_delta_ratio']:.2f} | {row['worst_damage_elastic_gated']:.1f} | {row['worst_damage_elastic']:.1f} | "
+            f"{row['worst_damage_without_elastic']:.1f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -398,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     valid = _load(args.splits / "valid.csv", labels, None, args.seed)
     order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(args.seed))
     attack_data, gate = valid.subset(order[: args.attack_utts]), valid.subset(order[args.attack_utts :])
-    importance = mas_importance(model, _load(args.splits / "train.csv", labels, args.importance_utts, args.seed), device="cpu")
+    importance = mas_importance(
+        model, _load(args.splits / "train.csv", labels, args.importance_utts, args.seed), device="cpu"
+    )
     model.eval()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     setting = Setting.defaults()
@@ -409,8 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for attack in args.attacks:
         for ratio in args.norms:
             trial = run_trial(attack, ratio, ctx, test=test, gate=gate, labels=labels, ua_before=ua_before)
-            print(f"{attack:14s} ratio {ratio:5.2f}: {trial.reason:9s} damage elastic {trial.damage_elastic:5.1f} "
-                  f"plain {trial.damage_plain:5.1f}", flush=True)
+            print(
+                f"{attack:14s} ratio {ratio:5.2f}: {trial.reason:9s} damage elastic {trial.damage_elastic:5.1f} "
+                f"plain {trial.damage_plain:5.1f}",
+                flush=True,
+            )
             trials.append(trial)
     document = {
         "result_version": RESULT_VERSION,

@@ -70,8 +70,21 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROW_FORMAT_VERSION = 1
 PARTIAL_FORMAT_VERSION = 1
 TABLE_METRICS = (
-    "forget_acc", "remain_acc", "test_ua", "test_wa", "mia_auc", "mia_adv", "mia_conf_auc", "mia_entropy_auc",
-    "gap", "unlearn_s", "unlearn_cpu_s", "speedup", "speedup_cpu", "mem_ratio", "epochs",
+    "forget_acc",
+    "remain_acc",
+    "test_ua",
+    "test_wa",
+    "mia_auc",
+    "mia_adv",
+    "mia_conf_auc",
+    "mia_entropy_auc",
+    "gap",
+    "unlearn_s",
+    "unlearn_cpu_s",
+    "speedup",
+    "speedup_cpu",
+    "mem_ratio",
+    "epochs",
 )
 SWEEP_METHODS = ("rl_adv_ela", "rl_adv_ela@retrain-level")
 
@@ -120,7 +133,9 @@ def load_data(data_dir: Path, *, progress: bool) -> BenchData:
     """Default corpus (rendered if missing), the 3/5-speaker split, waveforms in memory."""
     manifest = synthesize_corpus(out_dir=data_dir, progress=progress)
     splits = make_splits(manifest=manifest, out_dir=data_dir / "splits")
-    sets = {name: load_waveforms(read_manifest(path), labels=FOUR_CLASS, progress=progress) for name, path in splits.items()}
+    sets = {
+        name: load_waveforms(read_manifest(path), labels=FOUR_CLASS, progress=progress) for name, path in splits.items()
+    }
     return BenchData(train=sets["train"], valid=sets["valid"], test=sets["test"])
 
 
@@ -128,8 +143,11 @@ def original_checkpoint(data_dir: Path, work_dir: Path, settings: BenchSettings,
     """Train (or reuse) the original model with the lead's recipe."""
     splits = make_splits(manifest=data_dir / "manifest.csv", out_dir=data_dir / "splits")
     return train_checkpoint(
-        train_manifest=splits["train"], valid_manifest=splits["valid"], out_dir=work_dir / "original",
-        train_config=settings.train_config(), progress=progress,
+        train_manifest=splits["train"],
+        valid_manifest=splits["valid"],
+        out_dir=work_dir / "original",
+        train_config=settings.train_config(),
+        progress=progress,
     )
 
 
@@ -141,25 +159,45 @@ def forget_ids(train: WaveformSet, *, n_forget: int, seed: int) -> list[str]:
 
 
 def retrained(
-    original: torch.nn.Module, remain: WaveformSet, valid: WaveformSet, *, cache: Path, settings: BenchSettings,
+    original: torch.nn.Module,
+    remain: WaveformSet,
+    valid: WaveformSet,
+    *,
+    cache: Path,
+    settings: BenchSettings,
     progress: bool,
 ) -> Retrained:
     """The oracle for one forget set, cached with the wall time and peak memory it took."""
     train_config = asdict(settings.train_config())
     try:
         model, meta = load_checkpoint(cache)
-        if meta.provenance.get("remain_sha") == _ids_sha(remain.utt_ids) and meta.provenance.get("train_config") == train_config:
-            return Retrained(model=model, seconds=float(meta.provenance["retrain_s"]),
-                             cpu_seconds=float(meta.provenance["retrain_cpu_s"]),
-                             peak_bytes=int(meta.provenance["retrain_peak_bytes"]))
+        if (
+            meta.provenance.get("remain_sha") == _ids_sha(remain.utt_ids)
+            and meta.provenance.get("train_config") == train_config
+        ):
+            return Retrained(
+                model=model,
+                seconds=float(meta.provenance["retrain_s"]),
+                cpu_seconds=float(meta.provenance["retrain_cpu_s"]),
+                peak_bytes=int(meta.provenance["retrain_peak_bytes"]),
+            )
     except CheckpointError:
         pass
-    result = run_retrain(original, remain, labels=FOUR_CLASS, train_config=settings.train_config(), valid=valid,
-                         progress=progress)
-    save_checkpoint(model=result.model.cpu(), out_dir=cache, labels=FOUR_CLASS, provenance={
-        "remain_sha": _ids_sha(remain.utt_ids), "train_config": train_config,
-        "retrain_s": result.seconds, "retrain_cpu_s": result.cpu_seconds, "retrain_peak_bytes": result.peak_bytes,
-    })
+    result = run_retrain(
+        original, remain, labels=FOUR_CLASS, train_config=settings.train_config(), valid=valid, progress=progress
+    )
+    save_checkpoint(
+        model=result.model.cpu(),
+        out_dir=cache,
+        labels=FOUR_CLASS,
+        provenance={
+            "remain_sha": _ids_sha(remain.utt_ids),
+            "train_config": train_config,
+            "retrain_s": result.seconds,
+            "retrain_cpu_s": result.cpu_seconds,
+            "retrain_peak_bytes": result.peak_bytes,
+        },
+    )
     return result
 
 
@@ -188,8 +226,9 @@ class Partial:
 
     def add(self, key: str, rows: list[dict[str, Any]]) -> None:
         self.cells[key] = rows
-        atomic_write_json(self.path, {"format_version": PARTIAL_FORMAT_VERSION, "fingerprint": self.fingerprint,
-                                      "cells": self.cells})
+        atomic_write_json(
+            self.path, {"format_version": PARTIAL_FORMAT_VERSION, "fingerprint": self.fingerprint, "cells": self.cells}
+        )
 
     def rows(self) -> list[dict[str, Any]]:
         return [row for rows in self.cells.values() for row in rows]
@@ -224,35 +263,72 @@ def plan_cells(settings: BenchSettings) -> list[Cell]:
     if settings.tau_size not in settings.sizes:
         raise ValueError(f"tau_size {settings.tau_size} must be one of the main sizes {settings.sizes}")
     cells = [Cell("main", n, s, settings.rows) for n in settings.sizes for s in settings.seeds]
-    cells += [Cell("tau", settings.tau_size, s, ("rl_adv_ela",), (("tau", tau),))
-              for tau in settings.taus for s in settings.seeds]
-    cells += [Cell("size", n, s, SWEEP_METHODS) for n in settings.sweep_sizes if n not in settings.sizes
-              for s in settings.seeds]
+    cells += [
+        Cell("tau", settings.tau_size, s, ("rl_adv_ela",), (("tau", tau),))
+        for tau in settings.taus
+        for s in settings.seeds
+    ]
+    cells += [
+        Cell("size", n, s, SWEEP_METHODS)
+        for n in settings.sweep_sizes
+        if n not in settings.sizes
+        for s in settings.seeds
+    ]
     return cells
 
 
 def run_cell(
-    cell: Cell, *, data: BenchData, original: torch.nn.Module, held_out_ua: float, work_dir: Path,
-    settings: BenchSettings, done_rows: list[dict[str, Any]], progress: bool,
+    cell: Cell,
+    *,
+    data: BenchData,
+    original: torch.nn.Module,
+    held_out_ua: float,
+    work_dir: Path,
+    settings: BenchSettings,
+    done_rows: list[dict[str, Any]],
+    progress: bool,
 ) -> list[dict[str, Any]]:
     ids = forget_ids(data.train, n_forget=cell.n_forget, seed=cell.seed)
-    sets = EvalSets(forget=data.train.select_ids(ids), remain=data.train.exclude_ids(ids), test=data.test,
-                    labels=FOUR_CLASS)
+    sets = EvalSets(
+        forget=data.train.select_ids(ids), remain=data.train.exclude_ids(ids), test=data.test, labels=FOUR_CLASS
+    )
     oracle = None
     if cell.experiment == "main":
-        oracle = retrained(original, sets.remain, data.valid, settings=settings, progress=progress,
-                           cache=work_dir / f"retrain_n{cell.n_forget}_s{cell.seed}")
+        oracle = retrained(
+            original,
+            sets.remain,
+            data.valid,
+            settings=settings,
+            progress=progress,
+            cache=work_dir / f"retrain_n{cell.n_forget}_s{cell.seed}",
+        )
     base = settings.unlearn_config().replace(seed=cell.seed, **dict(cell.config_changes))
     runs = [parse_run(spec, base=base, target_forget_acc=held_out_ua) for spec in cell.runs]
     rows = evaluate_unlearning(
-        original, sets=sets, runs=runs, retrained=oracle, device=settings.device, seed=cell.seed,
+        original,
+        sets=sets,
+        runs=runs,
+        retrained=oracle,
+        device=settings.device,
+        seed=cell.seed,
         include_original=cell.experiment != "tau",
-        extra={"format_version": ROW_FORMAT_VERSION, "experiment": cell.experiment, "n_forget": cell.n_forget,
-               "seed": cell.seed, "held_out_ua": held_out_ua},
+        extra={
+            "format_version": ROW_FORMAT_VERSION,
+            "experiment": cell.experiment,
+            "n_forget": cell.n_forget,
+            "seed": cell.seed,
+            "held_out_ua": held_out_ua,
+        },
     )
     if cell.experiment == "tau":
-        reference = [r for r in done_rows if r["experiment"] == "main" and r["method"] == "retrain"
-                     and r["n_forget"] == cell.n_forget and r["seed"] == cell.seed]
+        reference = [
+            r
+            for r in done_rows
+            if r["experiment"] == "main"
+            and r["method"] == "retrain"
+            and r["n_forget"] == cell.n_forget
+            and r["seed"] == cell.seed
+        ]
         add_reference_columns(rows, reference[0])
     for row in rows:
         row.setdefault("tau", base.tau)
@@ -268,17 +344,34 @@ def write_results(rows: list[dict[str, Any]], *, out_dir: Path, meta: dict[str, 
     paths = {"json": atomic_write_json(out_dir / "unlearning.json", rows)}
     main_rows = [r for r in rows if r["experiment"] == "main"]
     main = summarize(main_rows, keys=("n_forget", "method"), metrics=TABLE_METRICS)
-    paths["bars"] = plot_method_bars(main, path=out_dir / "unlearning_methods.png",
-                                     title="Unlearning on the synthetic corpus (mean ± std over seeds)")
+    paths["bars"] = plot_method_bars(
+        main,
+        path=out_dir / "unlearning_methods.png",
+        title="Unlearning on the synthetic corpus (mean ± std over seeds)",
+    )
     paths["cost"] = plot_cost(main, path=out_dir / "unlearning_cost.png")
     tau_rows = [r for r in rows if r["experiment"] == "tau"]
-    tau_refs = [r for r in rows if r["experiment"] == "main" and r["method"] == "retrain"
-                and r["n_forget"] == (tau_rows[0]["n_forget"] if tau_rows else None)]
+    tau_refs = [
+        r
+        for r in rows
+        if r["experiment"] == "main"
+        and r["method"] == "retrain"
+        and r["n_forget"] == (tau_rows[0]["n_forget"] if tau_rows else None)
+    ]
     tau = summarize(tau_rows, keys=("method", "tau"), metrics=TABLE_METRICS)
     if tau:
         paths["tau"] = plot_sweep(
-            tau, x_key="tau", series_key="method", path=out_dir / "unlearning_tau.png", log_x=True,
-            metrics=(("test_ua", "test UA"), ("forget_acc", "forget acc"), ("mia_auc", "MIA AUC (loss)"), ("epochs", "epochs")),
+            tau,
+            x_key="tau",
+            series_key="method",
+            path=out_dir / "unlearning_tau.png",
+            log_x=True,
+            metrics=(
+                ("test_ua", "test UA"),
+                ("forget_acc", "forget acc"),
+                ("mia_auc", "MIA AUC (loss)"),
+                ("epochs", "epochs"),
+            ),
             references=_means(tau_refs, ("test_ua", "forget_acc", "mia_auc")),
             title=f"tau sweep, N = {tau_rows[0]['n_forget']} (dashed: Retrain)",
         )
@@ -286,8 +379,17 @@ def write_results(rows: list[dict[str, Any]], *, out_dir: Path, meta: dict[str, 
     size = summarize(size_rows, keys=("method", "n_forget"), metrics=TABLE_METRICS)
     if size:
         paths["size"] = plot_sweep(
-            size, x_key="n_forget", series_key="method", path=out_dir / "unlearning_size.png", log_x=True,
-            metrics=(("test_ua", "test UA"), ("forget_acc", "forget acc"), ("mia_auc", "MIA AUC (loss)"), ("unlearn_s", "seconds")),
+            size,
+            x_key="n_forget",
+            series_key="method",
+            path=out_dir / "unlearning_size.png",
+            log_x=True,
+            metrics=(
+                ("test_ua", "test UA"),
+                ("forget_acc", "forget acc"),
+                ("mia_auc", "MIA AUC (loss)"),
+                ("unlearn_s", "seconds"),
+            ),
             title="forget-set size sweep",
         )
     paths["md"] = atomic_write_text(out_dir / "unlearning.md", _markdown(rows, main, tau, size, meta))
@@ -301,26 +403,44 @@ def _means(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, floa
 def _markdown(rows, main, tau, size, meta) -> str:
     lines = ["# Forget-set-only unlearning: benchmark on the default synthetic corpus", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += ["", "Cells are mean ± std over seeds. Gap = mean |metric - Retrain| over forget acc, remain acc,",
-              "test UA, test WA and MIA AUC (loss), in points. Speed-up = retrain wall time / unlearning wall",
-              "time (importance and adversarial generation included). MIA AUC: forget vs test utterances,",
-              "attack fitted on remaining-vs-test outputs (0.5 = indistinguishable from unseen data).", ""]
+    lines += [
+        "",
+        "Cells are mean ± std over seeds. Gap = mean |metric - Retrain| over forget acc, remain acc,",
+        "test UA, test WA and MIA AUC (loss), in points. Speed-up = retrain wall time / unlearning wall",
+        "time (importance and adversarial generation included). MIA AUC: forget vs test utterances,",
+        "attack fitted on remaining-vs-test outputs (0.5 = indistinguishable from unseen data).",
+        "",
+    ]
     lines += _targets(rows)
     lines += _comparison(main)
     for n_forget in dict.fromkeys(e["n_forget"] for e in main):
         lines += ["", f"## N = {n_forget}", "", markdown_table([e for e in main if e["n_forget"] == n_forget])]
     if tau:
-        lines += ["", "## tau sweep (RL+Adv+Ela)", "", "| method | tau | forget acc % | test UA % | MIA AUC | epochs |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## tau sweep (RL+Adv+Ela)",
+            "",
+            "| method | tau | forget acc % | test UA % | MIA AUC | epochs |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for e in tau:
-            lines.append(f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['tau']} | {_pm(e, 'forget_acc', 100)} | "
-                         f"{_pm(e, 'test_ua', 100)} | {_pm(e, 'mia_auc', 1, 3)} | {_pm(e, 'epochs', 1)} |")
+            lines.append(
+                f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['tau']} | {_pm(e, 'forget_acc', 100)} | "
+                f"{_pm(e, 'test_ua', 100)} | {_pm(e, 'mia_auc', 1, 3)} | {_pm(e, 'epochs', 1)} |"
+            )
     if size:
-        lines += ["", "## forget-set size sweep", "", "| method | N | forget acc % | test UA % | MIA AUC | gap | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## forget-set size sweep",
+            "",
+            "| method | N | forget acc % | test UA % | MIA AUC | gap | seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for e in sorted(size, key=lambda e: (e["method"], e["n_forget"])):
-            lines.append(f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['n_forget']} | {_pm(e, 'forget_acc', 100)} | "
-                         f"{_pm(e, 'test_ua', 100)} | {_pm(e, 'mia_auc', 1, 3)} | {_pm(e, 'gap', 1)} | {_pm(e, 'unlearn_s', 1, 2)} |")
+            lines.append(
+                f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['n_forget']} | {_pm(e, 'forget_acc', 100)} | "
+                f"{_pm(e, 'test_ua', 100)} | {_pm(e, 'mia_auc', 1, 3)} | {_pm(e, 'gap', 1)} | {_pm(e, 'unlearn_s', 1, 2)} |"
+            )
     lines += ["", "![methods](unlearning_methods.png)", "", "![cost](unlearning_cost.png)"]
     if tau:
         lines += ["", "![tau](unlearning_tau.png)"]
@@ -339,7 +459,10 @@ def _pm(entry: dict[str, Any], metric: str, scale: float, digits: int = 1) -> st
 def check_targets(rows: list[dict[str, Any]], *, n_forget: int = 10) -> list[tuple[str, bool, str]]:
     """The issue's targets for the default setting, computed from one run's main rows (means over seeds)."""
     main = [r for r in rows if r["experiment"] == "main" and r["n_forget"] == n_forget]
-    by = {m: [r for r in main if r["method"] == m] for m in ("original", "retrain", "rl_adv_ela", "rl_adv_ela@retrain-level")}
+    by = {
+        m: [r for r in main if r["method"] == m]
+        for m in ("original", "retrain", "rl_adv_ela", "rl_adv_ela@retrain-level")
+    }
     if not all(by.values()):
         return []
 
@@ -358,10 +481,17 @@ def check_targets(rows: list[dict[str, Any]], *, n_forget: int = 10) -> list[tup
     mia_gap = abs(mean(level, "mia_auc") - mean("retrain", "mia_auc"))
     return [
         ("RL+Adv+Ela test UA within 1.5 pts of Original", drop <= 1.5, f"drop {drop:+.2f} pts"),
-        ("RL+Adv+Ela >= 100x faster than Retrain (wall)", speed >= 100, f"{speed:.0f}x wall, {speed_cpu:.0f}x CPU time"),
+        (
+            "RL+Adv+Ela >= 100x faster than Retrain (wall)",
+            speed >= 100,
+            f"{speed:.0f}x wall, {speed_cpu:.0f}x CPU time",
+        ),
         ("@retrain-level test UA within 1.5 pts of Original", drop_level <= 1.5, f"drop {drop_level:+.2f} pts"),
-        ("@retrain-level >= 100x faster than Retrain (wall)", speed_level >= 100,
-         f"{speed_level:.0f}x wall, {speed_level_cpu:.0f}x CPU time"),
+        (
+            "@retrain-level >= 100x faster than Retrain (wall)",
+            speed_level >= 100,
+            f"{speed_level:.0f}x wall, {speed_level_cpu:.0f}x CPU time",
+        ),
         ("@retrain-level forget acc within 5 pts of Retrain", forget_gap <= 5, f"|diff| {forget_gap:.1f} pts"),
         ("@retrain-level MIA AUC within 0.05 of Retrain", mia_gap <= 0.05, f"|diff| {mia_gap:.3f}"),
     ]
@@ -374,9 +504,13 @@ def _comparison(main: list[dict[str, Any]]) -> list[str]:
     listed too, since a method that ends further from Retrain than the untouched model did harm.
     """
     forget_only = {name for name in PAPER_ROWS if name.partition("@")[0] in FORGET_ONLY_METHODS}
-    lines = ["", "## Closest to Retrain (mean gap, points; lower is better)", "",
-             "| N | Original (no unlearning) | best forget-set-only | best remaining-data | forget-set-only matches? |",
-             "|---:|---|---|---|---|"]
+    lines = [
+        "",
+        "## Closest to Retrain (mean gap, points; lower is better)",
+        "",
+        "| N | Original (no unlearning) | best forget-set-only | best remaining-data | forget-set-only matches? |",
+        "|---:|---|---|---|---|",
+    ]
     for n_forget in dict.fromkeys(e["n_forget"] for e in main):
         entries = {e["method"]: e for e in main if e["n_forget"] == n_forget and e.get("gap_mean") is not None}
         ours = [entries[m] for m in forget_only if m in entries]
@@ -385,10 +519,15 @@ def _comparison(main: list[dict[str, Any]]) -> list[str]:
             continue
         best_ours = min(ours, key=lambda e: e["gap_mean"])
         best_theirs = min(theirs, key=lambda e: e["gap_mean"])
-        verdict = "yes" if best_ours["gap_mean"] <= best_theirs["gap_mean"] else (
-            f"no (+{best_ours['gap_mean'] - best_theirs['gap_mean']:.1f} pts)")
-        lines.append(f"| {n_forget} | {entries['original']['gap_mean']:.1f} | {_name_gap(best_ours)} | "
-                     f"{_name_gap(best_theirs)} | {verdict} |")
+        verdict = (
+            "yes"
+            if best_ours["gap_mean"] <= best_theirs["gap_mean"]
+            else (f"no (+{best_ours['gap_mean'] - best_theirs['gap_mean']:.1f} pts)")
+        )
+        lines.append(
+            f"| {n_forget} | {entries['original']['gap_mean']:.1f} | {_name_gap(best_ours)} | "
+            f"{_name_gap(best_theirs)} | {verdict} |"
+        )
     return lines if len(lines) > 5 else []
 
 
@@ -416,8 +555,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 10, one seed, 4 training epochs")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu (the reference setting), auto or cuda")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an UnlearnConfig default for every method (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an UnlearnConfig default for every method (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -425,8 +569,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else BenchSettings()
     overrides = tuple(sorted(_parse_set(item) for item in args.set))
-    settings = BenchSettings(**{**asdict(settings), "unlearn": overrides, "device": args.device,
-                                **({"seeds": tuple(range(args.seeds))} if args.seeds else {})})
+    settings = BenchSettings(
+        **{
+            **asdict(settings),
+            "unlearn": overrides,
+            "device": args.device,
+            **({"seeds": tuple(range(args.seeds))} if args.seeds else {}),
+        }
+    )
     settings.unlearn_config()  # validate the overrides before any long work
     work_dir = args.work_dir / ("quick" if args.quick else "full")
     start = time.perf_counter()
@@ -439,8 +589,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in tqdm(cells, desc="benchmark cells", unit="cell"):
         if partial.done(cell.key):
             continue
-        partial.add(cell.key, run_cell(cell, data=data, original=original, held_out_ua=held_out_ua, work_dir=work_dir,
-                                       settings=settings, done_rows=partial.rows(), progress=False))
+        partial.add(
+            cell.key,
+            run_cell(
+                cell,
+                data=data,
+                original=original,
+                held_out_ua=held_out_ua,
+                work_dir=work_dir,
+                settings=settings,
+                done_rows=partial.rows(),
+                progress=False,
+            ),
+        )
     rows = partial.rows()
     meta = {
         "corpus": f"{args.data_dir} ({len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test utterances)",

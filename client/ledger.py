@@ -117,8 +117,7 @@ CREATE INDEX events_by_request ON events (request_id);
 """
 
 _REQUEST_COLUMNS = (
-    "request_id, whole_speaker, state, created_at, updated_at, envelope_id, base_version, "
-    "release_version, receipt"
+    "request_id, whole_speaker, state, created_at, updated_at, envelope_id, base_version, release_version, receipt"
 )
 
 
@@ -215,9 +214,7 @@ class Ledger:
             )
 
     def _stored_schema_version(self) -> int | None:
-        tables = {
-            row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "schema_version" not in tables:
             if tables - {"sqlite_sequence"}:
                 raise LedgerError(f"{self.path}: SQLite file without a ledger schema_version table")
@@ -369,8 +366,7 @@ class Ledger:
         with self._read():
             self._fetch(request_id)
             rows = self._conn.execute(
-                "SELECT request_id, from_state, to_state, at, detail FROM events "
-                "WHERE request_id = ? ORDER BY seq",
+                "SELECT request_id, from_state, to_state, at, detail FROM events WHERE request_id = ? ORDER BY seq",
                 (request_id,),
             ).fetchall()
         return [LedgerEvent(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
@@ -528,9 +524,7 @@ class Ledger:
     # -- purge plan (used by purge_request) -------------------------------------------------
 
     def _purge_plan(self, request_id: str) -> dict[str, Any] | None:
-        row = self._conn.execute(
-            "SELECT purge_plan FROM requests WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        row = self._conn.execute("SELECT purge_plan FROM requests WHERE request_id = ?", (request_id,)).fetchone()
         return json.loads(row[0]) if row is not None and row[0] is not None else None
 
     def _stage_purge_plan(self, request_id: str, *, plan: dict[str, Any]) -> dict[str, Any]:
@@ -542,9 +536,7 @@ class Ledger:
         with self._write():
             current = self._fetch(request_id)
             if current.state != APPLIED:
-                raise LedgerError(
-                    f"request {request_id} is {current.state}; only an {APPLIED} request can be purged"
-                )
+                raise LedgerError(f"request {request_id} is {current.state}; only an {APPLIED} request can be purged")
             staged = self._purge_plan(request_id)
             if staged is not None:
                 return staged
@@ -627,10 +619,7 @@ def _stored_receipt(request: DeletionRequest) -> dict[str, Any]:
 def _survey(request: DeletionRequest, *, root: Path, manifest: Path) -> dict[str, Any]:
     """Hash and size every audio file of the request and list the caches, deleting nothing."""
     rows = {utt.utt_id: utt.path for utt in read_manifest(manifest)}
-    files = [
-        _survey_audio(utt_id, audio=rows.get(utt_id), root=root, manifest=manifest)
-        for utt_id in request.utt_ids
-    ]
+    files = [_survey_audio(utt_id, audio=rows.get(utt_id), root=root, manifest=manifest) for utt_id in request.utt_ids]
     return {"files": files, "cache_files": _list_cache_files(root / CACHE_DIR, root=root)}
 
 
@@ -641,8 +630,7 @@ def _survey_audio(utt_id: str, *, audio: Path | None, root: Path, manifest: Path
     audio = audio.resolve()
     if not audio.is_relative_to(root):
         raise LedgerError(
-            f"{manifest}: audio of {utt_id!r} at {audio} lies outside the data dir {root}; "
-            "refusing to delete it"
+            f"{manifest}: audio of {utt_id!r} at {audio} lies outside the data dir {root}; refusing to delete it"
         )
     entry: dict[str, Any] = {"utt_id": utt_id, "path": audio.relative_to(root).as_posix()}
     if audio.is_file():

@@ -149,7 +149,9 @@ def file_deletion_request(
         return ledger.request_forget(utt_ids=utt_ids, whole_speaker=whole_speaker, known_utt_ids=known)
 
 
-def load_training_set(node: NodeDir, *, labels: Sequence[str], clip_seconds: float = DEFAULT_CLIP_SECONDS) -> WaveformSet:
+def load_training_set(
+    node: NodeDir, *, labels: Sequence[str], clip_seconds: float = DEFAULT_CLIP_SECONDS
+) -> WaveformSet:
     """The node's recordings minus every utterance named in a deletion request.
 
     A recording leaves local training the moment its deletion is requested, not when it is
@@ -174,7 +176,11 @@ def requests_to_unlearn(node: NodeDir) -> list[DeletionRequest]:
 
 
 def load_forget_set(
-    node: NodeDir, requests: Sequence[DeletionRequest], *, labels: Sequence[str], clip_seconds: float = DEFAULT_CLIP_SECONDS
+    node: NodeDir,
+    requests: Sequence[DeletionRequest],
+    *,
+    labels: Sequence[str],
+    clip_seconds: float = DEFAULT_CLIP_SECONDS,
 ) -> WaveformSet:
     """The recordings named by ``requests`` - the only data forget-set-only unlearning may use."""
     wanted = {u for r in requests for u in r.utt_ids}
@@ -251,7 +257,11 @@ def pinned_release_key(node: NodeDir) -> Ed25519PublicKey:
 
 
 def verify_announced_release(
-    *, model: nn.Module, version: int, signed_manifests: Sequence[tuple[bytes, bytes]], server_public_key: Ed25519PublicKey
+    *,
+    model: nn.Module,
+    version: int,
+    signed_manifests: Sequence[tuple[bytes, bytes]],
+    server_public_key: Ed25519PublicKey,
 ) -> tuple[ReleaseManifest, frozenset[str]]:
     """Check an announced release against the server's signatures; return it and the request ids it proves applied.
 
@@ -265,8 +275,12 @@ def verify_announced_release(
     verified: dict[int, ReleaseManifest] = {}
     for index, (manifest_bytes, signature) in enumerate(signed_manifests):
         try:
-            manifest = check_signed_manifest(bytes(manifest_bytes), bytes(signature), public_key=server_public_key,
-                                             source=f"announced release manifest [{index}]")
+            manifest = check_signed_manifest(
+                bytes(manifest_bytes),
+                bytes(signature),
+                public_key=server_public_key,
+                source=f"announced release manifest [{index}]",
+            )
         except ReleaseError as exc:
             raise NodeError(str(exc)) from None
         verified[manifest.version] = manifest
@@ -296,8 +310,9 @@ def adopt_release(
     deliberate: until then a failed round can still be retried from the forget set; afterwards
     the audio has no purpose left and must go.
     """
-    _, signed_applied = verify_announced_release(model=model, version=version, signed_manifests=signed_manifests,
-                                                 server_public_key=pinned_release_key(node))
+    _, signed_applied = verify_announced_release(
+        model=model, version=version, signed_manifests=signed_manifests, server_public_key=pinned_release_key(node)
+    )
     save_checkpoint(model=model, out_dir=node.model_dir, labels=labels, provenance={"release_version": version})
     receipts = []
     with node.open_ledger() as ledger:

@@ -46,8 +46,6 @@ def pinned_server_key(node: NodeDir):
     return load_hpke_public(node.keys_dir / SERVER_HPKE_PIN)
 
 
-
-
 def node_device(cfg: RunSettings) -> tuple[str, str]:
     """The device this node computes on, and a note when it is not what the run config asked for.
 

@@ -49,7 +49,9 @@ def fix_length(wave: torch.Tensor, n_samples: int) -> torch.Tensor:
     return torch.nn.functional.pad(wave, (0, n_samples - length))
 
 
-def save_audio(path: str | os.PathLike[str], wave: torch.Tensor | np.ndarray, *, sample_rate: int = SAMPLE_RATE) -> Path:
+def save_audio(
+    path: str | os.PathLike[str], wave: torch.Tensor | np.ndarray, *, sample_rate: int = SAMPLE_RATE
+) -> Path:
     """Write a mono waveform as 16-bit PCM WAV (used by tests, demos and the synthetic corpus)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

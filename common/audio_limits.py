@@ -36,7 +36,9 @@ def header_problem(*, sample_rate: int, channels: int, frames: int, max_seconds:
     if frames / sample_rate > max_seconds:
         return f"{frames / sample_rate:.1f} s is longer than the {max_seconds:.0f} s limit"
     if frames * channels * 4 > MAX_DECODE_BYTES:
-        return f"header claims {frames} frames x {channels} channels, over the {MAX_DECODE_BYTES >> 20} MiB decode limit"
+        return (
+            f"header claims {frames} frames x {channels} channels, over the {MAX_DECODE_BYTES >> 20} MiB decode limit"
+        )
     return None
 
 
@@ -52,8 +54,9 @@ def decode_mono(path: str | os.PathLike[str], *, max_seconds: float, error: type
         raise error(f"{file}: audio file not found")
     try:
         with sf.SoundFile(str(file)) as handle:
-            problem = header_problem(sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames,
-                                     max_seconds=max_seconds)
+            problem = header_problem(
+                sample_rate=handle.samplerate, channels=handle.channels, frames=handle.frames, max_seconds=max_seconds
+            )
             if problem is not None:
                 raise error(f"{file}: {problem}")
             data, native_rate = handle.read(dtype="float32", always_2d=True), handle.samplerate

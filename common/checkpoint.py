@@ -172,7 +172,9 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not fit the architecture; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{source}: weights do not fit the architecture; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(

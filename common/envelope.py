@@ -218,9 +218,7 @@ def _encode_header(header: EnvelopeHeader) -> bytes:
     """The one canonical byte form of a header (what is signed and used as HPKE info)."""
     fields: dict[str, Any] = asdict(header)
     fields["request_ids"] = list(header.request_ids)
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
-        "ascii"
-    )
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -294,9 +292,7 @@ def _parse_frame(envelope: bytes) -> _Frame:
     sealed_at = sealed_len_at + _SEALED_LEN.size
     expected_total = sealed_at + sealed_len + SIGNATURE_BYTES
     if expected_total != len(data):
-        raise _malformed(
-            "sealed_len", f"{sealed_len} implies a {expected_total}-byte envelope, got {len(data)} bytes"
-        )
+        raise _malformed("sealed_len", f"{sealed_len} implies a {expected_total}-byte envelope, got {len(data)} bytes")
     signature_at = sealed_at + sealed_len
     return _Frame(
         header_bytes=bytes(data[_PREFIX.size : sealed_len_at]),
@@ -358,7 +354,9 @@ def seal_delta(
         raise _malformed("payload", f"must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
     if len(payload) > max_payload_bytes:
-        raise EnvelopeError("too-large", f"payload of {len(payload)} bytes exceeds {max_payload_bytes}", field="payload")
+        raise EnvelopeError(
+            "too-large", f"payload of {len(payload)} bytes exceeds {max_payload_bytes}", field="payload"
+        )
     if isinstance(request_ids, str) or not isinstance(request_ids, Sequence):
         raise _malformed("request_ids", f"must be a sequence of strings, got {type(request_ids).__name__}")
     if not isinstance(node_signing_key, ed25519.Ed25519PrivateKey):
@@ -401,7 +399,9 @@ def _reject_oversized_envelope(envelope: object, max_payload_bytes: int) -> None
     fixed = _PREFIX.size + MAX_HEADER_BYTES + _SEALED_LEN.size + MAX_ENC_BYTES + AEAD_TAG_BYTES + SIGNATURE_BYTES
     if isinstance(envelope, (bytes, bytearray, memoryview)) and len(envelope) > fixed + max_payload_bytes:
         raise EnvelopeError(
-            "too-large", f"envelope of {len(envelope)} bytes cannot hold a payload <= {max_payload_bytes}", field="envelope"
+            "too-large",
+            f"envelope of {len(envelope)} bytes cannot hold a payload <= {max_payload_bytes}",
+            field="envelope",
         )
 
 
@@ -422,7 +422,8 @@ def _verify_signature(frame: _Frame, header: EnvelopeHeader, node_keys: Mapping[
         key.verify(frame.signature, frame.signed)
     except InvalidSignature:
         raise EnvelopeError(
-            "bad-signature", f"signature does not verify with the key enrolled for node {header.node_id!r}",
+            "bad-signature",
+            f"signature does not verify with the key enrolled for node {header.node_id!r}",
             field="signature",
         ) from None
 
@@ -430,12 +431,14 @@ def _verify_signature(frame: _Frame, header: EnvelopeHeader, node_keys: Mapping[
 def _check_base(header: EnvelopeHeader, expected_base_version: int, expected_base_sha256: str) -> None:
     if header.base_version != expected_base_version:
         raise EnvelopeError(
-            "wrong-base", f"base_version {header.base_version} != expected {expected_base_version}",
+            "wrong-base",
+            f"base_version {header.base_version} != expected {expected_base_version}",
             field="base_version",
         )
     if header.base_sha256 != expected_base_sha256:
         raise EnvelopeError(
-            "wrong-base", f"base_sha256 {header.base_sha256} != expected {expected_base_sha256}",
+            "wrong-base",
+            f"base_sha256 {header.base_sha256} != expected {expected_base_sha256}",
             field="base_sha256",
         )
 
@@ -458,7 +461,9 @@ def _decrypt(frame: _Frame, header: EnvelopeHeader, server_hpke_private: HpkePri
             "decrypt-failed", "HPKE decryption failed (not encrypted to this server key, or altered)", field="sealed"
         ) from None
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-        raise EnvelopeError("payload-mismatch", "decrypted payload does not match payload_sha256", field="payload_sha256")
+        raise EnvelopeError(
+            "payload-mismatch", "decrypted payload does not match payload_sha256", field="payload_sha256"
+        )
     return payload
 
 

@@ -311,7 +311,9 @@ def _hpke_parts(path: Path, keys: list[Any], x_kind: type, pq_kind: type, what: 
 
 
 def _load_hpke_private_parts(path: Path) -> tuple[x25519.X25519PrivateKey, mlkem.MLKEM768PrivateKey | None]:
-    return _hpke_parts(path, _load_private_blocks(path), x25519.X25519PrivateKey, mlkem.MLKEM768PrivateKey, "private key")
+    return _hpke_parts(
+        path, _load_private_blocks(path), x25519.X25519PrivateKey, mlkem.MLKEM768PrivateKey, "private key"
+    )
 
 
 def _load_hpke_public_parts(path: Path) -> tuple[x25519.X25519PublicKey, mlkem.MLKEM768PublicKey | None]:
@@ -524,7 +526,8 @@ def _read_revoked(registry_path: Path) -> dict[str, dict]:
     document = json.loads(registry_path.read_text(encoding="utf-8"))  # _read_registry validated it
     revoked = document.get("revoked", {})
     if not isinstance(revoked, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("node_id"), str) for v in revoked.values()):
+        isinstance(v, dict) and isinstance(v.get("node_id"), str) for v in revoked.values()
+    ):
         raise KeyFileError(f"{registry_path}: field 'revoked' must map fingerprints to {{'node_id', 'revoked_at'}}")
     return revoked
 
@@ -555,8 +558,9 @@ def revoke_node(*, registry_path: Path, node_id: str) -> str:
         revoked = _read_revoked(registry)
         entry = nodes.pop(node_id)
         revoked[entry["fingerprint"]] = {"node_id": node_id, "revoked_at": time.time()}
-        atomic_write_json(registry, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "nodes": nodes,
-                                     "revoked": revoked})
+        atomic_write_json(
+            registry, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "nodes": nodes, "revoked": revoked}
+        )
     return entry["fingerprint"]
 
 
@@ -588,9 +592,7 @@ def load_enrolled_nodes(registry_path: str | os.PathLike[str]) -> dict[str, ed25
     return keys
 
 
-def enroll_node(
-    *, registry_path: Path, node_id: str, public_key_path: Path, replace: bool = False
-) -> None:
+def enroll_node(*, registry_path: Path, node_id: str, public_key_path: Path, replace: bool = False) -> None:
     """Record that ``node_id`` signs with the Ed25519 key in ``public_key_path``.
 
     Re-enrolling the same key is a no-op (no write). A different key for an enrolled node is an
@@ -609,8 +611,10 @@ def enroll_node(
         nodes = _read_registry(registry)[0] if registry.exists() else {}
         revoked = _read_revoked(registry) if registry.exists() else {}
         if entry["fingerprint"] in revoked:
-            raise EnrollmentError(f"{registry}: key {entry['fingerprint']} from {public_key_path} was revoked "
-                                  f"(node {revoked[entry['fingerprint']]['node_id']!r}); enroll a new key")
+            raise EnrollmentError(
+                f"{registry}: key {entry['fingerprint']} from {public_key_path} was revoked "
+                f"(node {revoked[entry['fingerprint']]['node_id']!r}); enroll a new key"
+            )
         current = nodes.get(node_id)
         if current == entry:
             return

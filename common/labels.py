@@ -38,7 +38,5 @@ def task_labels(task: str) -> tuple[str, ...]:
 def check_emotion(name: str, *, where: str) -> str:
     """Return ``name`` if it is canonical, else raise ``ValueError`` naming ``where`` it came from."""
     if name not in CANONICAL_EMOTIONS:
-        raise ValueError(
-            f"{where}: unknown emotion label {name!r}; expected one of {', '.join(CANONICAL_EMOTIONS)}"
-        )
+        raise ValueError(f"{where}: unknown emotion label {name!r}; expected one of {', '.join(CANONICAL_EMOTIONS)}")
     return name

@@ -170,15 +170,11 @@ class SpeakerSplit:
         return sorted({u.speaker for u in getattr(self, part)})
 
 
-def speaker_split(
-    utterances: Sequence[Utterance], *, n_valid: int, n_test: int, seed: int = 0
-) -> SpeakerSplit:
+def speaker_split(utterances: Sequence[Utterance], *, n_valid: int, n_test: int, seed: int = 0) -> SpeakerSplit:
     """Split by speaker, deterministic in ``seed``; whole speakers go to valid and test."""
     speakers = sorted({u.speaker for u in utterances})
     if n_valid < 0 or n_test < 0 or n_valid + n_test >= len(speakers):
-        raise ValueError(
-            f"cannot hold out {n_valid} valid + {n_test} test speakers from {len(speakers)} speakers"
-        )
+        raise ValueError(f"cannot hold out {n_valid} valid + {n_test} test speakers from {len(speakers)} speakers")
     random.Random(seed).shuffle(speakers)
     test = set(speakers[:n_test])
     valid = set(speakers[n_test : n_test + n_valid])

@@ -244,7 +244,9 @@ class _LogitsAndProbabilities(nn.Module):
 # --------------------------------------------------------------------------- parity inputs
 
 
-def probe_waves(*, sample_rate: int = 16_000, seconds: Sequence[float] = PARITY_SECONDS, per_length: int = 10) -> list[torch.Tensor]:
+def probe_waves(
+    *, sample_rate: int = 16_000, seconds: Sequence[float] = PARITY_SECONDS, per_length: int = 10
+) -> list[torch.Tensor]:
     """Deterministic speech-like signals (voiced harmonics with vibrato, syllabic envelope, noise).
 
     ``per_length=10`` fills one batch of each size in :data:`PARITY_BATCH_SIZES` (1+2+3+4) per length.
@@ -297,7 +299,12 @@ def eval_set_from_manifest(
     *, manifest: str | os.PathLike[str], labels: Sequence[str], clip_seconds: float, sample_rate: int = 16_000
 ) -> EvalSet:
     """Every utterance of ``manifest`` with one of ``labels``, cut like training clips."""
-    data = load_waveforms(filter_labels(read_manifest(manifest), labels), labels=labels, clip_seconds=clip_seconds, sample_rate=sample_rate)
+    data = load_waveforms(
+        filter_labels(read_manifest(manifest), labels),
+        labels=labels,
+        clip_seconds=clip_seconds,
+        sample_rate=sample_rate,
+    )
     if len(data) == 0:
         raise OnnxExportError(f"{manifest}: no utterance with one of the labels {list(labels)} to measure UA on")
     return EvalSet(waves=data.waves.numpy(), targets=data.targets.numpy(), labels=tuple(labels))
@@ -388,7 +395,9 @@ def check_graph(proto: onnx.ModelProto, *, n_labels: int, source: str) -> None:
     for output in proto.graph.output:
         last = output.type.tensor_type.shape.dim[-1]
         if last.HasField("dim_value") and last.dim_value != n_labels:
-            raise OnnxExportError(f"{source}: output {output.name!r} has {last.dim_value} classes, expected {n_labels} labels")
+            raise OnnxExportError(
+                f"{source}: output {output.name!r} has {last.dim_value} classes, expected {n_labels} labels"
+            )
 
 
 # --------------------------------------------------------------------------- export
@@ -428,7 +437,9 @@ def _check_output_width(model: nn.Module, *, n_labels: int, sample_rate: int) ->
     """Fail before the (slow) export when the model's classes and the label list disagree."""
     logits = model(_example_input(sample_rate))
     if logits.dim() != 2 or logits.shape[1] != n_labels:
-        raise OnnxExportError(f"{type(model).__name__} outputs logits of shape {tuple(logits.shape)}, expected [batch, {n_labels}] for the labels")
+        raise OnnxExportError(
+            f"{type(model).__name__} outputs logits of shape {tuple(logits.shape)}, expected [batch, {n_labels}] for the labels"
+        )
 
 
 def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
@@ -509,7 +520,9 @@ def export_onnx(
     labels = tuple(labels)
     if not labels or len(set(labels)) != len(labels):
         raise OnnxExportError(f"labels must be a non-empty list of distinct names, got {list(labels)}")
-    if release_version is not None and (isinstance(release_version, bool) or not isinstance(release_version, int) or release_version < 1):
+    if release_version is not None and (
+        isinstance(release_version, bool) or not isinstance(release_version, int) or release_version < 1
+    ):
         raise OnnxExportError(f"release_version must be a positive integer or None, got {release_version!r}")
     if not math.isfinite(window_seconds) or window_seconds <= 0:
         raise OnnxExportError(f"window_seconds must be a positive number of seconds, got {window_seconds!r}")
@@ -548,8 +561,13 @@ def export_onnx(
         else:
             staged.write_bytes(raw_staged.read_bytes())
         parity = check_parity(
-            model=frozen, onnx_model=OnnxModel(staged), waves=parity_waves, source=parity_source,
-            sample_rate=sample_rate, atol=atol, min_argmax_agreement=min_argmax_agreement,
+            model=frozen,
+            onnx_model=OnnxModel(staged),
+            waves=parity_waves,
+            source=parity_source,
+            sample_rate=sample_rate,
+            atol=atol,
+            min_argmax_agreement=min_argmax_agreement,
         )
         if not parity.passed:
             raise ParityError(
@@ -597,15 +615,21 @@ def _optimize_offline(source: Path, target: Path, *, metadata: dict[str, str]) -
 def onnx_ua(onnx_model: OnnxModel, data: EvalSet, *, batch_size: int = 32) -> float:
     """Unweighted accuracy of an ONNX model on ``data`` (the metric releases are judged by)."""
     if onnx_model.info.labels != data.labels:
-        raise OnnxExportError(f"{onnx_model.path}: labels {list(onnx_model.info.labels)} differ from the data's {list(data.labels)}")
+        raise OnnxExportError(
+            f"{onnx_model.path}: labels {list(onnx_model.info.labels)} differ from the data's {list(data.labels)}"
+        )
     predictions = [
         onnx_model.run(data.waves[start : start + batch_size])[0].argmax(axis=1)
         for start in range(0, len(data), batch_size)
     ]
-    return float(classification_report(data.targets.tolist(), np.concatenate(predictions).tolist(), labels=data.labels)["ua"])
+    return float(
+        classification_report(data.targets.tolist(), np.concatenate(predictions).tolist(), labels=data.labels)["ua"]
+    )
 
 
-def build_candidate(*, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None, info: ModelInfo) -> None:
+def build_candidate(
+    *, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None, info: ModelInfo
+) -> None:
     """Quantize the raw fp32 graph ``source`` as candidate ``name`` into ``out`` with int8 metadata; checked by onnx.checker.
 
     Raises :class:`serforget.common.onnx_quant.QuantizationError` when the quantizer or the checker fails.
@@ -652,7 +676,9 @@ def quantize_int8(
         raise OnnxExportError(f"min_speedup must be a positive factor, got {min_speedup!r}")
     unknown = sorted(set(candidates) - set(CANDIDATES))
     if unknown or not candidates:
-        raise OnnxExportError(f"int8 candidates must be a non-empty subset of {list(CANDIDATES)}, got {list(candidates)}")
+        raise OnnxExportError(
+            f"int8 candidates must be a non-empty subset of {list(CANDIDATES)}, got {list(candidates)}"
+        )
     fp32_file, out = Path(fp32_path), Path(out_path)
     source = Path(source_path) if source_path is not None else fp32_file
     fp32_model = OnnxModel(fp32_file)
@@ -660,14 +686,29 @@ def quantize_int8(
     if info.precision != "fp32" or OnnxModel(source).info.precision != "fp32":
         raise OnnxExportError(f"{source}: metadata precision is not 'fp32'; quantize the fp32 model")
     if calibration is None:
-        calibration = [w.numpy() for w in probe_waves(sample_rate=info.sample_rate, seconds=(info.window_seconds,), per_length=16)]
+        calibration = [
+            w.numpy() for w in probe_waves(sample_rate=info.sample_rate, seconds=(info.window_seconds,), per_length=16)
+        ]
         calibration_source = "synthetic probe signals"
     if eval_set is None or len(eval_set) == 0:
         return QuantReport(
-            published=False, reason="no labelled evaluation data, so the UA change cannot be measured", path=None,
-            quantization=None, size_bytes_fp32=fp32_file.stat().st_size, size_bytes_int8=None, size_ratio=None,
-            ua_fp32=None, ua_int8=None, ua_drop_points=None, max_ua_drop_points=max_ua_drop, speedup=None,
-            min_speedup=min_speedup, fp32_cpu_ms=None, n_eval=0, calibration_source=calibration_source, candidates=[],
+            published=False,
+            reason="no labelled evaluation data, so the UA change cannot be measured",
+            path=None,
+            quantization=None,
+            size_bytes_fp32=fp32_file.stat().st_size,
+            size_bytes_int8=None,
+            size_ratio=None,
+            ua_fp32=None,
+            ua_int8=None,
+            ua_drop_points=None,
+            max_ua_drop_points=max_ua_drop,
+            speedup=None,
+            min_speedup=min_speedup,
+            fp32_cpu_ms=None,
+            n_eval=0,
+            calibration_source=calibration_source,
+            candidates=[],
         )
     ua_fp32 = onnx_ua(fp32_model, eval_set)
     staged: dict[str, Path] = {}
@@ -683,30 +724,53 @@ def quantize_int8(
         built = {name: OnnxModel(path, threads=1) for name, path in staged.items() if name not in errors}
         wave = eval_set.waves[:1]  # one window of real audio, batch 1: the edge shape
         fp32_timed = OnnxModel(fp32_file, threads=1)
-        runners = {"fp32": lambda: fp32_timed.run(wave), **{name: (lambda m=m: m.run(wave)) for name, m in built.items()}}
+        runners = {
+            "fp32": lambda: fp32_timed.run(wave),
+            **{name: (lambda m=m: m.run(wave)) for name, m in built.items()},
+        }
         timings = interleaved_timings(runners, rounds=timing_rounds, calls=timing_calls)
         results = []
         for name in candidates:
             if name in errors:
-                results.append(Candidate(name=name, quantization=name.split("-")[0], quant_format=None, size_bytes=None,
-                                         ua=None, ua_drop_points=None, cpu_ms=None, speedup=None, error=errors[name]))
+                results.append(
+                    Candidate(
+                        name=name,
+                        quantization=name.split("-")[0],
+                        quant_format=None,
+                        size_bytes=None,
+                        ua=None,
+                        ua_drop_points=None,
+                        cpu_ms=None,
+                        speedup=None,
+                        error=errors[name],
+                    )
+                )
                 continue
             ua = onnx_ua(built[name], eval_set)
-            results.append(Candidate(
-                name=name, quantization=name.split("-")[0],
-                quant_format={"static-qdq": "QDQ", "static-qoperator": "QOperator"}.get(name),
-                size_bytes=staged[name].stat().st_size, ua=ua,
-                ua_drop_points=100.0 * (ua_fp32 - ua),
-                cpu_ms=timings[name].cpu_ms, speedup=timings["fp32"].cpu_ms / max(timings[name].cpu_ms, 1e-9),
-            ))
-        chosen, reason = choose_int8(results, max_ua_drop=max_ua_drop, min_speedup=min_speedup, tolerance=_UA_DROP_TOLERANCE)
+            results.append(
+                Candidate(
+                    name=name,
+                    quantization=name.split("-")[0],
+                    quant_format={"static-qdq": "QDQ", "static-qoperator": "QOperator"}.get(name),
+                    size_bytes=staged[name].stat().st_size,
+                    ua=ua,
+                    ua_drop_points=100.0 * (ua_fp32 - ua),
+                    cpu_ms=timings[name].cpu_ms,
+                    speedup=timings["fp32"].cpu_ms / max(timings[name].cpu_ms, 1e-9),
+                )
+            )
+        chosen, reason = choose_int8(
+            results, max_ua_drop=max_ua_drop, min_speedup=min_speedup, tolerance=_UA_DROP_TOLERANCE
+        )
         if chosen is not None:
             _commit(staged[chosen.name], out)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
     size_fp32 = fp32_file.stat().st_size
-    shown = chosen or min((c for c in results if c.size_bytes is not None), key=lambda c: c.size_bytes or 0, default=None)
+    shown = chosen or min(
+        (c for c in results if c.size_bytes is not None), key=lambda c: c.size_bytes or 0, default=None
+    )
     return QuantReport(
         published=chosen is not None,
         reason=reason,
@@ -729,7 +793,11 @@ def quantize_int8(
 
 
 def calibration_waves_from_manifest(
-    *, manifest: str | os.PathLike[str], labels: Sequence[str], clip_seconds: float, sample_rate: int = 16_000,
+    *,
+    manifest: str | os.PathLike[str],
+    labels: Sequence[str],
+    clip_seconds: float,
+    sample_rate: int = 16_000,
     max_utterances: int = DEFAULT_MAX_CALIBRATION,
 ) -> list[np.ndarray]:
     """Up to ``max_utterances`` clips of ``manifest`` (spread over it, cut like training clips) for static calibration."""
@@ -772,7 +840,10 @@ def export_release_models(
     window = float(meta.provenance.get("settings", {}).get("clip_seconds", DEFAULT_CLIP_SECONDS))
     if parity_manifest is not None:
         waves = parity_waves_from_manifest(
-            manifest=parity_manifest, labels=meta.labels, sample_rate=meta.sample_rate, max_utterances=max_parity_utterances
+            manifest=parity_manifest,
+            labels=meta.labels,
+            sample_rate=meta.sample_rate,
+            max_utterances=max_parity_utterances,
         )
         source = f"{len(waves) // len(PARITY_SECONDS)} utterances of {Path(parity_manifest).name}"
     else:
@@ -780,28 +851,46 @@ def export_release_models(
     with tempfile.TemporaryDirectory(prefix="onnx-raw-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         export = export_onnx(
-            model=model, labels=meta.labels, out_path=out / FP32_FILE, release_version=release_version,
-            sample_rate=meta.sample_rate, weights_sha256=meta.weights_sha256, window_seconds=window,
-            parity_waves=waves, parity_source=source, atol=atol, raw_out_path=raw,
+            model=model,
+            labels=meta.labels,
+            out_path=out / FP32_FILE,
+            release_version=release_version,
+            sample_rate=meta.sample_rate,
+            weights_sha256=meta.weights_sha256,
+            window_seconds=window,
+            parity_waves=waves,
+            parity_source=source,
+            atol=atol,
+            raw_out_path=raw,
         )
         files = {FP32_FILE: export.path}
         quant = None
         if int8:
             eval_set = (
-                eval_set_from_manifest(manifest=parity_manifest, labels=meta.labels, clip_seconds=window, sample_rate=meta.sample_rate)
+                eval_set_from_manifest(
+                    manifest=parity_manifest, labels=meta.labels, clip_seconds=window, sample_rate=meta.sample_rate
+                )
                 if parity_manifest is not None
                 else None
             )
             calibration = (
-                calibration_waves_from_manifest(manifest=calibration_manifest, labels=meta.labels, clip_seconds=window,
-                                                sample_rate=meta.sample_rate)
+                calibration_waves_from_manifest(
+                    manifest=calibration_manifest, labels=meta.labels, clip_seconds=window, sample_rate=meta.sample_rate
+                )
                 if calibration_manifest is not None and eval_set is not None
                 else None
             )
             quant = quantize_int8(
-                fp32_path=export.path, source_path=raw, out_path=out / INT8_FILE, eval_set=eval_set, max_ua_drop=max_ua_drop,
-                calibration=calibration, min_speedup=min_int8_speedup,
-                calibration_source=f"{len(calibration)} clips of {Path(calibration_manifest).name}" if calibration else "synthetic probe signals",
+                fp32_path=export.path,
+                source_path=raw,
+                out_path=out / INT8_FILE,
+                eval_set=eval_set,
+                max_ua_drop=max_ua_drop,
+                calibration=calibration,
+                min_speedup=min_int8_speedup,
+                calibration_source=f"{len(calibration)} clips of {Path(calibration_manifest).name}"
+                if calibration
+                else "synthetic probe signals",
             )
             if quant.published and quant.path is not None:
                 files[INT8_FILE] = quant.path

@@ -56,8 +56,12 @@ class FoldedDftLogMel(nn.Module):
         ):
             raise ValueError("the front end's DFT kernels are not symmetric (not a periodic symmetric window?)")
         # even[t] (t = 0..half) and odd[t] (t = 1..half-1) -> real part of bins 0..half, imaginary of 1..half-1
-        self.register_buffer("cos_fold", cos[:, : half + 1].T.contiguous().to(torch.float32), persistent=False)  # [half+1, half+1]
-        self.register_buffer("sin_fold", sin[1:half, 1:half].T.contiguous().to(torch.float32), persistent=False)  # [half-1, half-1]
+        self.register_buffer(
+            "cos_fold", cos[:, : half + 1].T.contiguous().to(torch.float32), persistent=False
+        )  # [half+1, half+1]
+        self.register_buffer(
+            "sin_fold", sin[1:half, 1:half].T.contiguous().to(torch.float32), persistent=False
+        )  # [half-1, half-1]
         self.register_buffer("mel_fbanks_t", frontend.mel_fbanks.T.contiguous(), persistent=False)  # [half+1, n_mels]
         self.blocks_per_frame = math.ceil(n_fft / hop)
 

@@ -115,7 +115,11 @@ def store_front_end_int8(path: Path) -> int:
     graph = proto.graph
     converted, kept, added = 0, [], []
     for init in graph.initializer:
-        if init.name.split(".")[-1] not in FRONT_END_CONSTANTS or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
+        if (
+            init.name.split(".")[-1] not in FRONT_END_CONSTANTS
+            or init.data_type != onnx.TensorProto.FLOAT
+            or len(init.dims) != 2
+        ):
             kept.append(init)
             continue
         matrix = onnx.numpy_helper.to_array(init).astype(np.float64)
@@ -123,12 +127,20 @@ def store_front_end_int8(path: Path) -> int:
         scale[scale == 0] = 1.0
         quantized = np.clip(np.rint(matrix / scale), -127, 127).astype(np.int8)
         stored = f"{init.name}.int8"
-        kept += [onnx.numpy_helper.from_array(quantized, stored),
-                 onnx.numpy_helper.from_array(scale.astype(np.float32), f"{init.name}.scale")]
+        kept += [
+            onnx.numpy_helper.from_array(quantized, stored),
+            onnx.numpy_helper.from_array(scale.astype(np.float32), f"{init.name}.scale"),
+        ]
         # Cast and Mul (not DequantizeLinear, which ONNX Runtime keeps unfolded for its QDQ fusions):
         # constant inputs, so the session folds them back into the float matrix once, at load time
-        added += [onnx.helper.make_node("Cast", [stored], [f"{init.name}.float"], name=f"{init.name}.cast", to=onnx.TensorProto.FLOAT),
-                  onnx.helper.make_node("Mul", [f"{init.name}.float", f"{init.name}.scale"], [init.name], name=f"{init.name}.rescale")]
+        added += [
+            onnx.helper.make_node(
+                "Cast", [stored], [f"{init.name}.float"], name=f"{init.name}.cast", to=onnx.TensorProto.FLOAT
+            ),
+            onnx.helper.make_node(
+                "Mul", [f"{init.name}.float", f"{init.name}.scale"], [init.name], name=f"{init.name}.rescale"
+            ),
+        ]
         converted += 1
     if converted:
         del graph.initializer[:]
@@ -140,17 +152,21 @@ def store_front_end_int8(path: Path) -> int:
     return converted
 
 
-def quantize_candidate(
-    *, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None
-) -> None:
+def quantize_candidate(*, name: str, source: Path, out: Path, calibration: Sequence[np.ndarray] | None) -> None:
     """Write candidate ``name`` of the raw fp32 graph ``source`` to ``out``; :class:`QuantizationError` on failure."""
     if name not in CANDIDATES:
         raise ValueError(f"unknown int8 candidate {name!r}; expected one of {CANDIDATES}")
     excluded = front_end_nodes(onnx.load(str(source), load_external_data=False))
     try:
         if name == "dynamic":
-            quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=False,
-                             op_types_to_quantize=list(DYNAMIC_OP_TYPES), nodes_to_exclude=excluded)
+            quantize_dynamic(
+                str(source),
+                str(out),
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                op_types_to_quantize=list(DYNAMIC_OP_TYPES),
+                nodes_to_exclude=excluded,
+            )
             store_front_end_int8(out)
             return
         if not calibration:
@@ -160,10 +176,16 @@ def quantize_candidate(
             # symbolic shape inference fails on the exporter's dynamic Concat shapes; ONNX's own is used
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(out), _Reader(calibration),
+                str(prepared),
+                str(out),
+                _Reader(calibration),
                 quant_format=QuantFormat.QDQ if name == "static-qdq" else QuantFormat.QOperator,
-                per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(STATIC_OP_TYPES), nodes_to_exclude=excluded,
+                per_channel=True,
+                reduce_range=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(STATIC_OP_TYPES),
+                nodes_to_exclude=excluded,
             )
         store_front_end_int8(out)
     except QuantizationError:
@@ -195,8 +217,12 @@ def interleaved_timings(
                 cpu[name].append(1000.0 * (time.thread_time() - cpu0))
                 wall[name].append(1000.0 * (time.perf_counter() - wall0))
     return {
-        name: Timing(wall_ms=statistics.median(wall[name]), cpu_ms=statistics.median(cpu[name]),
-                     wall_min_ms=min(wall[name]), n_calls=len(wall[name]))
+        name: Timing(
+            wall_ms=statistics.median(wall[name]),
+            cpu_ms=statistics.median(cpu[name]),
+            wall_min_ms=min(wall[name]),
+            n_calls=len(wall[name]),
+        )
         for name in runners
     }
 
@@ -228,7 +254,11 @@ def choose_int8(
         else:
             eligible.append(c)
     if not eligible:
-        return None, "no int8 candidate is both within the UA bound and faster than fp32: " + ("; ".join(refusals) or "none was built")
+        return None, "no int8 candidate is both within the UA bound and faster than fp32: " + (
+            "; ".join(refusals) or "none was built"
+        )
     best = max(eligible, key=lambda c: c.speedup or 0.0)
-    return best, (f"{best.name}: UA drop {best.ua_drop_points:.2f} points within the {max_ua_drop:g}-point bound, "
-                  f"{best.speedup:.2f}x fp32 speed (required {min_speedup:g}x)")
+    return best, (
+        f"{best.name}: UA drop {best.ua_drop_points:.2f} points within the {max_ua_drop:g}-point bound, "
+        f"{best.speedup:.2f}x fp32 speed (required {min_speedup:g}x)"
+    )

@@ -87,8 +87,12 @@ class PerExampleAttack:
     remaining_member_rate: float
 
     def to_dict(self, ids: list[str] | None = None) -> dict:
-        out = {"member_rate": self.member_rate, "mean_posterior": self.mean_posterior,
-               "nonmember_rate": self.nonmember_rate, "remaining_member_rate": self.remaining_member_rate}
+        out = {
+            "member_rate": self.member_rate,
+            "mean_posterior": self.mean_posterior,
+            "nonmember_rate": self.nonmember_rate,
+            "remaining_member_rate": self.remaining_member_rate,
+        }
         out["scores"] = dict(zip(ids, self.scores)) if ids is not None else list(self.scores)
         return out
 

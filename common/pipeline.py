@@ -37,7 +37,13 @@ def make_splits(
 ) -> dict[str, Path]:
     """Write speaker-independent ``train/valid/test.csv`` (task labels only) and a stamp."""
     out = Path(out_dir)
-    settings = {"manifest": str(Path(manifest).resolve()), "task": task, "n_valid": n_valid, "n_test": n_test, "seed": seed}
+    settings = {
+        "manifest": str(Path(manifest).resolve()),
+        "task": task,
+        "n_valid": n_valid,
+        "n_test": n_test,
+        "seed": seed,
+    }
     paths = {name: out / f"{name}.csv" for name in SPLITS}
     stamp = out / "split.json"
     if _stamp_matches(stamp, settings) and all(p.exists() for p in paths.values()):
@@ -50,7 +56,9 @@ def make_splits(
     return paths
 
 
-def training_speakers(*, manifest: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0) -> list[str]:
+def training_speakers(
+    *, manifest: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0
+) -> list[str]:
     """The training speakers (sorted) that ``make_splits`` with the same arguments keeps: one node each.
 
     Why apart from ``make_splits``: ``serforget simulate`` must size Flower's simulation
@@ -59,7 +67,9 @@ def training_speakers(*, manifest: Path, task: str = "4class", n_valid: int = 3,
     """
     utts = filter_labels(read_manifest(manifest), task_labels(task))  # ManifestError names the file and row
     if not utts:
-        raise ValueError(f"data-manifest {manifest}: no utterance carries a label of task {task!r} ({', '.join(task_labels(task))})")
+        raise ValueError(
+            f"data-manifest {manifest}: no utterance carries a label of task {task!r} ({', '.join(task_labels(task))})"
+        )
     try:
         split = speaker_split(utts, n_valid=n_valid, n_test=n_test, seed=seed)
     except ValueError as exc:
@@ -120,14 +130,20 @@ def evaluate_checkpoint(
     out = None if out_dir is None else check_output_dir(out_dir, what="evaluation folder")
     model, meta = load_checkpoint(checkpoint, device="cpu")
     clip = float(meta.provenance.get("settings", {}).get("clip_seconds", DEFAULT_CLIP_SECONDS))
-    data = load_waveforms(filter_labels(read_manifest(manifest), meta.labels), labels=meta.labels, clip_seconds=clip, progress=progress)
+    data = load_waveforms(
+        filter_labels(read_manifest(manifest), meta.labels), labels=meta.labels, clip_seconds=clip, progress=progress
+    )
     report = evaluate_model(model, data, labels=meta.labels, device=device)
     report["checkpoint"] = str(checkpoint)
     report["manifest"] = str(manifest)
     if out is not None:
         atomic_write_json(out / "metrics.json", report)
-        plot_confusion(report["confusion"], labels=meta.labels, path=out / "confusion.png",
-                       title=f"UA {report['ua']:.3f}  WA {report['wa']:.3f}")
+        plot_confusion(
+            report["confusion"],
+            labels=meta.labels,
+            path=out / "confusion.png",
+            title=f"UA {report['ua']:.3f}  WA {report['wa']:.3f}",
+        )
     return report
 
 

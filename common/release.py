@@ -133,7 +133,9 @@ def parse_version_dirname(name: str) -> int | None:
 def canonical_json_bytes(obj: Any, *, what: str) -> bytes:
     """Deterministic JSON bytes (sorted keys, no whitespace, ASCII, no NaN) for signing and hashing."""
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+            "ascii"
+        )
     except (TypeError, ValueError) as exc:
         raise ReleaseError(f"{what}: not representable as strict JSON ({exc})") from None
 
@@ -258,7 +260,11 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
 def sign_bytes(data: bytes, *, signing_key: Ed25519PrivateKey) -> bytes:
     """Signature file content (versioned JSON) for the exact bytes ``data``."""
     signature = _require_private_key(signing_key).sign(data)
-    document = {"format_version": RELEASE_FORMAT_VERSION, "algorithm": SIGNATURE_ALGORITHM, "signature": signature.hex()}
+    document = {
+        "format_version": RELEASE_FORMAT_VERSION,
+        "algorithm": SIGNATURE_ALGORITHM,
+        "signature": signature.hex(),
+    }
     return canonical_json_bytes(document, what="signature")
 
 
@@ -301,7 +307,9 @@ class ReleaseManifest:
     notes: dict
     format_version: int = RELEASE_FORMAT_VERSION
 
-    _FIELDS = frozenset({"format_version", "version", "parent", "created_at", "files", "applies_requests", "metrics", "notes"})
+    _FIELDS = frozenset(
+        {"format_version", "version", "parent", "created_at", "files", "applies_requests", "metrics", "notes"}
+    )
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes: the exact bytes that are signed and hashed into the index."""
@@ -487,7 +495,9 @@ class ReleaseIndex:
             raise ReleaseError(f"{source}: expires ({expires}) is not after generated_at ({generated_at})")
         if not isinstance(obj["releases"], list):
             raise ReleaseError(f"{source}: 'releases' must be a list")
-        entries = tuple(_parse_index_entry(raw, source=f"{source}: releases[{i}]") for i, raw in enumerate(obj["releases"]))
+        entries = tuple(
+            _parse_index_entry(raw, source=f"{source}: releases[{i}]") for i, raw in enumerate(obj["releases"])
+        )
         versions = [entry.version for entry in entries]
         if len(set(versions)) != len(versions):
             raise ReleaseError(f"{source}: a version is listed twice")
@@ -538,7 +548,12 @@ class Revocation:
     revoked_at: float
 
     def payload_bytes(self) -> bytes:
-        payload = {"sequence": self.sequence, "versions": list(self.versions), "reason": self.reason, "revoked_at": self.revoked_at}
+        payload = {
+            "sequence": self.sequence,
+            "versions": list(self.versions),
+            "reason": self.reason,
+            "revoked_at": self.revoked_at,
+        }
         return canonical_json_bytes(payload, what=f"revocation {self.sequence}")
 
 
@@ -568,7 +583,9 @@ def _decode_revocation(data: bytes, *, source: str, public_key: Ed25519PublicKey
         revoked_at=_require_number(raw["revoked_at"], what=f"{source}: revoked_at"),
     )
     if public_key is not None:
-        signature_file = canonical_json_bytes(_require_mapping(document["signature"], what=f"{source}: signature"), what=source)
+        signature_file = canonical_json_bytes(
+            _require_mapping(document["signature"], what=f"{source}: signature"), what=source
+        )
         verify_signature(entry.payload_bytes(), signature_file, public_key=public_key, source=source)
     return entry
 
@@ -622,16 +639,31 @@ def encode_rotation(*, version: int, old_signing_key: Ed25519PrivateKey, new_sig
 def check_rotation(data: bytes, *, trusted: Ed25519PublicKey, version: int, source: str) -> Ed25519PublicKey:
     """Verify the rotation to key ``version`` from the ``trusted`` key; return the new key."""
     obj = _load_json_object(data, source=source)
-    _require_fields(obj, {"format_version", "version", "public_key", "previous_public_key", "rotated_at",
-                          "signature_by_previous", "signature_by_new"}, source=source)
+    _require_fields(
+        obj,
+        {
+            "format_version",
+            "version",
+            "public_key",
+            "previous_public_key",
+            "rotated_at",
+            "signature_by_previous",
+            "signature_by_new",
+        },
+        source=source,
+    )
     _require_format_version(obj, source=source)
     if obj["version"] != version or isinstance(obj["version"], bool):
         raise ReleaseError(f"{source}: is key version {obj['version']!r}, expected {version}")
     if obj["previous_public_key"] != public_key_hex(trusted):
         raise ReleaseError(f"{source}: rotates from a key this device does not trust")
     new_key = _public_key_from_hex(obj["public_key"], what=f"{source}: public_key")
-    payload = _rotation_payload(version, obj["public_key"], obj["previous_public_key"],
-                                _require_number(obj["rotated_at"], what=f"{source}: rotated_at"))
+    payload = _rotation_payload(
+        version,
+        obj["public_key"],
+        obj["previous_public_key"],
+        _require_number(obj["rotated_at"], what=f"{source}: rotated_at"),
+    )
     for field, key in (("signature_by_previous", trusted), ("signature_by_new", new_key)):
         try:
             key.verify(bytes.fromhex(_require_str(obj[field], what=f"{source}: {field}")), payload)
@@ -682,7 +714,10 @@ class ReleaseRegistry:
         folder = self.path(version)
         manifest_path = folder / MANIFEST_NAME
         manifest = check_signed_manifest(
-            self._read(manifest_path), self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(manifest_path)
+            self._read(manifest_path),
+            self._read(folder / SIGNATURE_NAME),
+            public_key=public_key,
+            source=str(manifest_path),
         )
         self._check_manifest_version(manifest, version, manifest_path)
         check_release_dir(folder, manifest, tombstone=version in self._revocation_reasons(public_key=public_key))
@@ -802,7 +837,9 @@ class ReleaseRegistry:
             self._write_index(signing_key=signing_key)
             self._bury_revoked(public_key=signing_key.public_key())
 
-    def refresh_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
+    def refresh_index(
+        self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S
+    ) -> ReleaseIndex:
         """Re-sign the index (next sequence, new expiry) from the releases and revocation log on disk.
 
         Why public: a crash after a release was renamed into place but before the index was
@@ -811,8 +848,14 @@ class ReleaseRegistry:
         periodically or devices stop accepting it (``serforget server refresh-index``).
         """
         _require_private_key(signing_key)
-        if isinstance(lifetime_s, bool) or not isinstance(lifetime_s, (int, float)) or not 0 < lifetime_s <= MAX_INDEX_LIFETIME_S:
-            raise ReleaseError(f"refresh_index: lifetime_s must be in (0, {MAX_INDEX_LIFETIME_S:.0f}] seconds, got {lifetime_s!r}")
+        if (
+            isinstance(lifetime_s, bool)
+            or not isinstance(lifetime_s, (int, float))
+            or not 0 < lifetime_s <= MAX_INDEX_LIFETIME_S
+        ):
+            raise ReleaseError(
+                f"refresh_index: lifetime_s must be in (0, {MAX_INDEX_LIFETIME_S:.0f}] seconds, got {lifetime_s!r}"
+            )
         with exclusive_lock(self.root / _LOCK_NAME):
             index = self._write_index(signing_key=signing_key, lifetime_s=float(lifetime_s))
             self._bury_revoked(public_key=signing_key.public_key())  # finishes a burial a crash cut short
@@ -822,7 +865,11 @@ class ReleaseRegistry:
         """Signing keys from ``pinned`` (key version 1) through every verified rotation, oldest first."""
         keys = [_require_public_key(pinned)]
         folder = self.root / _ROOT_DIR
-        present = sorted(int(m.group(1)) for m in map(_ROTATION_RE.fullmatch, os.listdir(folder)) if m) if folder.is_dir() else []
+        present = (
+            sorted(int(m.group(1)) for m in map(_ROTATION_RE.fullmatch, os.listdir(folder)) if m)
+            if folder.is_dir()
+            else []
+        )
         for version in present:
             if version != len(keys) + 1:
                 raise ReleaseError(f"{folder}: key versions {present} have a gap before {version}")
@@ -859,9 +906,10 @@ class ReleaseRegistry:
                 folder = self.root / _ROOT_DIR
                 folder.mkdir(parents=True, exist_ok=True)
                 version = len(chain) + 1
-                _create_no_clobber(self.root / rotation_name(version),
-                                   encode_rotation(version=version, old_signing_key=old_signing_key,
-                                                   new_signing_key=new_signing_key))
+                _create_no_clobber(
+                    self.root / rotation_name(version),
+                    encode_rotation(version=version, old_signing_key=old_signing_key, new_signing_key=new_signing_key),
+                )
             elif current_hex != new_hex:
                 raise ReleaseError("rotate_key: old_signing_key is not the registry's current key")
             previous_keys = [key for key in chain if public_key_hex(key) != new_hex]
@@ -924,7 +972,9 @@ class ReleaseRegistry:
     @staticmethod
     def _check_manifest_version(manifest: ReleaseManifest, version: int, path: Path) -> None:
         if manifest.version != version:
-            raise ReleaseError(f"{path}: manifest says version {manifest.version} but lives in {version_dirname(version)}")
+            raise ReleaseError(
+                f"{path}: manifest says version {manifest.version} but lives in {version_dirname(version)}"
+            )
 
     def _revocation_entries(self, *, public_key: Ed25519PublicKey | None) -> list[Revocation]:
         folder = self.root / _REVOCATIONS_DIR
@@ -985,9 +1035,15 @@ class ReleaseRegistry:
                     buried.append(name)
             if buried:
                 fsync_dir(folder)
-                logger.info("deleted the files %s of revoked release %s (manifest kept as tombstone)", buried, version_dirname(version))
+                logger.info(
+                    "deleted the files %s of revoked release %s (manifest kept as tombstone)",
+                    buried,
+                    version_dirname(version),
+                )
 
-    def _revoke_earlier(self, version: int, requests: tuple[str, ...], reason: str, *, signing_key: Ed25519PrivateKey) -> None:
+    def _revoke_earlier(
+        self, version: int, requests: tuple[str, ...], reason: str, *, signing_key: Ed25519PrivateKey
+    ) -> None:
         earlier = [v for v in self.versions() if v < version]
         if not earlier:
             return
@@ -1005,7 +1061,9 @@ class ReleaseRegistry:
         _require_format_version(head, source=str(head_path))
         return _check_version_number(head["generation"], what=f"{head_path}: generation")
 
-    def _write_index(self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S) -> ReleaseIndex:
+    def _write_index(
+        self, *, signing_key: Ed25519PrivateKey, lifetime_s: float = DEFAULT_INDEX_LIFETIME_S
+    ) -> ReleaseIndex:
         """Sign a fresh index generation, then point HEAD at it (the one atomic switch)."""
         public_key = signing_key.public_key()
         revoked = self._revocation_reasons(public_key=public_key)
@@ -1014,8 +1072,15 @@ class ReleaseRegistry:
             folder = self.path(version)
             manifest_bytes = self._read(folder / MANIFEST_NAME)
             # Refuse to vouch for a release whose manifest someone altered on disk.
-            verify_signature(manifest_bytes, self._read(folder / SIGNATURE_NAME), public_key=public_key, source=str(folder / MANIFEST_NAME))
-            entries.append(IndexEntry(version, sha256_bytes(manifest_bytes), version in revoked, revoked.get(version, "")))
+            verify_signature(
+                manifest_bytes,
+                self._read(folder / SIGNATURE_NAME),
+                public_key=public_key,
+                source=str(folder / MANIFEST_NAME),
+            )
+            entries.append(
+                IndexEntry(version, sha256_bytes(manifest_bytes), version in revoked, revoked.get(version, ""))
+            )
         now = time.time()
         index = ReleaseIndex(
             sequence=self._index_generation() + 1, generated_at=now, releases=tuple(entries), expires=now + lifetime_s
@@ -1025,7 +1090,9 @@ class ReleaseRegistry:
         stem = folder / f"g{index.sequence:06d}"
         atomic_write_bytes(stem.with_suffix(".json"), data)
         atomic_write_bytes(stem.with_suffix(".sig"), sign_bytes(data, signing_key=signing_key))
-        atomic_write_json(folder / _INDEX_HEAD, {"format_version": RELEASE_FORMAT_VERSION, "generation": index.sequence})
+        atomic_write_json(
+            folder / _INDEX_HEAD, {"format_version": RELEASE_FORMAT_VERSION, "generation": index.sequence}
+        )
         self._prune_index_generations(keep_from=index.sequence - 1)
         return index
 

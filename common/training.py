@@ -94,7 +94,9 @@ def train_epoch(
     return total / max(count, 1)
 
 
-def cached_frontend(model: nn.Module, data: WaveformSet, *, device: torch.device, batch_size: int = 64) -> WaveformSet | None:
+def cached_frontend(
+    model: nn.Module, data: WaveformSet, *, device: torch.device, batch_size: int = 64
+) -> WaveformSet | None:
     """``data`` with its waveforms replaced by the model's front-end output, or ``None``.
 
     ``None`` when the model has no separable, parameter-free front end (``frontend`` plus
@@ -149,8 +151,13 @@ def train_model(
     bar = tqdm(range(config.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         loss = train_epoch(
-            stepped, data, optimizer=optimizer, loss_fn=loss_fn, batch_size=config.batch_size,
-            generator=generator, device=device,
+            stepped,
+            data,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            batch_size=config.batch_size,
+            generator=generator,
+            device=device,
         )
         scheduler.step()
         row: dict = {"epoch": epoch + 1, "train_loss": loss}

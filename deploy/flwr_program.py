@@ -36,9 +36,15 @@ def flwr_env(home: Path, *, local_ports: tuple[int, int] | None = None) -> dict[
     Every later ``flwr`` call of the run must get the same environment to reach that SuperLink.
     """
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home),
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     if local_ports is not None:
         env[LOCAL_HTTP_PORT_ENV], env[LOCAL_CONTROL_PORT_ENV] = (str(p) for p in local_ports)
     return env
@@ -92,12 +98,22 @@ def write_flower_home(home: Path, *, num_supernodes: int, cpus_per_node: int, gp
         raise ValueError(f"a simulation needs at least one SuperNode, got {num_supernodes}")
     if cpus_per_node < 1 or gpus_per_node < 0:
         raise ValueError(f"cpus-per-node must be >= 1 and gpus-per-node >= 0, got {cpus_per_node} and {gpus_per_node}")
-    atomic_write_text(home / "config.toml", "\n".join([
-        "[superlink]", 'default = "local"', "", "[superlink.local]", 'address = ":local:"',
-        f"options.num-supernodes = {num_supernodes}",
-        f"options.backend.client-resources.num-cpus = {cpus_per_node}",
-        f"options.backend.client-resources.num-gpus = {float(gpus_per_node)!r}", "",
-    ]))
+    atomic_write_text(
+        home / "config.toml",
+        "\n".join(
+            [
+                "[superlink]",
+                'default = "local"',
+                "",
+                "[superlink.local]",
+                'address = ":local:"',
+                f"options.num-supernodes = {num_supernodes}",
+                f"options.backend.client-resources.num-cpus = {cpus_per_node}",
+                f"options.backend.client-resources.num-gpus = {float(gpus_per_node)!r}",
+                "",
+            ]
+        ),
+    )
 
 
 def run_flwr(args: list[str], env: dict, *, capture: bool = True) -> subprocess.CompletedProcess:

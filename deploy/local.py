@@ -158,7 +158,9 @@ class Deployment:
 
     def device(self, name: str, *, port: int) -> Device:
         data_dir = self.root / "devices" / name
-        return Device(name, data_dir, NodeAuthKey(data_dir / "keys" / "flwr_auth", data_dir / "keys" / "flwr_auth.pub"), port)
+        return Device(
+            name, data_dir, NodeAuthKey(data_dir / "keys" / "flwr_auth", data_dir / "keys" / "flwr_auth.pub"), port
+        )
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower program: our FLWR_HOME, no telemetry, no installs."""
@@ -186,16 +188,26 @@ def write_connection(deployment: Deployment, *, name: str = CONNECTION) -> Path:
     The Control API is not on the devices' Fleet port; from another host reach it through an SSH
     tunnel (``ssh -L 9093:127.0.0.1:9093 superlink-host``) and keep this address.
     """
-    text = "\n".join(["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-                      f'address = "{deployment.control_address}"', f'root-certificates = "{deployment.tls.ca_cert}"', ""])
+    text = "\n".join(
+        [
+            "[superlink]",
+            f'default = "{name}"',
+            "",
+            f"[superlink.{name}]",
+            f'address = "{deployment.control_address}"',
+            f'root-certificates = "{deployment.tls.ca_cert}"',
+            "",
+        ]
+    )
     return atomic_write_text(deployment.flwr_home / "config.toml", text)
 
 
 # ------------------------------------------------------------------ device provisioning
 
 
-def provision_device(deployment: Deployment, *, name: str, speaker: str, utterances: Sequence[Utterance],
-                     port: int) -> Device:
+def provision_device(
+    deployment: Deployment, *, name: str, speaker: str, utterances: Sequence[Utterance], port: int
+) -> Device:
     """Device host: node data dir, signing key, SuperNode key; then the enrollment exchange.
 
     The exchange with the operator is public keys only: the device's ``keys/sign.pub`` is
@@ -218,8 +230,10 @@ def provision_devices(deployment: Deployment, *, manifest: Path, ports: Sequence
     speakers = by_speaker(read_manifest(manifest))
     if len(ports) != len(speakers):
         raise ValueError(f"{manifest}: {len(speakers)} speakers but {len(ports)} SuperNode ports given")
-    return [provision_device(deployment, name=f"{i:03d}", speaker=speaker, utterances=utts, port=port)
-            for i, ((speaker, utts), port) in enumerate(zip(speakers.items(), ports))]
+    return [
+        provision_device(deployment, name=f"{i:03d}", speaker=speaker, utterances=utts, port=port)
+        for i, ((speaker, utts), port) in enumerate(zip(speakers.items(), ports))
+    ]
 
 
 # ------------------------------------------------------------------ Flower programs
@@ -240,11 +254,29 @@ def flwr(deployment: Deployment, args: Sequence[str], *, timeout: float) -> subp
 def superlink_argv(deployment: Deployment) -> list[str]:
     """Server host: the SuperLink command line (``serforget.deploy.superlink``: Fleet API alone on the devices' port)."""
     tls = deployment.tls
-    return [sys.executable, "-m", "serforget.deploy.superlink", "--fleet-host", deployment.host, "--fleet-port", str(deployment.port),
-            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
-            "--enable-supernode-auth", "--database", str(deployment.state_db),
-            "--host", deployment.control_host, "--port", str(deployment.control_port),
-            "--disable-runtime-dependency-installation"]
+    return [
+        sys.executable,
+        "-m",
+        "serforget.deploy.superlink",
+        "--fleet-host",
+        deployment.host,
+        "--fleet-port",
+        str(deployment.port),
+        "--ssl-ca-certfile",
+        str(tls.ca_cert),
+        "--ssl-certfile",
+        str(tls.cert),
+        "--ssl-keyfile",
+        str(tls.key),
+        "--enable-supernode-auth",
+        "--database",
+        str(deployment.state_db),
+        "--host",
+        deployment.control_host,
+        "--port",
+        str(deployment.control_port),
+        "--disable-runtime-dependency-installation",
+    ]
 
 
 def start_superlink(deployment: Deployment, *, timeout: float = 60.0) -> ManagedProcess:
@@ -354,15 +386,29 @@ def unregister_device(deployment: Deployment, node_id: str, *, timeout: float = 
 def supernode_argv(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> list[str]:
     """Device host: the ``flower-supernode`` command line of one device."""
     config = f"speaker-id='{device.node.info()['speaker']}' data-dir='{device.data_dir.resolve()}'"
-    return _resolve(["flower-supernode", "--superlink", deployment.address, "--root-certificates", str(deployment.tls.ca_cert),
-                     "--auth-supernode-private-key", str(private_key or device.auth_key.private),
-                     "--port", str(device.port), "--node-config", config], deployment)
+    return _resolve(
+        [
+            "flower-supernode",
+            "--superlink",
+            deployment.address,
+            "--root-certificates",
+            str(deployment.tls.ca_cert),
+            "--auth-supernode-private-key",
+            str(private_key or device.auth_key.private),
+            "--port",
+            str(device.port),
+            "--node-config",
+            config,
+        ],
+        deployment,
+    )
 
 
 def start_supernode(deployment: Deployment, device: Device, *, private_key: Path | None = None) -> ManagedProcess:
     """Device host: start its SuperNode (``private_key`` overrides the device key: fault tests)."""
-    return deployment.processes.start(name=device.process_name, argv=supernode_argv(deployment, device, private_key=private_key),
-                                      env=deployment.env())
+    return deployment.processes.start(
+        name=device.process_name, argv=supernode_argv(deployment, device, private_key=private_key), env=deployment.env()
+    )
 
 
 def online_nodes(deployment: Deployment, *, timeout: float = 60.0) -> set[int]:
@@ -402,8 +448,12 @@ def wait_online(deployment: Deployment, node_ids: set[int], *, timeout: float) -
 
     A SuperLink that is still starting (port open, Control API not yet serving) is waited for.
     """
-    _poll_superlink(deployment, lambda nodes: node_ids <= nodes, deadline=time.monotonic() + timeout,
-                    what=f"SuperNodes {sorted(node_ids)} to be online")
+    _poll_superlink(
+        deployment,
+        lambda nodes: node_ids <= nodes,
+        deadline=time.monotonic() + timeout,
+        what=f"SuperNodes {sorted(node_ids)} to be online",
+    )
 
 
 # ------------------------------------------------------------------ runs
@@ -425,8 +475,13 @@ class RunOutcome:
 
 def deployment_run_config(deployment: Deployment, *, min_nodes: int, overrides: Mapping[str, object] = {}) -> dict:
     """The run config of a deployment run: server dir, report dir, how many nodes to wait for."""
-    return {"mode": "deployment", "server-dir": str(deployment.server.root), "work-dir": str(deployment.work_dir),
-            "min-nodes": min_nodes, **overrides}
+    return {
+        "mode": "deployment",
+        "server-dir": str(deployment.server.root),
+        "work-dir": str(deployment.work_dir),
+        "min-nodes": min_nodes,
+        **overrides,
+    }
 
 
 def run_status(deployment: Deployment, run_id: int) -> tuple[str, str]:
@@ -438,13 +493,20 @@ def run_status(deployment: Deployment, run_id: int) -> tuple[str, str]:
     return str(run.get("status", "unknown")), str(run.get("status-details", ""))
 
 
-def submit_run(deployment: Deployment, *, app: Path, run_config: Mapping[str, object], timeout: float) -> subprocess.Popen:
+def submit_run(
+    deployment: Deployment, *, app: Path, run_config: Mapping[str, object], timeout: float
+) -> subprocess.Popen:
     """Start ``flwr run APP CONNECTION --stream`` in the background (fault tests act meanwhile)."""
     exe = shutil.which("flwr", path=deployment.env()["PATH"])
     if exe is None:
         raise DeployError("the `flwr` program is not installed in this environment")
-    return subprocess.Popen([exe, "run", str(app), CONNECTION, "--stream", "--run-config", run_config_text(run_config)],
-                            env=deployment.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [exe, "run", str(app), CONNECTION, "--stream", "--run-config", run_config_text(run_config)],
+        env=deployment.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish_run(deployment: Deployment, submitted: subprocess.Popen, *, timeout: float) -> RunOutcome:
@@ -459,7 +521,9 @@ def finish_run(deployment: Deployment, submitted: subprocess.Popen, *, timeout: 
         submitted.kill()
         log, _ = submitted.communicate()
         match = _RUN_ID.search(log or "")
-        raise DeployError(f"run {match.group(1) if match else '?'} did not finish within {timeout:.0f} s:\n{log[-4000:]}") from None
+        raise DeployError(
+            f"run {match.group(1) if match else '?'} did not finish within {timeout:.0f} s:\n{log[-4000:]}"
+        ) from None
     match = _RUN_ID.search(log)
     if match is None:
         raise DeployError(f"`flwr run` did not start a run:\n{log[-4000:]}")
@@ -474,7 +538,9 @@ def finish_run(deployment: Deployment, submitted: subprocess.Popen, *, timeout: 
 
 def run_app(deployment: Deployment, *, app: Path, run_config: Mapping[str, object], timeout: float) -> RunOutcome:
     """CLI host: ``flwr run APP CONNECTION --stream`` and the run's final status."""
-    return finish_run(deployment, submit_run(deployment, app=app, run_config=run_config, timeout=timeout), timeout=timeout)
+    return finish_run(
+        deployment, submit_run(deployment, app=app, run_config=run_config, timeout=timeout), timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------ one machine, all of it

@@ -53,7 +53,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def start_ticks(pid: int) -> int | None:
@@ -142,7 +142,9 @@ class ProcessTable:
     def _pidfile(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
-    def start(self, *, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> ManagedProcess:
+    def start(
+        self, *, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None
+    ) -> ManagedProcess:
         """Start ``argv`` in a new session, logging to ``RUN/logs/NAME.log``, and record it."""
         existing = self.get(name)
         if existing is not None and existing.is_running():
@@ -153,16 +155,33 @@ class ProcessTable:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)  # a log left 0644 by an older version is tightened
         with os.fdopen(fd, "ab") as out:
-            child = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, umask=PROCESS_UMASK)
+            child = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                umask=PROCESS_UMASK,
+            )
         ticks = start_ticks(child.pid)
         if ticks is None:
             child.wait()
             raise ProcessError(f"{name} exited at once (status {child.returncode}); see {log}")
         self._children[child.pid] = child
         process = ManagedProcess(name, child.pid, ticks, tuple(argv), log)
-        atomic_write_json(self._pidfile(name), {"format_version": PIDFILE_FORMAT_VERSION, "name": name, "pid": child.pid,
-                                                "start_ticks": ticks, "argv": list(argv), "log": str(log)})
+        atomic_write_json(
+            self._pidfile(name),
+            {
+                "format_version": PIDFILE_FORMAT_VERSION,
+                "name": name,
+                "pid": child.pid,
+                "start_ticks": ticks,
+                "argv": list(argv),
+                "log": str(log),
+            },
+        )
         return process
 
     def get(self, name: str) -> ManagedProcess | None:
@@ -175,7 +194,9 @@ class ProcessTable:
             raise ProcessError(f"{path}: not valid JSON ({exc})") from None
         if raw.get("format_version") != PIDFILE_FORMAT_VERSION:
             raise ProcessError(f"{path}: unsupported format_version {raw.get('format_version')!r}")
-        return ManagedProcess(raw["name"], int(raw["pid"]), int(raw["start_ticks"]), tuple(raw["argv"]), Path(raw["log"]))
+        return ManagedProcess(
+            raw["name"], int(raw["pid"]), int(raw["start_ticks"]), tuple(raw["argv"]), Path(raw["log"])
+        )
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.json")) if self.dir.is_dir() else []

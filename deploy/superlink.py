@@ -51,7 +51,11 @@ class FleetOnlySocket:
         self.allowed = allowed
 
     async def __call__(self, scope: dict, receive, send) -> None:
-        if scope["type"] in ("http", "websocket") and self._on_fleet_socket(scope) and scope.get("path") not in self.allowed:
+        if (
+            scope["type"] in ("http", "websocket")
+            and self._on_fleet_socket(scope)
+            and scope.get("path") not in self.allowed
+        ):
             await self._refuse(scope, send)
             return
         await self.app(scope, receive, send)
@@ -67,8 +71,13 @@ class FleetOnlySocket:
             await send({"type": "websocket.close", "code": 1008})
             return
         body = json.dumps({"detail": "not served on the Fleet port"}).encode()
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -82,8 +91,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our two flags; the rest are ``flower-superlink`` flags."""
-    parser = argparse.ArgumentParser(prog="python -m serforget.deploy.superlink", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m serforget.deploy.superlink", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--fleet-host", required=True, help="address the devices dial (e.g. 0.0.0.0)")
     parser.add_argument("--fleet-port", type=int, required=True, help="port of the Fleet API (devices)")
     return parser.parse_known_args(list(argv))
@@ -106,15 +116,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.ssl_certfile is None:
         raise SystemExit("serforget.deploy.superlink: TLS is required (--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile)")
     if int(ours.fleet_port) == int(config.port):
-        raise SystemExit(f"serforget.deploy.superlink: --fleet-port {ours.fleet_port} must differ from the operator --port")
+        raise SystemExit(
+            f"serforget.deploy.superlink: --fleet-port {ours.fleet_port} must differ from the operator --port"
+        )
     app = FleetOnlySocket(create_app(config, fs.SuperLinkLifespan), fleet_port=ours.fleet_port, allowed=fleet_paths())
     sockets = [_listen(config.host, config.port), _listen(ours.fleet_host, ours.fleet_port)]
     server_config: Any = uvicorn.Config(
-        app=app, host=config.host, port=config.port, reload=False, access_log=True, proxy_headers=False,
-        log_config=get_uvicorn_log_config(console_handler.level), ssl_keyfile=config.ssl_keyfile,
-        ssl_certfile=config.ssl_certfile, workers=1, lifespan="on")
-    print(f"serforget.deploy.superlink: Fleet API on {ours.fleet_host}:{ours.fleet_port}; Control and Runtime APIs on "
-          f"{config.host}:{config.port} only", file=sys.stderr, flush=True)
+        app=app,
+        host=config.host,
+        port=config.port,
+        reload=False,
+        access_log=True,
+        proxy_headers=False,
+        log_config=get_uvicorn_log_config(console_handler.level),
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        workers=1,
+        lifespan="on",
+    )
+    print(
+        f"serforget.deploy.superlink: Fleet API on {ours.fleet_host}:{ours.fleet_port}; Control and Runtime APIs on "
+        f"{config.host}:{config.port} only",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.Server(server_config).run(sockets=sockets)
 
 

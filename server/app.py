@@ -37,15 +37,32 @@ def main(grid: Grid, context: Context) -> None:
     base = latest_release_state(scenario.server) if cfg.resume else None
     if cfg.num_rounds == 0 and base is None:
         raise ValueError("num-rounds = 0 (unlearning only) needs resume = true and a published release")
-    initial = base[1] if base else build_model(arch=cfg.arch, config=cfg.model_config, labels=scenario.labels).state_dict()
-    release = dict(server=scenario.server, labels=scenario.labels, onnx=cfg.onnx_export,
-                   eval_manifest=scenario.eval_manifest, int8_max_ua_drop=cfg.int8_max_ua_drop)
+    initial = (
+        base[1] if base else build_model(arch=cfg.arch, config=cfg.model_config, labels=scenario.labels).state_dict()
+    )
+    release = dict(
+        server=scenario.server,
+        labels=scenario.labels,
+        onnx=cfg.onnx_export,
+        eval_manifest=scenario.eval_manifest,
+        int8_max_ua_drop=cfg.int8_max_ua_drop,
+    )
     if cfg.num_rounds > 0:
-        strategy = ImportanceFedAvg(fraction_train=1.0, fraction_evaluate=cfg.fraction_evaluate,
-                                    min_available_nodes=scenario.n_nodes, min_train_nodes=scenario.n_nodes)
+        strategy = ImportanceFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_available_nodes=scenario.n_nodes,
+            min_train_nodes=scenario.n_nodes,
+        )
         start = time.perf_counter()
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.num_rounds,
-                                timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=scenario.central_evaluate)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord({}),
+            evaluate_fn=scenario.central_evaluate,
+        )
         scenario.timings["fedavg_s"] = time.perf_counter() - start
         require_training(strategy, num_rounds=cfg.num_rounds)
         scenario.train_devices = dict(strategy.devices)
@@ -53,35 +70,74 @@ def main(grid: Grid, context: Context) -> None:
         fedavg_examples = dict(strategy.examples_per_round)
         if importance is not None:
             scenario.server.save_importance(importance)
-        v_trained = publish_release(model=scenario.model(trained), parent=base[0].version if base else None,
-                                    metrics=scenario.rounds[-1] if scenario.rounds else {}, **release)
+        v_trained = publish_release(
+            model=scenario.model(trained),
+            parent=base[0].version if base else None,
+            metrics=scenario.rounds[-1] if scenario.rounds else {},
+            **release,
+        )
         target = scenario.held_out_accuracy(result)
     else:
         (v_trained, trained), importance = base, scenario.server.load_importance()
         fedavg_examples = {}
         target = scenario.held_out_accuracy(None, release=v_trained)
     requests = scenario.file_requests() if cfg.scenario and scenario.layout is not None else []
-    outcome = run_unlearning_round(grid, cfg=cfg, server=scenario.server, base_state=trained,
-                                   base_version=v_trained.version, target_forget_acc=target, importance=importance,
-                                   n_nodes=scenario.n_nodes, score=scenario.held_out_score())
+    outcome = run_unlearning_round(
+        grid,
+        cfg=cfg,
+        server=scenario.server,
+        base_state=trained,
+        base_version=v_trained.version,
+        target_forget_acc=target,
+        importance=importance,
+        n_nodes=scenario.n_nodes,
+        score=scenario.held_out_score(),
+    )
     scenario.timings["unlearning_round_s"] = outcome.seconds
     v_unlearned = None
     if outcome.merged is not None:
-        v_unlearned = publish_release(model=scenario.model(outcome.merged), parent=v_trained.version,
-                                      applies_requests=outcome.applied_request_ids, metrics=scenario.test_metrics(outcome.merged),
-                                      revoke_previous=True,
-                                      reason="applies deletion requests " + ", ".join(outcome.applied_request_ids), **release)
+        v_unlearned = publish_release(
+            model=scenario.model(outcome.merged),
+            parent=v_trained.version,
+            applies_requests=outcome.applied_request_ids,
+            metrics=scenario.test_metrics(outcome.merged),
+            revoke_previous=True,
+            reason="applies deletion requests " + ", ".join(outcome.applied_request_ids),
+            **release,
+        )
     # before the release announcement purges the deleted audio: the oracle's nodes still hold it and leave it out
-    oracle = run_retrain_oracle(grid, cfg=cfg, initial=initial, requests=requests, n_nodes=scenario.n_nodes,
-                                evaluate=scenario.held_out_evaluate if scenario.test is not None else None)
+    oracle = run_retrain_oracle(
+        grid,
+        cfg=cfg,
+        initial=initial,
+        requests=requests,
+        n_nodes=scenario.n_nodes,
+        evaluate=scenario.held_out_evaluate if scenario.test is not None else None,
+    )
     final_state = outcome.merged if outcome.merged is not None else trained
     applied = sorted(applied_request_ids(scenario.server.releases))
     retry = retry_by_node(outcome, set(applied))
-    release_replies = announce_release(grid, cfg=cfg, state=final_state, version=(v_unlearned or v_trained).version,
-                                       applied=applied, retry=retry, releases=scenario.server.releases)
-    report = build_report(scenario=scenario, requests=requests, outcome=outcome, trained=trained, final=final_state,
-                          v_trained=v_trained, v_unlearned=v_unlearned, release_replies=release_replies,
-                          oracle=oracle, fedavg_examples_per_round=fedavg_examples)
+    release_replies = announce_release(
+        grid,
+        cfg=cfg,
+        state=final_state,
+        version=(v_unlearned or v_trained).version,
+        applied=applied,
+        retry=retry,
+        releases=scenario.server.releases,
+    )
+    report = build_report(
+        scenario=scenario,
+        requests=requests,
+        outcome=outcome,
+        trained=trained,
+        final=final_state,
+        v_trained=v_trained,
+        v_unlearned=v_unlearned,
+        release_replies=release_replies,
+        oracle=oracle,
+        fedavg_examples_per_round=fedavg_examples,
+    )
     path = scenario.write_report(report)
     log.info("report written to %s", path)
     print(f"serforget: report written to {path}")

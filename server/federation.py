@@ -191,7 +191,9 @@ class ServerDir:
         entries = self._read_state(self.seen_path, SEEN_FORMAT_VERSION, "envelopes") or {}
         for envelope_id, when in entries.items():
             if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-                raise ServerStateError(f"{self.seen_path}: envelopes[{envelope_id!r}] must be a Unix time, got {when!r}")
+                raise ServerStateError(
+                    f"{self.seen_path}: envelopes[{envelope_id!r}] must be a Unix time, got {when!r}"
+                )
         return {k: float(v) for k, v in entries.items()}
 
     def seen_ids(self) -> set[str]:
@@ -217,7 +219,9 @@ class ServerDir:
         entries = self._read_state(self.request_owners_path, OWNERS_FORMAT_VERSION, "owners") or {}
         for request_id, owner in entries.items():
             if not isinstance(owner, str) or not owner:
-                raise ServerStateError(f"{self.request_owners_path}: owners[{request_id!r}] must be a node id, got {owner!r}")
+                raise ServerStateError(
+                    f"{self.request_owners_path}: owners[{request_id!r}] must be a node id, got {owner!r}"
+                )
         return dict(entries)
 
     def bind_requests(self, claims: Mapping[str, Sequence[str]]) -> dict[str, str]:
@@ -240,7 +244,9 @@ class ServerDir:
         return owners
 
 
-def check_delta(delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *, max_delta_ratio: float) -> float:
+def check_delta(
+    delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *, max_delta_ratio: float
+) -> float:
     """Validate a decrypted delta against the global weights; returns its relative L2 norm."""
     expected = {k: v for k, v in base.items() if v.is_floating_point()}
     missing, extra = sorted(set(expected) - set(delta)), sorted(set(delta) - set(expected))
@@ -311,9 +317,14 @@ def open_and_check(
         if named in revoked:
             raise DeltaError("revoked", f"node {named!r} was revoked (serforget keys revoke)")
         header, payload = open_delta(
-            envelope=envelope, server_hpke_private=hpke_private, node_keys=node_keys,
-            expected_base_version=base_version, expected_base_sha256=base_sha256, seen_ids=seen,
-            max_age_s=ENVELOPE_MAX_AGE_S, max_skew_s=ENVELOPE_MAX_SKEW_S,
+            envelope=envelope,
+            server_hpke_private=hpke_private,
+            node_keys=node_keys,
+            expected_base_version=base_version,
+            expected_base_sha256=base_sha256,
+            seen_ids=seen,
+            max_age_s=ENVELOPE_MAX_AGE_S,
+            max_skew_s=ENVELOPE_MAX_SKEW_S,
         )
         if header.node_id != claimed_node:
             raise DeltaError("node-mismatch", f"envelope signed by {header.node_id!r} arrived from {claimed_node!r}")
@@ -329,11 +340,13 @@ def open_and_check(
         delta = state_dict_from_bytes(payload, source=f"delta from {header.node_id}")
         ratio = check_delta(delta, base_state, max_delta_ratio=max_delta_ratio)
     except (EnvelopeError, DeltaError, ValueError) as exc:
-        return DeltaVerdict(claimed_node, False, f"{getattr(exc, 'reason', 'invalid')}: {exc}",
-                            open_seconds=time.perf_counter() - start)
+        return DeltaVerdict(
+            claimed_node, False, f"{getattr(exc, 'reason', 'invalid')}: {exc}", open_seconds=time.perf_counter() - start
+        )
     except Exception as exc:  # noqa: BLE001 - one hostile delta must not end the round for the others
-        return DeltaVerdict(claimed_node, False, f"invalid: {type(exc).__name__}: {exc}",
-                            open_seconds=time.perf_counter() - start)
+        return DeltaVerdict(
+            claimed_node, False, f"invalid: {type(exc).__name__}: {exc}", open_seconds=time.perf_counter() - start
+        )
     seen.add(header.envelope_id)
     if round_requests is not None:
         round_requests.update(header.request_ids)
@@ -392,11 +405,19 @@ def gate_on_held_out(
         if not verdict.accepted or verdict.delta is None:
             out.append(verdict)
             continue
-        candidate = merge_deltas(base, [verdict.delta], importance=importance, elastic=elastic, tau=tau, strength=strength)
+        candidate = merge_deltas(
+            base, [verdict.delta], importance=importance, elastic=elastic, tau=tau, strength=strength
+        )
         drop = (base_ua - score(candidate)) * 100
         if drop > max_ua_drop:
-            out.append(replace(verdict, accepted=False, ua_drop=drop,
-                               reason=f"harms-held-out: held-out UA -{drop:.1f} points (limit {max_ua_drop})"))
+            out.append(
+                replace(
+                    verdict,
+                    accepted=False,
+                    ua_drop=drop,
+                    reason=f"harms-held-out: held-out UA -{drop:.1f} points (limit {max_ua_drop})",
+                )
+            )
         else:
             out.append(replace(verdict, ua_drop=drop))
     return out
@@ -462,17 +483,34 @@ def publish_release(
     registry = ReleaseRegistry(server.releases)
     version = max(registry.versions(), default=0) + 1
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
-        ckpt = save_checkpoint(model=model.cpu(), out_dir=Path(tmp) / "ckpt", labels=labels,
-                               provenance={"release_version": version, "parent": parent})
+        ckpt = save_checkpoint(
+            model=model.cpu(),
+            out_dir=Path(tmp) / "ckpt",
+            labels=labels,
+            provenance={"release_version": version, "parent": parent},
+        )
         files = {"model.safetensors": ckpt / "model.safetensors", "model.json": ckpt / "model.json"}
         if onnx:
             from serforget.common.onnx_export import export_release_models
 
-            files.update(export_release_models(checkpoint_dir=ckpt, out_dir=Path(tmp) / "onnx", parity_manifest=eval_manifest,
-                                               release_version=version, int8=True, max_ua_drop=int8_max_ua_drop))
+            files.update(
+                export_release_models(
+                    checkpoint_dir=ckpt,
+                    out_dir=Path(tmp) / "onnx",
+                    parity_manifest=eval_manifest,
+                    release_version=version,
+                    int8=True,
+                    max_ua_drop=int8_max_ua_drop,
+                )
+            )
         manifest = registry.publish(
-            files=files, signing_key=server.signing_key(), parent=parent, applies_requests=list(applies_requests),
-            metrics=dict(metrics or {}), revoke_previous=revoke_previous, reason=reason,
+            files=files,
+            signing_key=server.signing_key(),
+            parent=parent,
+            applies_requests=list(applies_requests),
+            metrics=dict(metrics or {}),
+            revoke_previous=revoke_previous,
+            reason=reason,
         )
     if manifest.version != version:
         raise RuntimeError(f"release registry assigned v{manifest.version}, expected v{version}: concurrent publisher?")

@@ -20,17 +20,28 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, app: ClientApp, *, run_config: Mapping, n_nodes: int, fail_types: Iterable[str] = (),
-                 node_configs: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        *,
+        run_config: Mapping,
+        n_nodes: int,
+        fail_types: Iterable[str] = (),
+        node_configs: list[dict] | None = None,
+    ) -> None:
         self.app = app
         # Flower stamps every new Message with the identity of the task that runs it.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.fail_types = set(fail_types)
         self.calls: list[str] = []
         self.contexts = {
-            1000 + pid: Context(run_id=1, node_id=1000 + pid,
-                                node_config=(node_configs[pid] if node_configs else {"partition-id": pid, "num-partitions": n_nodes}),
-                                state=RecordDict(), run_config=dict(run_config))
+            1000 + pid: Context(
+                run_id=1,
+                node_id=1000 + pid,
+                node_config=(node_configs[pid] if node_configs else {"partition-id": pid, "num-partitions": n_nodes}),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for pid in range(n_nodes)
         }
 
@@ -43,9 +54,20 @@ class InProcessGrid(Grid):
             dst = message.metadata.dst_node_id
             kind = message.metadata.message_type
             self.calls.append(kind)
-            incoming = Message(content=message.content, metadata=Metadata(
-                run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=dst, reply_to_message_id="",
-                group_id="", created_at=time.time(), ttl=3600.0, message_type=kind))
+            incoming = Message(
+                content=message.content,
+                metadata=Metadata(
+                    run_id=1,
+                    message_id=uuid.uuid4().hex,
+                    src_node_id=0,
+                    dst_node_id=dst,
+                    reply_to_message_id="",
+                    group_id="",
+                    created_at=time.time(),
+                    ttl=3600.0,
+                    message_type=kind,
+                ),
+            )
             try:
                 if kind in self.fail_types:
                     raise RuntimeError(f"injected failure for {kind}")

@@ -56,8 +56,10 @@ def oracle_skip_reason(cfg: RunSettings, requests: list[dict]) -> str | None:
     if cfg.resume:
         return "resume = true: the initial weights already trained on the deleted recordings"
     if not requests:
-        return ("no deletion request was filed after FedAvg in this run (a request filed before it was never "
-                "trained on: the trained release is its own oracle)")
+        return (
+            "no deletion request was filed after FedAvg in this run (a request filed before it was never "
+            "trained on: the trained release is its own oracle)"
+        )
     return None
 
 
@@ -88,14 +90,27 @@ def run_retrain_oracle(
         outcome.eval_seconds += time.perf_counter() - start
         return metrics
 
-    strategy = ImportanceFedAvg(collect_importance=False, fraction_train=1.0, fraction_evaluate=0.0,
-                                min_available_nodes=n_nodes, min_train_nodes=n_nodes)
-    log.info("retrain oracle: FedAvg for %d rounds without %d deleted recordings",
-             cfg.num_rounds, sum(len(r["utt_ids"]) for r in requests))
+    strategy = ImportanceFedAvg(
+        collect_importance=False,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_available_nodes=n_nodes,
+        min_train_nodes=n_nodes,
+    )
+    log.info(
+        "retrain oracle: FedAvg for %d rounds without %d deleted recordings",
+        cfg.num_rounds,
+        sum(len(r["utt_ids"]) for r in requests),
+    )
     start = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(dict(initial)), num_rounds=cfg.num_rounds,
-                            timeout=cfg.round_timeout, train_config=ConfigRecord({}),
-                            evaluate_fn=timed_evaluate if evaluate is not None else None)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(dict(initial)),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({}),
+        evaluate_fn=timed_evaluate if evaluate is not None else None,
+    )
     outcome.seconds = time.perf_counter() - start
     outcome.state = result.arrays.to_torch_state_dict()
     outcome.examples_per_round = dict(strategy.examples_per_round)

@@ -33,19 +33,27 @@ def build_report(
     fedavg_examples_per_round: Mapping[int, int],
 ) -> dict:
     forget_ids = {u for r in requests for u in r["utt_ids"]}
-    groups = {kind: {u for r in requests if r["kind"] == kind for u in r["utt_ids"]} for kind in sorted({r["kind"] for r in requests})}
+    groups = {
+        kind: {u for r in requests if r["kind"] == kind for u in r["utt_ids"]}
+        for kind in sorted({r["kind"] for r in requests})
+    }
     oracle_metrics = None
     if scenario.layout is not None and forget_ids:
         forget, remain = scenario.forget_and_remain(forget_ids)
         before = scenario.privacy_and_accuracy(trained, forget, remain, groups)
         after = scenario.privacy_and_accuracy(final, forget, remain, groups)
-        ablation = (scenario.privacy_and_accuracy(outcome.merged_unconstrained, forget, remain, groups)
-                    if outcome.merged_unconstrained is not None else None)
+        ablation = (
+            scenario.privacy_and_accuracy(outcome.merged_unconstrained, forget, remain, groups)
+            if outcome.merged_unconstrained is not None
+            else None
+        )
         if oracle.state is not None:
             oracle_metrics = scenario.privacy_and_accuracy(oracle.state, forget, remain, groups)
     else:  # deployment (or no scenario requests): the server never sees forget audio; devices report forget accuracy
         before, after = scenario.test_metrics(trained), scenario.test_metrics(final)
-        ablation = scenario.test_metrics(outcome.merged_unconstrained) if outcome.merged_unconstrained is not None else None
+        ablation = (
+            scenario.test_metrics(outcome.merged_unconstrained) if outcome.merged_unconstrained is not None else None
+        )
         if oracle.state is not None:
             oracle_metrics = scenario.test_metrics(oracle.state)
     registry = ReleaseRegistry(scenario.server.releases)
@@ -61,8 +69,9 @@ def build_report(
         "num_rounds": scenario.cfg.num_rounds,
         "fedavg_rounds": [r for r in scenario.rounds],
         "requests": [{k: (len(v) if k == "utt_ids" else v) for k, v in r.items()} for r in requests],
-        "n_forget": sum(len(r["utt_ids"]) for r in requests) if requests else sum(
-            int(m.get("n-forget", 0)) for m in outcome.node_metrics.values()),
+        "n_forget": sum(len(r["utt_ids"]) for r in requests)
+        if requests
+        else sum(int(m.get("n-forget", 0)) for m in outcome.node_metrics.values()),
         "before": before,
         "after": after,
         "after_without_elastic": ablation,
@@ -78,8 +87,17 @@ def build_report(
         "deleted_recordings": deleted_recordings(before, after, oracle_metrics, groups),
         "unlearning": {
             "pending_nodes": len(outcome.pending),
-            "verdicts": [{"node": v.node_id, "accepted": v.accepted, "reason": v.reason,
-                          "relative_norm": v.relative_norm, "open_s": v.open_seconds, "ua_drop": v.ua_drop} for v in outcome.verdicts],
+            "verdicts": [
+                {
+                    "node": v.node_id,
+                    "accepted": v.accepted,
+                    "reason": v.reason,
+                    "relative_norm": v.relative_norm,
+                    "open_s": v.open_seconds,
+                    "ua_drop": v.ua_drop,
+                }
+                for v in outcome.verdicts
+            ],
             "applied_request_ids": outcome.applied_request_ids,
             "node_metrics": node_unlearn,
             "bytes_sent": outcome.bytes_sent,
@@ -87,8 +105,14 @@ def build_report(
             "elastic": scenario.cfg.elastic,
         },
         "node_release_reports": node_reports,
-        "node_devices": {"train": dict(scenario.train_devices),
-                         "unlearn": {n: {"device": m["device"], "note": m.get("device-note", "")} for n, m in node_unlearn.items() if "device" in m}},
+        "node_devices": {
+            "train": dict(scenario.train_devices),
+            "unlearn": {
+                n: {"device": m["device"], "note": m.get("device-note", "")}
+                for n, m in node_unlearn.items()
+                if "device" in m
+            },
+        },
         "releases": {
             "trained": v_trained.version,
             "unlearned": v_unlearned.version if v_unlearned else None,
@@ -101,12 +125,25 @@ def build_report(
             "node_unlearn_s_max": max((m.get("unlearn-s", 0.0) for m in node_unlearn.values()), default=0.0),
             "node_seal_s_max": max((m.get("seal-s", 0.0) for m in node_unlearn.values()), default=0.0),
             "server_open_s_total": sum(v.open_seconds for v in outcome.verdicts),
-            **({"oracle_fedavg_s": oracle.seconds, "oracle_eval_s": oracle.eval_seconds,
-                "oracle_train_s": oracle.train_seconds} if oracle.state is not None else {}),
+            **(
+                {
+                    "oracle_fedavg_s": oracle.seconds,
+                    "oracle_eval_s": oracle.eval_seconds,
+                    "oracle_train_s": oracle.train_seconds,
+                }
+                if oracle.state is not None
+                else {}
+            ),
         },
-        "unlearning_vs_oracle": ({"unlearning_round_s": outcome.seconds, "oracle_train_s": oracle.train_seconds,
-                                  "speedup": oracle.train_seconds / outcome.seconds if outcome.seconds > 0 else None}
-                                 if oracle.state is not None else None),
+        "unlearning_vs_oracle": (
+            {
+                "unlearning_round_s": outcome.seconds,
+                "oracle_train_s": oracle.train_seconds,
+                "speedup": oracle.train_seconds / outcome.seconds if outcome.seconds > 0 else None,
+            }
+            if oracle.state is not None
+            else None
+        ),
     }
 
 
@@ -122,20 +159,31 @@ def deleted_recordings(before: dict, after: dict, oracle: dict | None, groups: M
     if oracle is None or "per_example_mia" not in before:
         return None
     models = {"v1": before, "v2": after, "oracle": oracle}
-    table = {name: {"forget_acc": m["forget_acc"], "member_rate": m["per_example_mia"]["member_rate"],
-                    "mean_posterior": m["per_example_mia"]["mean_posterior"],
-                    "nonmember_rate": m["per_example_mia"]["nonmember_rate"],
-                    "remaining_member_rate": m["per_example_mia"]["remaining_member_rate"],
-                    "by_group": m["by_group"]} for name, m in models.items()}
+    table = {
+        name: {
+            "forget_acc": m["forget_acc"],
+            "member_rate": m["per_example_mia"]["member_rate"],
+            "mean_posterior": m["per_example_mia"]["mean_posterior"],
+            "nonmember_rate": m["per_example_mia"]["nonmember_rate"],
+            "remaining_member_rate": m["per_example_mia"]["remaining_member_rate"],
+            "by_group": m["by_group"],
+        }
+        for name, m in models.items()
+    }
     reference = oracle["per_example_mia"]["scores"]
-    distance = {name: sum(abs(models[name]["per_example_mia"]["scores"][u] - s) for u, s in reference.items()) / len(reference)
-                for name in ("v1", "v2")}
+    distance = {
+        name: sum(abs(models[name]["per_example_mia"]["scores"][u] - s) for u, s in reference.items()) / len(reference)
+        for name in ("v1", "v2")
+    }
     gap = 100.0 * (before["forget_acc"] - oracle["forget_acc"])
     return {
         "n": len(reference),
         "n_by_group": {name: len(ids) for name, ids in groups.items()},
         "models": table,
         "score_distance_to_oracle": distance,
-        "acceptance": {"v1_minus_oracle_forget_acc_pts": gap, "target_pts": MEMORISATION_TARGET_PTS,
-                       "met": gap >= MEMORISATION_TARGET_PTS},
+        "acceptance": {
+            "v1_minus_oracle_forget_acc_pts": gap,
+            "target_pts": MEMORISATION_TARGET_PTS,
+            "met": gap >= MEMORISATION_TARGET_PTS,
+        },
     }

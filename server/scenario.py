@@ -49,15 +49,33 @@ class Scenario:
         labels = task_labels(cfg.task)
         if cfg.mode == "deployment":
             server = ServerDir(cfg.server_path).init()
-            held_out = (load_waveforms(read_manifest(cfg.eval_manifest), labels=labels, clip_seconds=cfg.clip_seconds)
-                        if cfg.eval_manifest else None)
+            held_out = (
+                load_waveforms(read_manifest(cfg.eval_manifest), labels=labels, clip_seconds=cfg.clip_seconds)
+                if cfg.eval_manifest
+                else None
+            )
             return cls(cfg, server, None, labels, held_out, held_out)
-        synth = SynthConfig(n_speakers=cfg.synth_speakers, sentences_per_speaker=cfg.synth_sentences, takes_per_emotion=cfg.synth_takes,
-                            speaker_style_spread=cfg.synth_style_spread, ambiguous_rate=cfg.synth_ambiguous_rate,
-                            label_noise_rate=cfg.synth_label_noise, seed=cfg.seed)
-        layout = provision_simulation(root=cfg.work_path, synth=synth, manifest=cfg.data_manifest_path,
-                                      task=cfg.task, n_valid=cfg.valid_speakers, n_test=cfg.test_speakers, seed=cfg.seed)
-        load = lambda name: load_waveforms(read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds)
+        synth = SynthConfig(
+            n_speakers=cfg.synth_speakers,
+            sentences_per_speaker=cfg.synth_sentences,
+            takes_per_emotion=cfg.synth_takes,
+            speaker_style_spread=cfg.synth_style_spread,
+            ambiguous_rate=cfg.synth_ambiguous_rate,
+            label_noise_rate=cfg.synth_label_noise,
+            seed=cfg.seed,
+        )
+        layout = provision_simulation(
+            root=cfg.work_path,
+            synth=synth,
+            manifest=cfg.data_manifest_path,
+            task=cfg.task,
+            n_valid=cfg.valid_speakers,
+            n_test=cfg.test_speakers,
+            seed=cfg.seed,
+        )
+        load = lambda name: load_waveforms(
+            read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds
+        )
         scenario = cls(cfg, layout.server, layout, labels, load("valid"), load("test"))
         scenario.timings["provision_s"] = time.perf_counter() - start
         return scenario
@@ -124,7 +142,9 @@ class Scenario:
         """Validation-speaker UA of given weights: the server's utility gate on deltas (None without a held-out set)."""
         if self.valid is None:
             return None
-        return lambda state: evaluate_model(self.model(state), self.valid, labels=self.labels, device=self.cfg.device)["ua"]
+        return lambda state: evaluate_model(self.model(state), self.valid, labels=self.labels, device=self.cfg.device)[
+            "ua"
+        ]
 
     def test_metrics(self, state: Mapping[str, torch.Tensor]) -> dict:
         """Held-out UA/WA of a model (empty without a held-out set): stored in release metadata."""
@@ -140,10 +160,14 @@ class Scenario:
         utts = sorted(u.utt_id for u in partial.utterances())
         chosen = sorted(random.Random(cfg.seed).sample(utts, min(cfg.scenario_partial_n, len(utts))))
         req = file_deletion_request(data_dir=partial.root, utt_ids=chosen)
-        out.append({"node": partial.node_id, "kind": "partial", "request_id": req.request_id, "utt_ids": list(req.utt_ids)})
+        out.append(
+            {"node": partial.node_id, "kind": "partial", "request_id": req.request_id, "utt_ids": list(req.utt_ids)}
+        )
         whole = self.layout.node_dir(cfg.scenario_whole_node)
         req = file_deletion_request(data_dir=whole.root, whole_speaker=True)
-        out.append({"node": whole.node_id, "kind": "whole-speaker", "request_id": req.request_id, "utt_ids": list(req.utt_ids)})
+        out.append(
+            {"node": whole.node_id, "kind": "whole-speaker", "request_id": req.request_id, "utt_ids": list(req.utt_ids)}
+        )
         return out
 
     def forget_and_remain(self, forget_ids: set[str], *, max_remain: int = 400):
@@ -155,8 +179,9 @@ class Scenario:
         load = lambda rows: load_waveforms(rows, labels=self.labels, clip_seconds=self.cfg.clip_seconds)
         return load(forget), load(remain)
 
-    def privacy_and_accuracy(self, state: Mapping[str, torch.Tensor], forget, remain,
-                             groups: Mapping[str, set[str]] | None = None) -> dict:
+    def privacy_and_accuracy(
+        self, state: Mapping[str, torch.Tensor], forget, remain, groups: Mapping[str, set[str]] | None = None
+    ) -> dict:
         """Forget/remain/test accuracy, forget-set population MIAs and the per-example attack of one global model.
 
         ``groups`` (name -> utt ids of the forget set, e.g. per request kind) adds each group's
@@ -167,26 +192,49 @@ class Scenario:
         from serforget.common.privacy import membership_inference
 
         model = self.model(state)
-        logits = {name: predict_logits(model, data, device=self.cfg.device) for name, data in
-                  (("forget", forget), ("remain", remain), ("test", self.test))}
+        logits = {
+            name: predict_logits(model, data, device=self.cfg.device)
+            for name, data in (("forget", forget), ("remain", remain), ("test", self.test))
+        }
         test = evaluate_model(model, self.test, labels=self.labels, device=self.cfg.device)
-        acc = lambda name, data: float((logits[name].argmax(1) == data.targets).float().mean()) if len(data) else float("nan")
-        mia = membership_inference(member_logits=logits["remain"], member_targets=remain.targets,
-                                   nonmember_logits=logits["test"], nonmember_targets=self.test.targets,
-                                   forget_logits=logits["forget"], forget_targets=forget.targets)
-        attack = per_example_attack(member_phi=logit_confidence(logits["remain"], remain.targets),
-                                    nonmember_phi=logit_confidence(logits["test"], self.test.targets),
-                                    target_phi=logit_confidence(logits["forget"], forget.targets), seed=self.cfg.seed)
+        acc = (
+            lambda name, data: float((logits[name].argmax(1) == data.targets).float().mean())
+            if len(data)
+            else float("nan")
+        )
+        mia = membership_inference(
+            member_logits=logits["remain"],
+            member_targets=remain.targets,
+            nonmember_logits=logits["test"],
+            nonmember_targets=self.test.targets,
+            forget_logits=logits["forget"],
+            forget_targets=forget.targets,
+        )
+        attack = per_example_attack(
+            member_phi=logit_confidence(logits["remain"], remain.targets),
+            nonmember_phi=logit_confidence(logits["test"], self.test.targets),
+            target_phi=logit_confidence(logits["forget"], forget.targets),
+            seed=self.cfg.seed,
+        )
         correct = (logits["forget"].argmax(1) == forget.targets).tolist()
         by_group = {}
         for name, ids in (groups or {}).items():
             rows = [i for i, utt in enumerate(forget.utt_ids) if utt in ids]
             if rows:
-                by_group[name] = {"n": len(rows), "forget_acc": sum(correct[i] for i in rows) / len(rows),
-                                  "member_rate": sum(attack.scores[i] > 0 for i in rows) / len(rows)}
-        return {"forget_acc": acc("forget", forget), "remain_acc": acc("remain", remain), "test_ua": test["ua"],
-                "test_wa": test["wa"], "mia": {name: result.to_dict() for name, result in mia.items()},
-                "per_example_mia": attack.to_dict(forget.utt_ids), "by_group": by_group}
+                by_group[name] = {
+                    "n": len(rows),
+                    "forget_acc": sum(correct[i] for i in rows) / len(rows),
+                    "member_rate": sum(attack.scores[i] > 0 for i in rows) / len(rows),
+                }
+        return {
+            "forget_acc": acc("forget", forget),
+            "remain_acc": acc("remain", remain),
+            "test_ua": test["ua"],
+            "test_wa": test["wa"],
+            "mia": {name: result.to_dict() for name, result in mia.items()},
+            "per_example_mia": attack.to_dict(forget.utt_ids),
+            "by_group": by_group,
+        }
 
     def write_report(self, report: dict) -> Path:
         out = self.report_dir
@@ -200,32 +248,49 @@ def report_markdown(report: dict) -> str:
     b, a, o = report["before"], report["after"], report.get("oracle") or {}
     lines = [
         f"# serforget simulation report (run finished {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report['finished_at']))} UTC)",
-        "", f"nodes: {report['n_nodes']}, FedAvg rounds: {report['num_rounds']}, "
-        f"releases: {report['releases']['published']} (revoked: {report['releases']['revoked']})", "",
-        "| metric | before unlearning (v%d) | after unlearning (v%d) | retrain oracle |" % (
-            report["releases"]["trained"], report["releases"]["unlearned"] or 0),
+        "",
+        f"nodes: {report['n_nodes']}, FedAvg rounds: {report['num_rounds']}, "
+        f"releases: {report['releases']['published']} (revoked: {report['releases']['revoked']})",
+        "",
+        "| metric | before unlearning (v%d) | after unlearning (v%d) | retrain oracle |"
+        % (report["releases"]["trained"], report["releases"]["unlearned"] or 0),
         "|---|---:|---:|---:|",
     ]
     cell = lambda m, key: f"{m[key]:.3f}" if key in m else "-"
-    for key, label in (("forget_acc", "forget accuracy"), ("remain_acc", "remaining-set accuracy"), ("test_ua", "test UA"), ("test_wa", "test WA")):
+    for key, label in (
+        ("forget_acc", "forget accuracy"),
+        ("remain_acc", "remaining-set accuracy"),
+        ("test_ua", "test UA"),
+        ("test_wa", "test WA"),
+    ):
         if key in b and key in a:
             lines.append(f"| {label} | {b[key]:.3f} | {a[key]:.3f} | {cell(o, key)} |")
     if report.get("after_without_elastic") and "forget_acc" in report["after_without_elastic"]:
         w = report["after_without_elastic"]
-        lines.append(f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} | |")
+        lines.append(
+            f"| (same deltas without the elastic constraint) forget acc / test UA | | {w['forget_acc']:.3f} / {w['test_ua']:.3f} | |"
+        )
     for attack in ("loss", "confidence", "entropy"):
         if attack in b.get("mia", {}):
             oracle_auc = f"{o['mia'][attack]['auc']:.3f}" if attack in o.get("mia", {}) else "-"
-            lines.append(f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} | {oracle_auc} |")
+            lines.append(
+                f"| MIA AUC ({attack}) on forget set | {b['mia'][attack]['auc']:.3f} | {a['mia'][attack]['auc']:.3f} | {oracle_auc} |"
+            )
     for node in report["node_release_reports"]:
         if node.get("forget-acc-release", -1.0) >= 0:
-            lines.append(f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} | |")
+            lines.append(
+                f"| a device's forget accuracy on its deleted recordings, measured before purge | | {node['forget-acc-release']:.3f} | |"
+            )
     lines += ["", *deleted_recordings_markdown(report)]
     lines += devices_markdown(report.get("node_devices") or {})
     t = report["timings"]
     lines += ["", "| timing | seconds |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in sorted(t.items())]
-    lines += ["", f"bytes sent to nodes for unlearning: {report['unlearning']['bytes_sent']}, "
-              f"sealed deltas received: {report['unlearning']['bytes_received']}", ""]
+    lines += [
+        "",
+        f"bytes sent to nodes for unlearning: {report['unlearning']['bytes_sent']}, "
+        f"sealed deltas received: {report['unlearning']['bytes_received']}",
+        "",
+    ]
     for v in report["unlearning"]["verdicts"]:
         lines.append(f"- delta from {v['node']}: {v['reason']}")
     return "\n".join(lines) + "\n"
@@ -254,29 +319,47 @@ def deleted_recordings_markdown(report: dict) -> list[str]:
     d = report.get("deleted_recordings")
     if d is not None:
         models = d["models"]
-        lines += [f"## The {d['n']} deleted recordings ("
-                  + ", ".join(f"{name}: {n}" for name, n in d["n_by_group"].items()) + ")", "",
-                  "| model | accuracy | " + " | ".join(f"accuracy ({g})" for g in d["n_by_group"])
-                  + " | per-example attack: called member | mean membership posterior | attack on held-out non-members (FPR) / remaining (TPR) |",
-                  "|---|---:|" + "---:|" * len(d["n_by_group"]) + "---:|---:|---:|"]
-        names = {"v1": f"v{report['releases']['trained']} (FedAvg)",
-                 "v2": f"v{report['releases']['unlearned']} (unlearned)" if report["releases"]["unlearned"] else "no unlearned release",
-                 "oracle": "retrain oracle"}
+        lines += [
+            f"## The {d['n']} deleted recordings ("
+            + ", ".join(f"{name}: {n}" for name, n in d["n_by_group"].items())
+            + ")",
+            "",
+            "| model | accuracy | "
+            + " | ".join(f"accuracy ({g})" for g in d["n_by_group"])
+            + " | per-example attack: called member | mean membership posterior | attack on held-out non-members (FPR) / remaining (TPR) |",
+            "|---|---:|" + "---:|" * len(d["n_by_group"]) + "---:|---:|---:|",
+        ]
+        names = {
+            "v1": f"v{report['releases']['trained']} (FedAvg)",
+            "v2": f"v{report['releases']['unlearned']} (unlearned)"
+            if report["releases"]["unlearned"]
+            else "no unlearned release",
+            "oracle": "retrain oracle",
+        }
         for key, m in models.items():
-            groups = " | ".join(f"{m['by_group'][g]['forget_acc']:.3f}" if g in m["by_group"] else "-" for g in d["n_by_group"])
-            lines.append(f"| {names[key]} | {m['forget_acc']:.3f} | {groups} | {m['member_rate']:.3f} | {m['mean_posterior']:.3f} | "
-                         f"{m['nonmember_rate']:.3f} / {m['remaining_member_rate']:.3f} |")
+            groups = " | ".join(
+                f"{m['by_group'][g]['forget_acc']:.3f}" if g in m["by_group"] else "-" for g in d["n_by_group"]
+            )
+            lines.append(
+                f"| {names[key]} | {m['forget_acc']:.3f} | {groups} | {m['member_rate']:.3f} | {m['mean_posterior']:.3f} | "
+                f"{m['nonmember_rate']:.3f} / {m['remaining_member_rate']:.3f} |"
+            )
         dist = d["score_distance_to_oracle"]
         acc = d["acceptance"]
-        lines += ["", f"mean per-example distance of the attack's log likelihood ratio to the oracle's: "
-                  f"v1 {dist['v1']:.2f}, v2 {dist['v2']:.2f}",
-                  f"memorisation (issue 10, federated): v1 is {acc['v1_minus_oracle_forget_acc_pts']:.1f} accuracy points above the "
-                  f"oracle on the deleted recordings (target >= {acc['target_pts']:.0f}): **{'met' if acc['met'] else 'missed'}**"]
+        lines += [
+            "",
+            f"mean per-example distance of the attack's log likelihood ratio to the oracle's: "
+            f"v1 {dist['v1']:.2f}, v2 {dist['v2']:.2f}",
+            f"memorisation (issue 10, federated): v1 is {acc['v1_minus_oracle_forget_acc_pts']:.1f} accuracy points above the "
+            f"oracle on the deleted recordings (target >= {acc['target_pts']:.0f}): **{'met' if acc['met'] else 'missed'}**",
+        ]
     speed = report.get("unlearning_vs_oracle")
     if speed:
         ratio = f"{speed['speedup']:.1f}x" if speed["speedup"] else "n/a"
-        lines.append(f"wall time: unlearning round {speed['unlearning_round_s']:.1f} s vs retrain oracle {speed['oracle_train_s']:.1f} s "
-                     f"(FedAvg without the deleted recordings, central evaluation excluded): {ratio}")
+        lines.append(
+            f"wall time: unlearning round {speed['unlearning_round_s']:.1f} s vs retrain oracle {speed['oracle_train_s']:.1f} s "
+            f"(FedAvg without the deleted recordings, central evaluation excluded): {ratio}"
+        )
     examples = oracle.get("examples_per_round", {})
     fedavg = oracle.get("fedavg_examples_per_round", {})
     if examples and fedavg:
@@ -297,17 +380,27 @@ def plot_report(report: dict, out: Path) -> None:
     ax1.plot([r["round"] for r in rounds], [r["valid_ua"] for r in rounds], marker=".", label="valid UA (FedAvg)")
     oracle_rounds = [r for r in (report.get("retrain_oracle") or {}).get("rounds", []) if "test_ua" in r]
     if oracle_rounds:
-        ax1.plot([r["round"] for r in oracle_rounds], [r["test_ua"] for r in oracle_rounds], marker="x", linestyle="--",
-                 label="test UA (retrain oracle)")
+        ax1.plot(
+            [r["round"] for r in oracle_rounds],
+            [r["test_ua"] for r in oracle_rounds],
+            marker="x",
+            linestyle="--",
+            label="test UA (retrain oracle)",
+        )
     if report.get("labels"):
         ax1.axhline(1.0 / len(report["labels"]), color="grey", linestyle=":", linewidth=1, label="chance")
     ax1.set_xlabel("FedAvg round")
     ax1.set_ylabel("UA")
     ax1.set_title("federated training (central evaluation)")
     ax1.legend(fontsize=8)
-    models = [("before", "v1 (FedAvg)"), ("after", "v2 (unlearned)")] + ([("oracle", "retrain oracle")] if report.get("oracle") else [])
-    named = [(k, n) for k, n in (("forget_acc", "forget acc"), ("remain_acc", "remain acc"), ("test_ua", "test UA"))
-             if all(k in report[m] for m, _ in models)]
+    models = [("before", "v1 (FedAvg)"), ("after", "v2 (unlearned)")] + (
+        [("oracle", "retrain oracle")] if report.get("oracle") else []
+    )
+    named = [
+        (k, n)
+        for k, n in (("forget_acc", "forget acc"), ("remain_acc", "remain acc"), ("test_ua", "test UA"))
+        if all(k in report[m] for m, _ in models)
+    ]
     values = {m: [report[m][k] for k, _ in named] for m, _ in models}
     names = [n for _, n in named]
     if all("per_example_mia" in report[m] for m, _ in models):
@@ -321,15 +414,20 @@ def plot_report(report: dict, out: Path) -> None:
         names.append(f"MIA AUC ({mia_key})")
     width = 0.8 / len(models)
     for j, (m, label) in enumerate(models):
-        ax2.bar([i + (j - (len(models) - 1) / 2) * width for i in range(len(names))], values[m], width=width, label=label)
+        ax2.bar(
+            [i + (j - (len(models) - 1) / 2) * width for i in range(len(names))], values[m], width=width, label=label
+        )
     ax2.set_xticks(list(range(len(names))), names, fontsize=8)
     ax2.set_ylim(0, 1)
     ax2.set_title("the deleted recordings (forget set) and the rest")
     ax2.legend(fontsize=8)
     speed = report.get("unlearning_vs_oracle")
     if speed:
-        ax3.bar(["unlearning\nround", "retrain\noracle"], [speed["unlearning_round_s"], speed["oracle_train_s"]],
-                color=["tab:orange", "tab:green"])
+        ax3.bar(
+            ["unlearning\nround", "retrain\noracle"],
+            [speed["unlearning_round_s"], speed["oracle_train_s"]],
+            color=["tab:orange", "tab:green"],
+        )
         ax3.set_yscale("log")
         ax3.set_ylabel("wall time (s, log scale)")
         ax3.set_title(f"cost: {speed['speedup']:.1f}x" if speed["speedup"] else "cost")

@@ -50,8 +50,15 @@ def node_id_for(speaker: str) -> str:
 
 
 def provision_simulation(
-    *, root: Path, synth: SynthConfig = SynthConfig(), task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0,
-    progress: bool = True, manifest: Path | None = None,
+    *,
+    root: Path,
+    synth: SynthConfig = SynthConfig(),
+    task: str = "4class",
+    n_valid: int = 3,
+    n_test: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+    manifest: Path | None = None,
 ) -> SimulationLayout:
     """Create (or reuse) everything a simulated run needs under ``root``.
 
@@ -64,18 +71,24 @@ def provision_simulation(
         manifest = synthesize_corpus(out_dir=root / "corpus", config=synth, progress=progress)
     else:
         training_speakers(manifest=manifest, task=task, n_valid=n_valid, n_test=n_test, seed=seed)  # clear errors first
-    splits = make_splits(manifest=manifest, out_dir=root / "splits", task=task, n_valid=n_valid, n_test=n_test, seed=seed)
+    splits = make_splits(
+        manifest=manifest, out_dir=root / "splits", task=task, n_valid=n_valid, n_test=n_test, seed=seed
+    )
     server = ServerDir(root / "server").init()
     partitions = by_speaker(read_manifest(splits["train"]))
     layout = SimulationLayout(root, splits, tuple(partitions), server)
     for pid, (speaker, utts) in enumerate(partitions.items()):
-        node = prepare_node_dir(root=layout.node_dir(pid).root, node_id=node_id_for(speaker), speaker=speaker, utterances=utts)
+        node = prepare_node_dir(
+            root=layout.node_dir(pid).root, node_id=node_id_for(speaker), speaker=speaker, utterances=utts
+        )
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
         pin_server_keys(node, server_keys_dir=server.keys_dir)
     return layout
 
 
-def require_partition_nodes(grid: NodeSource, *, n_partitions: int, timeout: float = NODE_WAIT_S, poll: float = 1.0) -> list[int]:
+def require_partition_nodes(
+    grid: NodeSource, *, n_partitions: int, timeout: float = NODE_WAIT_S, poll: float = 1.0
+) -> list[int]:
     """The simulation's node ids, once exactly one SuperNode per partition is connected.
 
     Why: a plain ``flwr run .`` uses the connection's ``num-supernodes`` (Flower's default is
@@ -92,5 +105,6 @@ def require_partition_nodes(grid: NodeSource, *, n_partitions: int, timeout: flo
         raise ValueError(
             f"the simulation has {len(ids)} SuperNodes connected (after waiting up to {timeout:.0f} s) but the corpus "
             f"has {n_partitions} training-speaker partitions: set num-supernodes = {n_partitions} in the Flower "
-            f"connection (options.num-supernodes in $FLWR_HOME/config.toml) or run `serforget simulate`, which sets it")
+            f"connection (options.num-supernodes in $FLWR_HOME/config.toml) or run `serforget simulate`, which sets it"
+        )
     return ids

@@ -26,7 +26,9 @@ def node_device(msg: Message) -> dict[str, str] | None:
         info = msg.content.config_records.get(NODE_INFO)
         if info is None:
             return None
-        values = {name: info.get(key, "") for name, key in (("node", NODE_ID), ("device", DEVICE), ("note", DEVICE_NOTE))}
+        values = {
+            name: info.get(key, "") for name, key in (("node", NODE_ID), ("device", DEVICE), ("note", DEVICE_NOTE))
+        }
         if not all(isinstance(v, str) for v in values.values()):
             return None
         return {k: v[:_INFO_MAX_CHARS] for k, v in values.items()}
@@ -61,12 +63,16 @@ class ImportanceFedAvg(FedAvg):
         self._last_round = num_rounds
         return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         wanted = self.collect_importance and server_round == self._last_round
         config = ConfigRecord({**dict(config), SERVER_ROUND: server_round, WANT_IMPORTANCE: wanted})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         maps, examples = [], 0
         self.node_errors[server_round] = [str(msg.error.reason)[:_INFO_MAX_CHARS] for msg in replies if msg.has_error()]
@@ -75,7 +81,10 @@ class ImportanceFedAvg(FedAvg):
                 continue
             info = node_device(msg)
             if info is not None:
-                self.devices[info["node"] or str(msg.metadata.src_node_id)] = {"device": info["device"], "note": info["note"]}
+                self.devices[info["node"] or str(msg.metadata.src_node_id)] = {
+                    "device": info["device"],
+                    "note": info["note"],
+                }
             try:  # a node's claim: a malformed reply is left to FedAvg's own checks, never crashes this count
                 weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
             except (StopIteration, KeyError, TypeError, ValueError):

@@ -160,9 +160,12 @@ def run_unlearning_round(
         return outcome
     owners = bind_pending(server, pending, names)
     arrays = ArrayRecord(dict(base_state))
-    config = ConfigRecord({BASE_VERSION: base_version, BASE_SHA256: state_sha256(base_state),
-                           TARGET_FORGET_ACC: float(target_forget_acc)})
-    replies = _query(grid, list(outcome.pending), QUERY_UNLEARN, RecordDict({ARRAYS: arrays, CONFIG: config}), cfg.unlearn_timeout)
+    config = ConfigRecord(
+        {BASE_VERSION: base_version, BASE_SHA256: state_sha256(base_state), TARGET_FORGET_ACC: float(target_forget_acc)}
+    )
+    replies = _query(
+        grid, list(outcome.pending), QUERY_UNLEARN, RecordDict({ARRAYS: arrays, CONFIG: config}), cfg.unlearn_timeout
+    )
     outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
     seen = server.seen_ids()
     already = applied_request_ids(server.releases)
@@ -177,13 +180,24 @@ def run_unlearning_round(
             envelope = bytes(reply.content[ENVELOPE][ENVELOPE])
             metrics = dict(reply.content[METRICS])
         except Exception as exc:  # noqa: BLE001 - a malformed reply is that node's verdict
-            outcome.verdicts.append(DeltaVerdict(names.get(src, str(src)), False, f"invalid: reply: {type(exc).__name__}: {exc}"))
+            outcome.verdicts.append(
+                DeltaVerdict(names.get(src, str(src)), False, f"invalid: reply: {type(exc).__name__}: {exc}")
+            )
             continue
         outcome.bytes_received += len(envelope)
-        verdict = open_and_check(envelope=envelope, claimed_node=names.get(src, ""), server=server,
-                                 base_state=base_state, base_version=base_version, base_sha256=config[BASE_SHA256],
-                                 seen=seen, max_delta_ratio=cfg.max_delta_ratio, applied_requests=already,
-                                 owners=owners, round_requests=round_requests)
+        verdict = open_and_check(
+            envelope=envelope,
+            claimed_node=names.get(src, ""),
+            server=server,
+            base_state=base_state,
+            base_version=base_version,
+            base_sha256=config[BASE_SHA256],
+            seen=seen,
+            max_delta_ratio=cfg.max_delta_ratio,
+            applied_requests=already,
+            owners=owners,
+            round_requests=round_requests,
+        )
         log.info("delta from %s: %s", verdict.node_id, verdict.reason)
         outcome.verdicts.append(verdict)
         info = node_device(reply)
@@ -206,7 +220,9 @@ def run_unlearning_round(
         server.remember([v.header.envelope_id for v in accepted])
         deltas = [v.delta for v in accepted]
         outcome.merged = merge_deltas(base_state, deltas, **merge)
-        outcome.merged_unconstrained = merge_deltas(base_state, deltas, importance=None, elastic=False, tau=0.0, strength=0.0)
+        outcome.merged_unconstrained = merge_deltas(
+            base_state, deltas, importance=None, elastic=False, tau=0.0, strength=0.0
+        )
     outcome.seconds = time.perf_counter() - start
     return outcome
 
@@ -230,8 +246,14 @@ def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tup
 
 
 def announce_release(
-    grid: Grid, *, cfg: RunSettings, state: Mapping[str, torch.Tensor], version: int, applied: list[str],
-    retry: Mapping[int, list[str]], releases: Path,
+    grid: Grid,
+    *,
+    cfg: RunSettings,
+    state: Mapping[str, torch.Tensor],
+    version: int,
+    applied: list[str],
+    retry: Mapping[int, list[str]],
+    releases: Path,
 ) -> list[Message]:
     """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones.
 
@@ -241,12 +263,27 @@ def announce_release(
     """
     manifests, signatures = signed_manifests(releases, version=version, applied=applied)
     arrays = ArrayRecord(dict(state))
-    messages = [Message(content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({
-                    RELEASE_VERSION: version, APPLIED_REQUEST_IDS: applied or [""],
-                    RETRY_REQUEST_IDS: list(retry.get(node, [])) or [""],
-                    RELEASE_MANIFESTS: manifests, RELEASE_SIGNATURES: signatures})}),
-                        message_type=f"query.{QUERY_RELEASE}", dst_node_id=node)
-                for node in grid.get_node_ids()]
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    ARRAYS: arrays,
+                    CONFIG: ConfigRecord(
+                        {
+                            RELEASE_VERSION: version,
+                            APPLIED_REQUEST_IDS: applied or [""],
+                            RETRY_REQUEST_IDS: list(retry.get(node, [])) or [""],
+                            RELEASE_MANIFESTS: manifests,
+                            RELEASE_SIGNATURES: signatures,
+                        }
+                    ),
+                }
+            ),
+            message_type=f"query.{QUERY_RELEASE}",
+            dst_node_id=node,
+        )
+        for node in grid.get_node_ids()
+    ]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     for reply in replies:
         if reply.has_error():

@@ -25,8 +25,10 @@ def tiny_corpus(tmp_path: Path) -> Path:
         for emotion in FOUR_CLASS:
             for take in range(3):
                 utt_id = f"spk{s}_{emotion}_{take}"
-                path = save_audio(tmp_path / "wav" / f"{utt_id}.wav",
-                                  tone(base[emotion] * (1 + 0.03 * s), 0.5 + 0.1 * take, seed=s * 100 + take))
+                path = save_audio(
+                    tmp_path / "wav" / f"{utt_id}.wav",
+                    tone(base[emotion] * (1 + 0.03 * s), 0.5 + 0.1 * take, seed=s * 100 + take),
+                )
                 utts.append(Utterance(utt_id, path, f"spk{s}", emotion))
     write_manifest(tmp_path / "manifest.csv", utts)
     return tmp_path / "manifest.csv"

@@ -19,8 +19,11 @@ def test_load_resamples_and_mixes_down(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "not a readable audio file"), (b"this is not audio at all" * 10, "not a readable audio file"),
-     (b"RIFF\x24\x00\x00\x00WAVEfmt ", "not a readable audio file")],
+    [
+        (b"", "not a readable audio file"),
+        (b"this is not audio at all" * 10, "not a readable audio file"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "not a readable audio file"),
+    ],
 )
 def test_bad_files_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     bad = tmp_path / "bad.wav"

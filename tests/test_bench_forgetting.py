@@ -11,13 +11,23 @@ from benchmarks import bench_forgetting as bench
 
 pytestmark = pytest.mark.slow
 
-FIELDS = ("forget_acc", "retrain_forget_acc", "test_ua_drop", "attack_auc", "attack_auc_ci_high",
-          "original_attack_auc", "emd_to_retrain", "speedup_median", "zero_step_cells")
+FIELDS = (
+    "forget_acc",
+    "retrain_forget_acc",
+    "test_ua_drop",
+    "attack_auc",
+    "attack_auc_ci_high",
+    "original_attack_auc",
+    "emd_to_retrain",
+    "speedup_median",
+    "zero_step_cells",
+)
 
 
 def test_small_benchmark_writes_every_field_and_its_attack_sees_the_original(tmp_path: Path) -> None:
-    report = bench.run(bench.SMOKE, data_root=tmp_path / "data", work_root=tmp_path / "work", out=tmp_path / "out",
-                       progress=False)
+    report = bench.run(
+        bench.SMOKE, data_root=tmp_path / "data", work_root=tmp_path / "work", out=tmp_path / "out", progress=False
+    )
     for name in ("forgetting.json", "forgetting.md", "forgetting.png", "forgetting_tuning.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     stored = json.loads((tmp_path / "out" / "forgetting.json").read_text())
@@ -45,15 +55,20 @@ def test_small_benchmark_writes_every_field_and_its_attack_sees_the_original(tmp
     assert all(s["n"] in bench.SMOKE.tuning_sizes for entry in stored["tuning"]["log"] for s in entry["sets"])
     assert {c["target"] for c in stored["targets"]} >= {"N=10: test UA within 1.5 points of Original"}
     # Resumable: a second run reuses every cell and model.
-    again = bench.run(bench.SMOKE, data_root=tmp_path / "data", work_root=tmp_path / "work", out=tmp_path / "out2",
-                      progress=False)
+    again = bench.run(
+        bench.SMOKE, data_root=tmp_path / "data", work_root=tmp_path / "work", out=tmp_path / "out2", progress=False
+    )
     assert again["regimes"][0]["table"] == report["regimes"][0]["table"]
 
 
 def test_forget_sets_are_seeded_and_drawn_from_their_own_speakers() -> None:
     candidates = [f"u{i}" for i in range(100)]
-    assert bench.forget_set(candidates, n=10, tag="eval-x-10-0") == bench.forget_set(candidates, n=10, tag="eval-x-10-0")
-    assert bench.forget_set(candidates, n=10, tag="eval-x-10-0") != bench.forget_set(candidates, n=10, tag="tune-x-10-0")
+    assert bench.forget_set(candidates, n=10, tag="eval-x-10-0") == bench.forget_set(
+        candidates, n=10, tag="eval-x-10-0"
+    )
+    assert bench.forget_set(candidates, n=10, tag="eval-x-10-0") != bench.forget_set(
+        candidates, n=10, tag="tune-x-10-0"
+    )
     with pytest.raises(ValueError, match="cannot draw"):
         bench.forget_set(candidates, n=101, tag="t")
     inside = bench.shadow_membership(candidates, 4, regime="memorising")

@@ -29,10 +29,12 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *, need
 
 
 def test_top_level_help_and_version_import_no_command_module() -> None:
-    code = ("import sys; from serforget.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "heavy = {'torch', 'flwr', 'onnxruntime', 'serforget.common.training'} & set(sys.modules)\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from serforget.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = {'torch', 'flwr', 'onnxruntime', 'serforget.common.training'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     for name in COMMANDS:
@@ -56,38 +58,55 @@ def test_help_shows_defaults() -> None:
 
 
 def test_boolean_flags_refuse_nonsense(capsys, tmp_path: Path) -> None:
-    _one_line_error(capsys, ["train", "--train", "x.csv", "--out", str(tmp_path / "o"), "--select-best", "maybe"],
-                    needle="expected true or false, got 'maybe'")
+    _one_line_error(
+        capsys,
+        ["train", "--train", "x.csv", "--out", str(tmp_path / "o"), "--select-best", "maybe"],
+        needle="expected true or false, got 'maybe'",
+    )
 
 
 def test_train_refuses_an_output_that_is_a_file_before_loading_audio(capsys, tmp_path: Path) -> None:
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     missing_manifest = tmp_path / "never-read.csv"  # were audio loaded first, this would fail instead
-    line = _one_line_error(capsys, ["train", "--train", str(missing_manifest), "--out", str(blocker / "ckpt")],
-                           needle="is not a folder")
+    line = _one_line_error(
+        capsys, ["train", "--train", str(missing_manifest), "--out", str(blocker / "ckpt")], needle="is not a folder"
+    )
     assert str(blocker) in line
 
 
 def test_train_refuses_a_transformer_without_config_before_loading_audio(capsys, tmp_path: Path) -> None:
-    _one_line_error(capsys, ["train", "--train", str(tmp_path / "never-read.csv"), "--out", str(tmp_path / "o"),
-                             "--arch", "wav2vec2"], needle="wav2vec2")
+    _one_line_error(
+        capsys,
+        ["train", "--train", str(tmp_path / "never-read.csv"), "--out", str(tmp_path / "o"), "--arch", "wav2vec2"],
+        needle="wav2vec2",
+    )
 
 
 def test_evaluate_and_index_refuse_bad_outputs(capsys, tmp_path: Path) -> None:
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
-    _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--manifest", "m.csv",
-                             "--out", str(blocker)], needle="is not a folder")
-    _one_line_error(capsys, ["corpus", "index", "--format", "ravdess", "--root", str(tmp_path), "--out", str(tmp_path)],
-                    needle="is a folder")
-    _one_line_error(capsys, ["corpus", "index", "--format", "ravdess", "--root", str(tmp_path / "nope"),
-                             "--out", str(tmp_path / "m.csv")], needle="not a folder")
+    _one_line_error(
+        capsys,
+        ["evaluate", "--checkpoint", str(tmp_path / "none"), "--manifest", "m.csv", "--out", str(blocker)],
+        needle="is not a folder",
+    )
+    _one_line_error(
+        capsys,
+        ["corpus", "index", "--format", "ravdess", "--root", str(tmp_path), "--out", str(tmp_path)],
+        needle="is a folder",
+    )
+    _one_line_error(
+        capsys,
+        ["corpus", "index", "--format", "ravdess", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")],
+        needle="not a folder",
+    )
 
 
 def test_simulate_outside_the_repository_names_the_problem(capsys, tmp_path: Path) -> None:
-    _one_line_error(capsys, ["simulate", "--app", str(tmp_path), "--work-dir", str(tmp_path / "w")],
-                    needle="no pyproject.toml")
+    _one_line_error(
+        capsys, ["simulate", "--app", str(tmp_path), "--work-dir", str(tmp_path / "w")], needle="no pyproject.toml"
+    )
 
 
 def test_unknown_command_and_missing_files_are_one_line(capsys, tmp_path: Path) -> None:

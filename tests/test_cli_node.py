@@ -27,9 +27,37 @@ def test_keys_cli(tmp_path: Path, capsys) -> None:
     assert main(["keys", "init", "--dir", str(tmp_path / "n1"), "--role", "node"]) == 0
     assert (tmp_path / "srv" / "hpke.pub").exists() and not (tmp_path / "n1" / "hpke.pub").exists()
     reg = tmp_path / "srv" / "nodes.json"
-    assert main(["keys", "enroll", "--registry", str(reg), "--node-id", "n1", "--public-key", str(tmp_path / "n1" / "sign.pub")]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "enroll",
+                "--registry",
+                str(reg),
+                "--node-id",
+                "n1",
+                "--public-key",
+                str(tmp_path / "n1" / "sign.pub"),
+            ]
+        )
+        == 0
+    )
     assert main(["keys", "init", "--dir", str(tmp_path / "n2"), "--role", "node"]) == 0
-    assert main(["keys", "enroll", "--registry", str(reg), "--node-id", "n1", "--public-key", str(tmp_path / "n2" / "sign.pub")]) == 2
+    assert (
+        main(
+            [
+                "keys",
+                "enroll",
+                "--registry",
+                str(reg),
+                "--node-id",
+                "n1",
+                "--public-key",
+                str(tmp_path / "n2" / "sign.pub"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_deploy_cli_without_a_deployment(tmp_path: Path, capsys) -> None:

@@ -25,8 +25,15 @@ from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import read_manifest
 
 #: The generalising regime (no speaker styles, ambiguity or label noise): every label is the acted one.
-TINY = SynthConfig(n_speakers=2, sentences_per_speaker=1, takes_per_emotion=1, seed=7,
-                   speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0)
+TINY = SynthConfig(
+    n_speakers=2,
+    sentences_per_speaker=1,
+    takes_per_emotion=1,
+    seed=7,
+    speaker_style_spread=0.0,
+    ambiguous_rate=0.0,
+    label_noise_rate=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +211,8 @@ def test_parse_espeak_wav_rejects_non_wav_and_stereo() -> None:
         parse_espeak_wav(b"hello world!", where="test")
     fmt = (1).to_bytes(2, "little") + (2).to_bytes(2, "little") + (22050).to_bytes(4, "little")
     fmt += (88200).to_bytes(4, "little") + (4).to_bytes(2, "little") + (16).to_bytes(2, "little")
-    stereo = b"RIFF\xff\xff\xff\x7fWAVEfmt " + (16).to_bytes(4, "little") + fmt + b"data\xff\xff\xff\x7f" + b"\x01\x00" * 8
+    stereo = (
+        b"RIFF\xff\xff\xff\x7fWAVEfmt " + (16).to_bytes(4, "little") + fmt + b"data\xff\xff\xff\x7f" + b"\x01\x00" * 8
+    )
     with pytest.raises(RuntimeError, match="expected 16-bit mono PCM"):
         parse_espeak_wav(stereo, where="test")

@@ -48,17 +48,21 @@ def test_rates_are_exact_per_speaker_and_seeded() -> None:
 
 def test_knobs_at_zero_leave_the_generalising_draws_untouched() -> None:
     """Each knob has its own random stream: switching one on changes only what it is about."""
-    base = plan_takes(SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0),
-                      wav_dir=Path("/x"))
-    noisy = plan_takes(SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.5),
-                       wav_dir=Path("/x"))
+    base = plan_takes(
+        SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0), wav_dir=Path("/x")
+    )
+    noisy = plan_takes(
+        SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.5), wav_dir=Path("/x")
+    )
     assert [draw_take(j)[0] for j in base] == [draw_take(j)[0] for j in noisy], "label noise must not change audio"
-    styled = plan_takes(SynthConfig(**SMALL, speaker_style_spread=0.5, ambiguous_rate=0.0, label_noise_rate=0.0),
-                        wav_dir=Path("/x"))
+    styled = plan_takes(
+        SynthConfig(**SMALL, speaker_style_spread=0.5, ambiguous_rate=0.0, label_noise_rate=0.0), wav_dir=Path("/x")
+    )
     changed = sum(draw_take(a)[0] != draw_take(b)[0] for a, b in zip(base, styled))
     assert changed == len(base), "every take is acted in its speaker's own way"
-    ambiguous = plan_takes(SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.25, label_noise_rate=0.0),
-                           wav_dir=Path("/x"))
+    ambiguous = plan_takes(
+        SynthConfig(**SMALL, speaker_style_spread=0.0, ambiguous_rate=0.25, label_noise_rate=0.0), wav_dir=Path("/x")
+    )
     for a, b in zip(base, ambiguous):
         same = draw_take(a)[0] == draw_take(b)[0]
         assert same == (b.blend_with is None)
@@ -72,14 +76,17 @@ def test_speaker_styles_are_per_speaker_and_emotion() -> None:
 
 
 def test_corpus_writes_annotated_labels_and_the_label_table(tmp_path: Path) -> None:
-    config = SynthConfig(n_speakers=1, sentences_per_speaker=1, takes_per_emotion=2, seed=5,
-                         ambiguous_rate=0.25, label_noise_rate=0.25)
+    config = SynthConfig(
+        n_speakers=1, sentences_per_speaker=1, takes_per_emotion=2, seed=5, ambiguous_rate=0.25, label_noise_rate=0.25
+    )
     manifest = synthesize_corpus(out_dir=tmp_path / "c", config=config, progress=False, workers=1)
     table = read_label_table(manifest.parent / LABELS_NAME)
     utts = read_manifest(manifest)
     assert len(table) == len(utts) == 8
     assert all(table[u.utt_id].annotated == u.emotion for u in utts), "the manifest holds the annotated label"
-    assert sum(t.mislabelled for t in table.values()) == 2 and sum(t.blend_with is not None for t in table.values()) == 2
+    assert (
+        sum(t.mislabelled for t in table.values()) == 2 and sum(t.blend_with is not None for t in table.values()) == 2
+    )
     assert Counter(t.acted for t in table.values()) == Counter({e: 2 for e in config.emotions})
 
 

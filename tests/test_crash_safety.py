@@ -20,8 +20,12 @@ def _assert_clean(result) -> None:
 
 
 def test_a_few_kills_of_each_writer_lose_and_corrupt_nothing(tmp_path: Path) -> None:
-    for trials, folder in ((release_trials, "release"), (ledger_trials, "ledger"), (seen_trials, "seen"),
-                           (owners_trials, "owners")):
+    for trials, folder in (
+        (release_trials, "release"),
+        (ledger_trials, "ledger"),
+        (seen_trials, "seen"),
+        (owners_trials, "owners"),
+    ):
         (tmp_path / folder).mkdir()
         result = trials(work=tmp_path / folder, trials=4, seed=7)
         _assert_clean(result)
@@ -33,8 +37,12 @@ def test_a_few_kills_of_each_writer_lose_and_corrupt_nothing(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_fifty_kills_per_store_lose_and_corrupt_nothing(tmp_path: Path) -> None:
     results = run_all(work=tmp_path, trials=50, seed=0)
-    assert [r.store for r in results] == ["release registry", "deletion ledger", "replay list (seen.json)",
-                                          "request owners (request_owners.json)"]
+    assert [r.store for r in results] == [
+        "release registry",
+        "deletion ledger",
+        "replay list (seen.json)",
+        "request owners (request_owners.json)",
+    ]
     for result in results:
         _assert_clean(result)
         assert result.trials == 50
@@ -99,7 +107,8 @@ def test_an_interrupted_revoking_publish_leaves_the_revocation_in_the_signed_ind
 
     monkeypatch.setattr(release, "_commit_staged_release", killed)
     with pytest.raises(KeyboardInterrupt):
-        registry.publish(files={"model.onnx": source}, signing_key=key, parent=1, applies_requests=["r1"],
-                         revoke_previous=True)
+        registry.publish(
+            files={"model.onnx": source}, signing_key=key, parent=1, applies_requests=["r1"], revoke_previous=True
+        )
     assert 1 in registry.revoked()  # the log already revokes v1 ...
     assert 1 in registry.read_index(public_key=key.public_key()).revoked()  # ... the index must say so too

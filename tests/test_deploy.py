@@ -60,7 +60,9 @@ def test_reprovisioning_keeps_keys_and_adding_a_host_reissues_with_the_same_key(
     assert tls.cert.read_bytes() == cert_bytes
     issue_server_certificate(ca=ca, out_dir=tmp_path, hosts=["127.0.0.1", "10.0.0.5"])
     assert tls.cert.read_bytes() != cert_bytes and tls.key.read_bytes() == key_bytes
-    sans = x509.load_pem_x509_certificate(tls.cert.read_bytes()).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    sans = x509.load_pem_x509_certificate(tls.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
     assert {str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.5"}
 
 
@@ -81,8 +83,11 @@ def test_a_non_ec_public_key_is_refused_naming_the_file(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     path = tmp_path / "ed.pub"
-    path.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    path.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(PKIError, match="ed.pub"):
         load_node_auth_public(path)
 
@@ -114,9 +119,18 @@ def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
     """A PID file whose PID now belongs to another process (here: this test) is only removed."""
     table = ProcessTable(tmp_path)
     (tmp_path / "pids").mkdir()
-    (tmp_path / "pids" / "old.json").write_text(json.dumps({
-        "format_version": 1, "name": "old", "pid": os.getpid(), "start_ticks": start_ticks(os.getpid()) + 1,
-        "argv": ["flower-superlink"], "log": str(tmp_path / "old.log")}))
+    (tmp_path / "pids" / "old.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "name": "old",
+                "pid": os.getpid(),
+                "start_ticks": start_ticks(os.getpid()) + 1,
+                "argv": ["flower-superlink"],
+                "log": str(tmp_path / "old.log"),
+            }
+        )
+    )
     assert table.stop("old", timeout=1) is False
     assert not (tmp_path / "pids" / "old.json").exists()
 
@@ -136,8 +150,11 @@ def test_starting_a_name_that_is_running_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ write failures
 
 
-def _restricted(code: str, *, max_file_bytes: int | None = None, read_only_dirs: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def _restricted(
+    code: str, *, max_file_bytes: int | None = None, read_only_dirs: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a child that cannot write as much as it wants (disk full) or where it wants."""
+
     def limit() -> None:
         if max_file_bytes is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG instead of killing
@@ -261,8 +278,10 @@ def test_permission_error_while_writing_the_ledger_reports_and_keeps_earlier_req
     assert _ledger_snapshot(device) == before
 
 
-_DETACHED = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-             "start_new_session=True); time.sleep(120)")
+_DETACHED = (
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+    "start_new_session=True); time.sleep(120)"
+)
 
 
 def test_stop_also_ends_a_helper_detached_into_its_own_session(tmp_path: Path) -> None:
@@ -292,14 +311,20 @@ def _fake_supernode_list(replies: list[str]):
     return fake, calls
 
 
-_UNAVAILABLE = json.dumps({"success": False, "error-message": "Connection to the SuperLink is unavailable. Please check..."})
+_UNAVAILABLE = json.dumps(
+    {"success": False, "error-message": "Connection to the SuperLink is unavailable. Please check..."}
+)
 
 
 def test_waiting_for_nodes_outlasts_a_superlink_that_is_still_starting(tmp_path: Path, monkeypatch) -> None:
     import serforget.deploy.local as local
 
-    online = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "offline"}]})
-    both = json.dumps({"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "online"}]})
+    online = json.dumps(
+        {"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "offline"}]}
+    )
+    both = json.dumps(
+        {"success": True, "nodes": [{"node-id": 7, "status": "online"}, {"node-id": 9, "status": "online"}]}
+    )
     fake, calls = _fake_supernode_list([_UNAVAILABLE, _UNAVAILABLE, online, both])
     monkeypatch.setattr(local, "flwr", fake)
     monkeypatch.setattr(local.time, "sleep", lambda s: None)

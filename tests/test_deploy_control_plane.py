@@ -45,17 +45,33 @@ def _attacker_home(deployment: Deployment, home: Path) -> Path:
     home.mkdir(parents=True)
     ca = home / "ca.crt"
     ca.write_bytes(deployment.tls.ca_cert.read_bytes())
-    (home / "config.toml").write_text("\n".join([
-        "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-        f'address = "{deployment.address}"', f'root-certificates = "{ca}"', ""]))
+    (home / "config.toml").write_text(
+        "\n".join(
+            [
+                "[superlink]",
+                f'default = "{CONNECTION}"',
+                "",
+                f"[superlink.{CONNECTION}]",
+                f'address = "{deployment.address}"',
+                f'root-certificates = "{ca}"',
+                "",
+            ]
+        )
+    )
     return home
 
 
 def _flwr_as(deployment: Deployment, home: Path, args: list[str]) -> subprocess.CompletedProcess:
     """The ``flwr`` CLI with another FLWR_HOME (the attacker's)."""
     env = {**deployment.env(), "FLWR_HOME": str(home)}
-    return subprocess.run([shutil.which("flwr", path=env["PATH"]), *args], env=env, text=True, capture_output=True,
-                          check=False, timeout=180)
+    return subprocess.run(
+        [shutil.which("flwr", path=env["PATH"]), *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=180,
+    )
 
 
 def _json(out) -> dict:
@@ -77,7 +93,9 @@ def test_control_api_is_not_reachable_with_only_the_ca_certificate(tmp_path: Pat
         evil = create_node_auth_key(out_dir=tmp_path / "evil")
 
         # the attacker: register a SuperNode key, then start a ServerApp of its own
-        reply = _json(_flwr_as(deployment, home, ["supernode", "register", str(evil.public), CONNECTION, "--format", "json"]))
+        reply = _json(
+            _flwr_as(deployment, home, ["supernode", "register", str(evil.public), CONNECTION, "--format", "json"])
+        )
         assert reply.get("success") is not True and "node-id" not in reply, reply
         reply = _json(_flwr_as(deployment, home, ["run", str(APP), CONNECTION, "--format", "json"]))
         assert reply.get("success") is not True and "run-id" not in reply, reply
@@ -92,8 +110,21 @@ def test_control_api_is_not_reachable_with_only_the_ca_certificate(tmp_path: Pat
         operator_key = create_node_auth_key(out_dir=tmp_path / "device-keys")
         flower_id = register_supernode(deployment, public_key=operator_key.public)
         assert flower_id > 0
-        started = _json(flwr(deployment, ["run", str(APP), CONNECTION, "--format", "json", "--run-config",
-                                          "mode='deployment' num-rounds=0 round-timeout=1.0"], timeout=180))
+        started = _json(
+            flwr(
+                deployment,
+                [
+                    "run",
+                    str(APP),
+                    CONNECTION,
+                    "--format",
+                    "json",
+                    "--run-config",
+                    "mode='deployment' num-rounds=0 round-timeout=1.0",
+                ],
+                timeout=180,
+            )
+        )
         assert started.get("success") is True and int(started["run-id"]) > 0, started
         flwr(deployment, ["stop", str(started["run-id"]), CONNECTION], timeout=60)
 
@@ -142,8 +173,15 @@ def test_control_api_paths_are_refused_on_the_fleet_socket_only() -> None:
     allowed = fleet_paths()
     assert "/v1/fleet/pull-messages" in allowed and not any(p.startswith("/v1/control") for p in allowed)
     app = FleetOnlySocket(flower, fleet_port=9092, allowed=allowed)
-    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-messages", "/docs",
-                 "/v1/fleet/../control/start-run", "/v1/fleet/pull-messages/", "/v1/fleet-x"):
+    for path in (
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/runtime/pull-messages",
+        "/docs",
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/pull-messages/",
+        "/v1/fleet-x",
+    ):
         assert _call(app, port=9092, path=path)[0]["status"] == 404, path
     assert _call(app, port=9092, path="/v1/control/x", kind="websocket")[0]["type"] == "websocket.close"
     assert reached == []

@@ -46,12 +46,20 @@ from tests.helpers.audio import tone
 pytestmark = pytest.mark.slow
 
 APP = Path(__file__).resolve().parents[1]
-TINY = {"local-epochs": 1, "clip-seconds": 0.5, "onnx-export": False, "device": "cpu", "batch-size": 8,
-        "model-json": json.dumps({"channels": [8, 16], "hidden": 16}), "importance-max-utts": 8,
-        "unlearn-json": json.dumps({"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}),
-        "round-timeout": 120.0, "unlearn-timeout": 120.0,
-        # a tiny held-out set makes one flipped utterance worth >10 UA points: the gate is tested elsewhere
-        "max-ua-drop": 100.0}
+TINY = {
+    "local-epochs": 1,
+    "clip-seconds": 0.5,
+    "onnx-export": False,
+    "device": "cpu",
+    "batch-size": 8,
+    "model-json": json.dumps({"channels": [8, 16], "hidden": 16}),
+    "importance-max-utts": 8,
+    "unlearn-json": json.dumps({"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}),
+    "round-timeout": 120.0,
+    "unlearn-timeout": 120.0,
+    # a tiny held-out set makes one flipped utterance worth >10 UA points: the gate is tested elsewhere
+    "max-ua-drop": 100.0,
+}
 UNLEARN_ONLY = {"resume": True, "num-rounds": 0}
 RUN_TIMEOUT = 300.0
 
@@ -61,8 +69,17 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
     """A running federation: SuperLink (TLS + node auth) and 3 SuperNodes; always shut down."""
     root = tmp_path_factory.mktemp("deploy")
     base = {"neutral": 220.0, "happy": 440.0, "angry": 660.0, "sad": 150.0}
-    utts = [Utterance(f"spk{s}_{e}_{t}", _save(root / "corpus" / f"spk{s}_{e}_{t}.wav", tone(base[e] * (1 + 0.03 * s), 0.5, seed=s * 100 + t)),
-                      f"spk{s}", e) for s in range(3) for e in FOUR_CLASS for t in range(2)]
+    utts = [
+        Utterance(
+            f"spk{s}_{e}_{t}",
+            _save(root / "corpus" / f"spk{s}_{e}_{t}.wav", tone(base[e] * (1 + 0.03 * s), 0.5, seed=s * 100 + t)),
+            f"spk{s}",
+            e,
+        )
+        for s in range(3)
+        for e in FOUR_CLASS
+        for t in range(2)
+    ]
     write_manifest(root / "corpus" / "manifest.csv", utts)
     deployment = Deployment(root / "run", port=free_port(), control_port=free_port())
     try:
@@ -81,7 +98,9 @@ def _save(path: Path, audio) -> Path:
 
 
 def _config(deployment: Deployment, manifest: Path, **overrides) -> dict:
-    return deployment_run_config(deployment, min_nodes=3, overrides={**TINY, "eval-manifest": str(manifest), **overrides})
+    return deployment_run_config(
+        deployment, min_nodes=3, overrides={**TINY, "eval-manifest": str(manifest), **overrides}
+    )
 
 
 def _report(deployment: Deployment) -> dict:
@@ -120,8 +139,13 @@ def test_unregistered_and_wrong_key_supernodes_are_refused(fed) -> None:
     unregistered = create_node_auth_key(out_dir=stranger.data_dir / "keys")
     # a registered device's identity, but a key that is not the registered one, and of the wrong kind
     wrong = deployment.root / "wrong_key"
-    atomic_write_bytes(wrong, ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), mode=0o600)
+    atomic_write_bytes(
+        wrong,
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        mode=0o600,
+    )
     impostor = deployment.device(devices[0].name, port=free_port())
     impostor = type(impostor)("impostor", impostor.data_dir, impostor.auth_key, impostor.port)
     table = deployment.processes
@@ -141,11 +165,17 @@ def test_unregistered_and_wrong_key_supernodes_are_refused(fed) -> None:
 def test_training_deletion_unlearning_and_release_end_to_end(fed) -> None:
     deployment, devices, ids, manifest = fed
     rid = _forget(devices[1], "spk1_happy_0")
-    outcome = run_app(deployment, app=APP, run_config=_config(deployment, manifest, **{"num-rounds": 1}), timeout=RUN_TIMEOUT)
+    outcome = run_app(
+        deployment, app=APP, run_config=_config(deployment, manifest, **{"num-rounds": 1}), timeout=RUN_TIMEOUT
+    )
     assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
     report = _report(deployment)
     assert report["mode"] == "deployment"
-    assert report["releases"]["trained"] == 1 and report["releases"]["unlearned"] == 2 and report["releases"]["revoked"] == [1]
+    assert (
+        report["releases"]["trained"] == 1
+        and report["releases"]["unlearned"] == 2
+        and report["releases"]["revoked"] == [1]
+    )
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     registry, key = _registry(deployment)
     assert registry.verify(2, public_key=key).applies_requests == (rid,)
@@ -163,11 +193,20 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     versions = registry.versions()
     log = deployment.processes.get(victim.process_name).log
     already = log.read_text().count("Receiving: query.unlearn")
-    slow = {**UNLEARN_ONLY, "unlearn-timeout": 30.0, "round-timeout": 45.0,
-            "unlearn-json": json.dumps({"max_epochs": 50, "pgd_k": 1, "pgd_steps": 200}), "unlearn-stop": "zero"}
+    slow = {
+        **UNLEARN_ONLY,
+        "unlearn-timeout": 30.0,
+        "round-timeout": 45.0,
+        "unlearn-json": json.dumps({"max_epochs": 50, "pgd_k": 1, "pgd_steps": 200}),
+        "unlearn-stop": "zero",
+    }
     submitted = submit_run(deployment, app=APP, run_config=_config(deployment, manifest, **slow), timeout=RUN_TIMEOUT)
     try:
-        _wait_for(lambda: log.read_text().count("Receiving: query.unlearn") > already, timeout=180, what="query.unlearn on the victim")
+        _wait_for(
+            lambda: log.read_text().count("Receiving: query.unlearn") > already,
+            timeout=180,
+            what="query.unlearn on the victim",
+        )
         deployment.processes.kill(victim.process_name)
     finally:
         outcome = finish_run(deployment, submitted, timeout=RUN_TIMEOUT)
@@ -180,7 +219,9 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     # the device comes back with the same key; the next unlearning round completes the request
     start_supernode(deployment, victim)
     wait_online(deployment, ids, timeout=120)
-    outcome = run_app(deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT)
+    outcome = run_app(
+        deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT
+    )
     assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
     new = max(registry.versions())
     assert new == max(versions) + 1 and registry.verify(new, public_key=key).applies_requests == (rid,)
@@ -197,7 +238,9 @@ def test_server_killed_before_publishing_leaves_a_consistent_registry_and_the_ro
     # hold the registry's writer lock: the ServerApp gets the deltas, remembers them, then blocks in publish
     lock = os.open(deployment.server.releases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    submitted = submit_run(deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT)
+    submitted = submit_run(
+        deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT
+    )
     try:
         _wait_for(lambda: deployment.server.seen_ids() - seen_before, timeout=240, what="the accepted delta")
         time.sleep(1.0)
@@ -219,7 +262,9 @@ def test_server_killed_before_publishing_leaves_a_consistent_registry_and_the_ro
         if not deployment.processes.get(d.process_name).is_running():
             start_supernode(deployment, d)
     wait_online(deployment, ids, timeout=120)
-    outcome = run_app(deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT)
+    outcome = run_app(
+        deployment, app=APP, run_config=_config(deployment, manifest, **UNLEARN_ONLY), timeout=RUN_TIMEOUT
+    )
     assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
     report = _report(deployment)
     # delivered twice (before the crash and again now), applied once

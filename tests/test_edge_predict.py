@@ -48,7 +48,10 @@ sys.stderr.write("\\nLOADED=" + json.dumps(loaded) + "\\n")
 def _run_without_torch(body: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", _WITHOUT_TORCH.format(body=body), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
 
 
@@ -69,8 +72,13 @@ def release_files(cnn: torch.nn.Module, corpus: Path, tmp_path_factory: pytest.T
     root = tmp_path_factory.mktemp("release")
     checkpoint = save_checkpoint(model=cnn, out_dir=root / "ckpt", labels=FOUR_CLASS)
     files = export_release_models(
-        checkpoint_dir=checkpoint, out_dir=root / "onnx", parity_manifest=corpus, release_version=1,
-        max_ua_drop=100.0, max_parity_utterances=4, min_int8_speedup=1e-6,  # int8 published whatever its speed here
+        checkpoint_dir=checkpoint,
+        out_dir=root / "onnx",
+        parity_manifest=corpus,
+        release_version=1,
+        max_ua_drop=100.0,
+        max_parity_utterances=4,
+        min_int8_speedup=1e-6,  # int8 published whatever its speed here
     )
     return {**{p.name: p for p in checkpoint.iterdir()}, **files}
 
@@ -85,7 +93,9 @@ def wav(tmp_path: Path):
     def write(name: str, seconds: float, *, rate: int = 16_000, seed: int = 0) -> Path:
         rng = np.random.default_rng(seed)
         t = np.arange(int(seconds * rate)) / rate
-        wave = 0.3 * np.sin(2 * np.pi * (180 + 60 * np.sin(2 * np.pi * 0.7 * t)) * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+        wave = (
+            0.3 * np.sin(2 * np.pi * (180 + 60 * np.sin(2 * np.pi * 0.7 * t)) * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+        )
         path = tmp_path / name
         sf.write(str(path), (wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32), rate, subtype="PCM_16")
         return path
@@ -168,7 +178,9 @@ def test_hop_must_lie_within_the_window(onnx_model: OnnxModel, wav, hop_seconds:
         predict_file(onnx_model, wav("a.wav", 5.0), hop_seconds=hop_seconds)
 
 
-def test_model_resolution_of_files_release_folders_and_precisions(release_files: dict[str, Path], tmp_path: Path) -> None:
+def test_model_resolution_of_files_release_folders_and_precisions(
+    release_files: dict[str, Path], tmp_path: Path
+) -> None:
     folder = release_files["model.onnx"].parent
     assert resolve_model_file(folder) == folder / "model.onnx"
     assert resolve_model_file(folder, precision="int8") == folder / "model.int8.onnx"
@@ -181,7 +193,9 @@ def test_model_resolution_of_files_release_folders_and_precisions(release_files:
 
 
 def test_int8_release_model_runs_and_reports_its_precision(release_files: dict[str, Path], wav) -> None:
-    run = predict_files(model=release_files["model.onnx"].parent, files=[wav("a.wav", 1.0)], precision="int8", threads=1)
+    run = predict_files(
+        model=release_files["model.onnx"].parent, files=[wav("a.wav", 1.0)], precision="int8", threads=1
+    )
     out = run.to_dict()
     assert out["model"]["precision"] == "int8" and out["model"]["release_version"] == 1
     assert out["predictions"][0]["label"] in FOUR_CLASS
@@ -213,12 +227,16 @@ def test_predict_path_runs_where_torch_cannot_be_imported(release_files: dict[st
 def test_cli_predict_imports_no_torch(release_files: dict[str, Path], wav) -> None:
     """The ``serforget edge predict`` command itself, not only the library, must run without torch."""
     body = "from serforget.cli import main\ncode = main(sys.argv[1:])"
-    result = _run_without_torch(body, "edge", "predict", "--model", str(release_files["model.onnx"]), str(wav("a.wav", 1.0)))
+    result = _run_without_torch(
+        body, "edge", "predict", "--model", str(release_files["model.onnx"]), str(wav("a.wav", 1.0))
+    )
     assert result.returncode == 0, result.stderr
     assert "LOADED=[]" in result.stderr
 
 
-def test_cli_predict_errors_name_the_file(release_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_predict_errors_name_the_file(
+    release_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["edge", "predict", "--model", str(release_files["model.onnx"]), str(tmp_path / "nothing.wav")])
     assert code == 2
     assert "nothing.wav: audio file not found" in capsys.readouterr().err
@@ -241,7 +259,10 @@ def served_registry(tmp_path: Path) -> Iterator[tuple[ReleaseRegistry, str]]:
     registry.root.mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "serforget", "server", "serve-releases", "--root", str(registry.root), "--port", "0"],
-        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
         banner = process.stderr.readline()
@@ -255,7 +276,10 @@ def served_registry(tmp_path: Path) -> Iterator[tuple[ReleaseRegistry, str]]:
 
 
 def test_pull_over_http_then_predict_refuses_tampered_and_revoked_releases(
-    served_registry: tuple[ReleaseRegistry, str], release_files: dict[str, Path], wav, tmp_path: Path,
+    served_registry: tuple[ReleaseRegistry, str],
+    release_files: dict[str, Path],
+    wav,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
     registry, url = served_registry

@@ -96,7 +96,9 @@ def _no_leftovers(dest: Path) -> bool:
 # --------------------------------------------------------------------------- happy paths
 
 
-def test_pull_installs_newest_and_is_idempotent(source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_pull_installs_newest_and_is_idempotent(
+    source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     result = pull_release(source=source, dest=dest, server_public_key=key.public_key())
     assert (result.version, result.changed, result.removed_revoked) == (1, True, [])
@@ -152,7 +154,10 @@ def _rewrite_and_resign_nothing(path: Path) -> None:
         (lambda v: (v / "model.onnx").write_bytes(b"onnx-b-and-more"), "model.onnx: larger than the signed size"),
         (lambda v: (v / "model.onnx").write_bytes(b"onnx"), "model.onnx: got 4 bytes"),
         (lambda v: (v / "model.onnx").unlink(), "model.onnx"),
-        (lambda v: _rewrite_and_resign_nothing(v / "manifest.json"), "manifest does not match the hash in the signed index"),
+        (
+            lambda v: _rewrite_and_resign_nothing(v / "manifest.json"),
+            "manifest does not match the hash in the signed index",
+        ),
         (lambda v: (v / "manifest.sig").unlink(), "manifest.sig"),
     ],
 )
@@ -173,7 +178,9 @@ def test_tampered_release_is_refused_and_old_release_kept(
     assert _no_leftovers(dest)
 
 
-def test_manifest_resigned_by_another_key_is_refused(dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_manifest_resigned_by_another_key_is_refused(
+    dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     """A manifest whose hash the index vouches for but whose signature is foreign is still refused."""
     published("a")
     folder = registry.path(1)
@@ -194,7 +201,9 @@ def test_wrong_public_key_is_refused(source: str, dest: Path, published, key: Ed
     assert current_release(dest) == dest / "releases" / "v0001"
 
 
-def test_missing_or_tampered_index_signature_is_refused(source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_missing_or_tampered_index_signature_is_refused(
+    source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     pull_release(source=source, dest=dest, server_public_key=key.public_key())
     published("b")
@@ -210,7 +219,9 @@ def test_missing_or_tampered_index_signature_is_refused(source: str, dest: Path,
     assert current_release(dest) == dest / "releases" / "v0001"
 
 
-def test_replayed_older_index_is_refused(tmp_path: Path, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_replayed_older_index_is_refused(
+    tmp_path: Path, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     stale_mirror = tmp_path / "stale-mirror"
     shutil.copytree(registry.root, stale_mirror)
@@ -239,7 +250,9 @@ def test_revoked_local_copies_are_deleted(source: str, dest: Path, published, ke
     assert _no_leftovers(dest)
 
 
-def test_revoking_the_newest_falls_back_to_an_older_release(source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_revoking_the_newest_falls_back_to_an_older_release(
+    source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     published("b")
     assert pull_release(source=source, dest=dest, server_public_key=key.public_key()).version == 2
@@ -249,7 +262,9 @@ def test_revoking_the_newest_falls_back_to_an_older_release(source: str, dest: P
     assert current_release(dest) == dest / "releases" / "v0001"
 
 
-def test_everything_revoked_is_refused_and_local_copy_deleted(source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_everything_revoked_is_refused_and_local_copy_deleted(
+    source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     pull_release(source=source, dest=dest, server_public_key=key.public_key())
     registry.revoke(versions=[1], reason="speaker withdrew consent", signing_key=key)
@@ -300,7 +315,9 @@ def test_bad_source_and_key_are_rejected(dest: Path, key: Ed25519PrivateKey, tmp
         pull_release(source=str(tmp_path), dest=dest, server_public_key=key)
 
 
-def test_corrupt_current_json_is_reported(dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_corrupt_current_json_is_reported(
+    dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     published("a")
     dest.mkdir()
     (dest / "current.json").write_text("{not json")
@@ -314,7 +331,6 @@ def test_edge_modules_do_not_import_torch() -> None:
         "bad = {'torch', 'flwr'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
-
 
 
 def test_pull_progress_counts_every_byte_of_the_release(registry, published, key, dest, monkeypatch) -> None:

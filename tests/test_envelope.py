@@ -333,7 +333,9 @@ def test_mutated_envelope_only_raises_envelope_error(position: int, kind: str, b
 @PROPERTY
 @given(
     payload=st.binary(max_size=4096),
-    request_ids=st.lists(st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True), min_size=1, max_size=5, unique=True),
+    request_ids=st.lists(
+        st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True), min_size=1, max_size=5, unique=True
+    ),
     base_version=st.integers(min_value=0, max_value=2**62),
 )
 def test_seal_open_round_trip_property(payload: bytes, request_ids: list[str], base_version: int) -> None:

@@ -20,7 +20,9 @@ def _run(tmp_path: Path, **overrides) -> tuple[dict, InProcessGrid, Path]:
     work = tmp_path / "sim"
     run_config = {**TINY, "work-dir": str(work), **overrides}
     grid = InProcessGrid(client_app, run_config=run_config, n_nodes=4)
-    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     return json.loads((work / "report" / "report.json").read_text()), grid, work
 
 
@@ -59,23 +61,36 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
     server = ServerDir(tmp_path / "server").init()
     node_configs = []
     for speaker, utts in by_speaker(read_manifest(tiny_corpus)).items():
-        node = prepare_node_dir(root=tmp_path / "devices" / speaker, node_id=f"node-{speaker}", speaker=speaker, utterances=utts)
+        node = prepare_node_dir(
+            root=tmp_path / "devices" / speaker, node_id=f"node-{speaker}", speaker=speaker, utterances=utts
+        )
         server.enroll(node_id=node.node_id, public_key_path=node.keys_dir / "sign.pub")
         pin_server_keys(node, server_keys_dir=server.keys_dir)
         node_configs.append({"data-dir": str(node.root)})
     victim = tmp_path / "devices" / "spk2"
     assert cli(["node", "forget", "--data-dir", str(victim), "--utt", "spk2_happy_0", "spk2_sad_1"]) == 0
-    run_config = {**TINY, "mode": "deployment", "work-dir": str(tmp_path / "work"), "server-dir": str(server.root),
-                  "min-nodes": 4, "eval-manifest": str(tiny_corpus), "clip-seconds": 0.5}
+    run_config = {
+        **TINY,
+        "mode": "deployment",
+        "work-dir": str(tmp_path / "work"),
+        "server-dir": str(server.root),
+        "min-nodes": 4,
+        "eval-manifest": str(tiny_corpus),
+        "clip-seconds": 0.5,
+    }
     grid = InProcessGrid(client_app, run_config=run_config, n_nodes=4, node_configs=node_configs)
-    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     report = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert report["mode"] == "deployment" and report["releases"]["unlearned"] == 2
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     assert not (victim / "wav" / "spk2_happy_0.wav").exists() and (victim / "wav" / "spk2_happy_1.wav").exists()
     assert any(r.get("forget-acc-release", -1) >= 0 for r in report["node_release_reports"])
     # a second round finds nothing pending and publishes nothing new
-    server_app(grid=grid, context=Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     again = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert again["unlearning"]["pending_nodes"] == 0 and again["releases"]["unlearned"] is None
 
@@ -108,6 +123,7 @@ def test_held_out_gate_refuses_harmful_deltas_and_nothing_is_released_or_purged(
             digest = state_sha256(state)
             published.setdefault("base", digest)
             return 0.9 if digest == published["base"] else 0.5
+
         return score
 
     monkeypatch.setattr(Scenario, "held_out_score", strict_score)

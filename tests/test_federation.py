@@ -94,24 +94,42 @@ def test_merge_sums_deltas_and_elastic_rule_limits_important_weights() -> None:
 def test_held_out_gate_refuses_only_the_delta_that_costs_too_much_ua() -> None:
     # a stand-in score: held-out UA falls as the bias moves away from 0 (a crafted delta pushes it far)
     score = lambda state: 0.8 - float(state["b"].abs().sum())
-    honest = DeltaVerdict("node-a", True, "accepted", delta={"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.002)})
+    honest = DeltaVerdict(
+        "node-a", True, "accepted", delta={"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.002)}
+    )
     harmful = DeltaVerdict("node-b", True, "accepted", delta={"w": torch.zeros(3, 2), "b": torch.full((2,), 0.05)})
     refused = DeltaVerdict("node-c", False, "too-large")
-    gated = gate_on_held_out([honest, harmful, refused], base=BASE, score=score, max_ua_drop=2.0,
-                             importance=None, elastic=False, tau=0.05, strength=1.0)
+    gated = gate_on_held_out(
+        [honest, harmful, refused],
+        base=BASE,
+        score=score,
+        max_ua_drop=2.0,
+        importance=None,
+        elastic=False,
+        tau=0.05,
+        strength=1.0,
+    )
     assert [v.node_id for v in gated] == ["node-a", "node-b", "node-c"]
     assert gated[0].accepted and gated[0].ua_drop == pytest.approx(0.4)
-    assert not gated[1].accepted and gated[1].reason.startswith("harms-held-out") and gated[1].ua_drop == pytest.approx(10.0)
+    assert (
+        not gated[1].accepted
+        and gated[1].reason.startswith("harms-held-out")
+        and gated[1].ua_drop == pytest.approx(10.0)
+    )
     assert gated[2] is refused
     # the elastic constraint is applied before scoring, exactly as the merge will apply it
-    on_important = DeltaVerdict("node-b", True, "accepted", delta={"w": torch.zeros(3, 2), "b": torch.tensor([0.05, 0.0])})
+    on_important = DeltaVerdict(
+        "node-b", True, "accepted", delta={"w": torch.zeros(3, 2), "b": torch.tensor([0.05, 0.0])}
+    )
     importance = {"w": torch.zeros(3, 2), "b": torch.tensor([1.0, 0.0])}
     gate = dict(base=BASE, score=score, max_ua_drop=2.0, importance=importance, tau=0.05, strength=1.0)
     assert not gate_on_held_out([on_important], elastic=False, **gate)[0].accepted
     constrained = gate_on_held_out([on_important], elastic=True, **gate)[0]
     assert constrained.accepted and constrained.ua_drop == pytest.approx(0.0)
     with pytest.raises(ValueError, match="max_ua_drop"):
-        gate_on_held_out([honest], base=BASE, score=score, max_ua_drop=-1.0, importance=None, elastic=False, tau=0.05, strength=1.0)
+        gate_on_held_out(
+            [honest], base=BASE, score=score, max_ua_drop=-1.0, importance=None, elastic=False, tau=0.05, strength=1.0
+        )
 
 
 def test_weighted_average_of_importance() -> None:
@@ -126,7 +144,9 @@ def test_weight_delta_skips_integer_buffers() -> None:
     assert set(weight_delta(updated, BASE)) == {"w", "b"}
 
 
-def test_server_start_repairs_a_stale_index_without_locking_a_current_one(server: ServerDir, tmp_path: Path, monkeypatch) -> None:
+def test_server_start_repairs_a_stale_index_without_locking_a_current_one(
+    server: ServerDir, tmp_path: Path, monkeypatch
+) -> None:
     import fcntl
     import os
     import threading

@@ -43,8 +43,11 @@ from tests.helpers.envelopes import PAYLOAD, WORLD, forge, header_json, open_, s
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -68,8 +71,10 @@ def _decode_both(data: bytes) -> None:
     path = _scratch(".wav")
     try:
         path.write_bytes(data)
-        for decode, error in ((lambda p: load_audio(p).numpy(), AudioError),
-                              (lambda p: read_audio(p, sample_rate=16_000), EdgeAudioError)):
+        for decode, error in (
+            (lambda p: load_audio(p).numpy(), AudioError),
+            (lambda p: read_audio(p, sample_rate=16_000), EdgeAudioError),
+        ):
             try:
                 wave = decode(path)
             except error as exc:
@@ -87,8 +92,11 @@ def test_audio_loaders_on_arbitrary_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(position=st.integers(min_value=0, max_value=len(VALID_WAV) - 1), value=st.integers(min_value=0, max_value=255),
-       cut=st.integers(min_value=1, max_value=len(VALID_WAV)))
+@given(
+    position=st.integers(min_value=0, max_value=len(VALID_WAV) - 1),
+    value=st.integers(min_value=0, max_value=255),
+    cut=st.integers(min_value=1, max_value=len(VALID_WAV)),
+)
 def test_audio_loaders_on_mutated_wav(position: int, value: int, cut: int) -> None:
     data = bytearray(VALID_WAV)
     data[position] = value
@@ -98,8 +106,26 @@ def test_audio_loaders_on_mutated_wav(position: int, value: int, cut: int) -> No
 # --------------------------------------------------------------------------- manifest
 
 CELL = st.one_of(
-    st.sampled_from(["u1", "u2", "a.wav", "../x.wav", "/abs.wav", "s1", "happy", "sad", "HAPPY", "exc", "", " ",
-                     "utt_id", "path", "speaker", "emotion"]),
+    st.sampled_from(
+        [
+            "u1",
+            "u2",
+            "a.wav",
+            "../x.wav",
+            "/abs.wav",
+            "s1",
+            "happy",
+            "sad",
+            "HAPPY",
+            "exc",
+            "",
+            " ",
+            "utt_id",
+            "path",
+            "speaker",
+            "emotion",
+        ]
+    ),
     st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12),
 )
 ROW = st.lists(CELL, min_size=0, max_size=6).map(lambda cells: ",".join(cells))
@@ -107,8 +133,9 @@ SEPARATORS = st.sampled_from(["\n", "\r\n", "\r", '"', '",', "\n\n"])
 
 
 @FUZZ
-@given(header=st.one_of(st.just("utt_id,path,speaker,emotion"), ROW),
-       rows=st.lists(st.tuples(ROW, SEPARATORS), max_size=6))
+@given(
+    header=st.one_of(st.just("utt_id,path,speaker,emotion"), ROW), rows=st.lists(st.tuples(ROW, SEPARATORS), max_size=6)
+)
 def test_manifest_parser_on_csv_shaped_text(header: str, rows: list[tuple[str, str]]) -> None:
     path = _scratch(".csv")
     try:
@@ -154,7 +181,10 @@ def test_signed_envelopes_with_arbitrary_header_values(field: str, value: Any) -
         assert exc.reason in REASONS
         return
     # only a value equal to the original can pass every check
-    assert getattr(header, field) in (_HEADER[field], tuple(_HEADER[field]) if isinstance(_HEADER[field], list) else None)
+    assert getattr(header, field) in (
+        _HEADER[field],
+        tuple(_HEADER[field]) if isinstance(_HEADER[field], list) else None,
+    )
     assert payload == PAYLOAD
 
 
@@ -173,8 +203,11 @@ def test_delta_payload_parser_on_arbitrary_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(position=st.integers(min_value=0, max_value=len(VALID_DELTA) - 1), value=st.integers(min_value=0, max_value=255),
-       cut=st.integers(min_value=0, max_value=len(VALID_DELTA)))
+@given(
+    position=st.integers(min_value=0, max_value=len(VALID_DELTA) - 1),
+    value=st.integers(min_value=0, max_value=255),
+    cut=st.integers(min_value=0, max_value=len(VALID_DELTA)),
+)
 def test_delta_payload_parser_on_mutated_safetensors(position: int, value: int, cut: int) -> None:
     data = bytearray(VALID_DELTA)
     data[position] = value
@@ -187,23 +220,45 @@ def test_delta_payload_parser_on_mutated_safetensors(position: int, value: int, 
 
 # --------------------------------------------------------------------------- release documents
 
-MANIFEST = {"format_version": 1, "version": 2, "parent": 1, "created_at": 1.5, "applies_requests": ["r1"],
-            "files": {"model.onnx": {"sha256": "0" * 64, "size": 3}}, "metrics": {}, "notes": {}}
-INDEX = {"format_version": 2, "sequence": 3, "generated_at": 2.0, "expires": 3.0,
-         "releases": [{"version": 1, "manifest_sha256": "0" * 64, "revoked": False, "reason": ""}]}
+MANIFEST = {
+    "format_version": 1,
+    "version": 2,
+    "parent": 1,
+    "created_at": 1.5,
+    "applies_requests": ["r1"],
+    "files": {"model.onnx": {"sha256": "0" * 64, "size": 3}},
+    "metrics": {},
+    "notes": {},
+}
+INDEX = {
+    "format_version": 2,
+    "sequence": 3,
+    "generated_at": 2.0,
+    "expires": 3.0,
+    "releases": [{"version": 1, "manifest_sha256": "0" * 64, "revoked": False, "reason": ""}],
+}
 
 
-@pytest.mark.parametrize(("document", "parse"), [(MANIFEST, ReleaseManifest.from_bytes), (INDEX, ReleaseIndex.from_bytes)],
-                         ids=["manifest", "index"])
+@pytest.mark.parametrize(
+    ("document", "parse"),
+    [(MANIFEST, ReleaseManifest.from_bytes), (INDEX, ReleaseIndex.from_bytes)],
+    ids=["manifest", "index"],
+)
 def test_release_documents_parse_when_unchanged(document: dict, parse: Any) -> None:
     parse(json.dumps(document).encode(), source="doc")
 
 
 @FUZZ
-@given(which=st.sampled_from(["manifest", "index"]), pick=st.integers(min_value=0, max_value=7), value=JSON_VALUES,
-       drop=st.booleans())
+@given(
+    which=st.sampled_from(["manifest", "index"]),
+    pick=st.integers(min_value=0, max_value=7),
+    value=JSON_VALUES,
+    drop=st.booleans(),
+)
 def test_release_documents_with_arbitrary_field_values(which: str, pick: int, value: Any, drop: bool) -> None:
-    document, parse = (MANIFEST, ReleaseManifest.from_bytes) if which == "manifest" else (INDEX, ReleaseIndex.from_bytes)
+    document, parse = (
+        (MANIFEST, ReleaseManifest.from_bytes) if which == "manifest" else (INDEX, ReleaseIndex.from_bytes)
+    )
     keys = sorted(document)
     name = keys[pick % len(keys)]
     changed = {k: v for k, v in document.items() if not (drop and k == name)}

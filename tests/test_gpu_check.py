@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_script_tiny_writes_side_by_side_rows(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["tiny"] is True and result["n_forget"] == 10

@@ -54,7 +54,7 @@ _GOOD = _wav(_TONE)
 
 def _patched(offset: int, fmt: str, value: int) -> bytes:
     """The good WAV with one canonical-header field overwritten (44-byte RIFF header layout)."""
-    return _GOOD[:offset] + struct.pack(fmt, value) + _GOOD[offset + struct.calcsize(fmt):]
+    return _GOOD[:offset] + struct.pack(fmt, value) + _GOOD[offset + struct.calcsize(fmt) :]
 
 
 # --------------------------------------------------------------------------- audio: refused
@@ -69,8 +69,14 @@ REFUSED_AUDIO: dict[str, tuple[Callable[[], bytes], str]] = {
     "PNG bytes named .wav": (lambda: b"\x89PNG\r\n\x1a\n" + bytes(200), "not a readable audio file"),
     "ZIP bytes named .wav": (lambda: b"PK\x03\x04" + bytes(200), "not a readable audio file"),
     "+Inf sample (float WAV)": (lambda: _wav(np.array([0, np.inf, 0], np.float32), subtype="FLOAT"), "NaN or infinite"),
-    "-Inf sample (double WAV)": (lambda: _wav(np.array([0, -np.inf, 0], np.float64), subtype="DOUBLE"), "NaN or infinite"),
-    "601 s (at 100 Hz, past the 600 s limit)": (lambda: _wav(np.zeros(60_100, np.float32), rate=100), "longer than the 600 s"),
+    "-Inf sample (double WAV)": (
+        lambda: _wav(np.array([0, -np.inf, 0], np.float64), subtype="DOUBLE"),
+        "NaN or infinite",
+    ),
+    "601 s (at 100 Hz, past the 600 s limit)": (
+        lambda: _wav(np.zeros(60_100, np.float32), rate=100),
+        "longer than the 600 s",
+    ),
 }
 
 
@@ -134,10 +140,16 @@ def test_samples_far_beyond_full_scale_are_refused(tmp_path: Path) -> None:
 HEADER = "utt_id,path,speaker,emotion\n"
 
 REFUSED_MANIFESTS: dict[str, tuple[bytes, str]] = {
-    "UTF-8 byte-order mark before the header": (("\ufeff" + HEADER + "u1,a.wav,s1,happy\n").encode(), r"missing \['utt_id'\]"),
+    "UTF-8 byte-order mark before the header": (
+        ("\ufeff" + HEADER + "u1,a.wav,s1,happy\n").encode(),
+        r"missing \['utt_id'\]",
+    ),
     "Latin-1 bytes": ((HEADER + "u1,caf\xe9.wav,s1,happy\n").encode("latin-1"), "not UTF-8 text"),
     "upper-case label": ((HEADER + "u1,a.wav,s1,HAPPY\n").encode(), ":2: unknown emotion label 'HAPPY'"),
-    "IEMOCAP code instead of a canonical label": ((HEADER + "u1,a.wav,s1,exc\n").encode(), ":2: unknown emotion label 'exc'"),
+    "IEMOCAP code instead of a canonical label": (
+        (HEADER + "u1,a.wav,s1,exc\n").encode(),
+        ":2: unknown emotion label 'exc'",
+    ),
     "extra field in a row": ((HEADER + "u1,a.wav,s1,happy,x\n").encode(), ":2: expected 4 fields, got 5"),
     "unterminated quote swallowing the row": ((HEADER + 'u1,"a.wav,s1,happy\n').encode(), ":2: expected 4 fields"),
     "duplicate column": (b"utt_id,path,speaker,emotion,emotion\n", r"unexpected \['emotion'\]|header must be"),
@@ -197,17 +209,35 @@ def test_a_folder_given_as_manifest_is_a_manifest_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- envelope: every header field
 
 FIELD_VALUES: list[tuple[str, Any, str]] = [
-    ("version", True, "version"), ("version", 1.0, "version"), ("version", "1", "version"),
-    ("suite", None, "suite"), ("suite", "X25519", "suite"), ("suite", 0, "suite"),
-    ("node_id", "", "node_id"), ("node_id", "n" * 129, "node_id"), ("node_id", "nöde", "node_id"),
-    ("node_id", 7, "node_id"), ("node_id", "-lead", "node_id"),
-    ("request_ids", None, "request_ids"), ("request_ids", {"a": 1}, "request_ids"),
-    ("request_ids", [["nested"]], "request_ids[0]"), ("request_ids", ["r" * 129], "request_ids[0]"),
-    ("base_version", 3.0, "base_version"), ("base_version", "3", "base_version"), ("base_version", None, "base_version"),
-    ("base_sha256", "A" * 64, "base_sha256"), ("base_sha256", "0" * 63, "base_sha256"), ("base_sha256", 0, "base_sha256"),
-    ("created_at", -1.0, "created_at"), ("created_at", "now", "created_at"), ("created_at", None, "created_at"),
-    ("envelope_id", "0" * 31, "envelope_id"), ("envelope_id", "g" * 32, "envelope_id"), ("envelope_id", 1, "envelope_id"),
-    ("payload_sha256", "0" * 65, "payload_sha256"), ("payload_sha256", None, "payload_sha256"),
+    ("version", True, "version"),
+    ("version", 1.0, "version"),
+    ("version", "1", "version"),
+    ("suite", None, "suite"),
+    ("suite", "X25519", "suite"),
+    ("suite", 0, "suite"),
+    ("node_id", "", "node_id"),
+    ("node_id", "n" * 129, "node_id"),
+    ("node_id", "nöde", "node_id"),
+    ("node_id", 7, "node_id"),
+    ("node_id", "-lead", "node_id"),
+    ("request_ids", None, "request_ids"),
+    ("request_ids", {"a": 1}, "request_ids"),
+    ("request_ids", [["nested"]], "request_ids[0]"),
+    ("request_ids", ["r" * 129], "request_ids[0]"),
+    ("base_version", 3.0, "base_version"),
+    ("base_version", "3", "base_version"),
+    ("base_version", None, "base_version"),
+    ("base_sha256", "A" * 64, "base_sha256"),
+    ("base_sha256", "0" * 63, "base_sha256"),
+    ("base_sha256", 0, "base_sha256"),
+    ("created_at", -1.0, "created_at"),
+    ("created_at", "now", "created_at"),
+    ("created_at", None, "created_at"),
+    ("envelope_id", "0" * 31, "envelope_id"),
+    ("envelope_id", "g" * 32, "envelope_id"),
+    ("envelope_id", 1, "envelope_id"),
+    ("payload_sha256", "0" * 65, "payload_sha256"),
+    ("payload_sha256", None, "payload_sha256"),
 ]
 
 
@@ -225,18 +255,30 @@ def test_every_header_field_rejects_hostile_values_even_when_validly_signed(
     ("mutate", "reason", "field"),
     [
         (lambda h, s, sig: b"SFDE\x01" + struct.pack(">I", 64 * 1024 + 1) + h, "malformed", "header_len"),
-        (lambda h, s, sig: b"SFDE\x01" + struct.pack(">I", len(h)) + h + struct.pack(">Q", 2**64 - 1) + s + sig,
-         "malformed", "sealed_len"),
+        (
+            lambda h, s, sig: b"SFDE\x01" + struct.pack(">I", len(h)) + h + struct.pack(">Q", 2**64 - 1) + s + sig,
+            "malformed",
+            "sealed_len",
+        ),
         (lambda h, s, sig: frame(h, s[:40], None, sig), "malformed", "sealed"),
         (lambda h, s, sig: frame(h, s, None, sig[:63]), "malformed", "sealed_len"),
         (lambda h, s, sig: frame(b"[]", s, None, sig), "malformed", "header"),
         (lambda h, s, sig: frame(b"{" * 40_000, s, None, sig), "malformed", "header"),
         (lambda h, s, sig: frame(h.replace(b'"version":1', b'"version":NaN'), s, None, sig), "malformed", "header"),
     ],
-    ids=["header-too-long", "sealed-len-2^64", "sealed-shorter-than-hpke", "signature-63-bytes", "header-array",
-         "header-deep-nesting", "header-NaN"],
+    ids=[
+        "header-too-long",
+        "sealed-len-2^64",
+        "sealed-shorter-than-hpke",
+        "signature-63-bytes",
+        "header-array",
+        "header-deep-nesting",
+        "header-NaN",
+    ],
 )
-def test_hostile_framing_is_malformed(world: World, mutate: Callable[[bytes, bytes, bytes], bytes], reason: str, field: str) -> None:
+def test_hostile_framing_is_malformed(
+    world: World, mutate: Callable[[bytes, bytes, bytes], bytes], reason: str, field: str
+) -> None:
     header, sealed, signature = split(seal(world))
     err = rejected(reason, world, mutate(header, sealed, signature))
     assert err.field == field, str(err)
@@ -252,8 +294,14 @@ HOSTILE_DELTAS: dict[str, tuple[dict[str, torch.Tensor], str]] = {
     "scalar instead of a matrix": ({"w": torch.tensor(0.0), "b": torch.zeros(2)}, "wrong-shape"),
     "flattened matrix": ({"w": torch.zeros(6), "b": torch.zeros(2)}, "wrong-shape"),
     "extra tensor": ({"w": torch.zeros(3, 2), "b": torch.zeros(2), "backdoor": torch.zeros(1)}, "wrong-keys"),
-    "touches the integer buffer": ({"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.tensor(0.0)}, "wrong-keys"),
-    "float64 finite but huge": ({"w": torch.full((3, 2), 1e300, dtype=torch.float64), "b": torch.zeros(2)}, "wrong-dtype"),
+    "touches the integer buffer": (
+        {"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.tensor(0.0)},
+        "wrong-keys",
+    ),
+    "float64 finite but huge": (
+        {"w": torch.full((3, 2), 1e300, dtype=torch.float64), "b": torch.zeros(2)},
+        "wrong-dtype",
+    ),
     "float32 max": ({"w": torch.full((3, 2), 3.4e38), "b": torch.zeros(2)}, "too-large"),
     "just above the norm limit": ({"w": torch.full((3, 2), 0.5 * 1.0001), "b": torch.zeros(2)}, "too-large"),
 }
@@ -269,13 +317,20 @@ def test_hostile_deltas_are_refused_with_a_reason(case: str) -> None:
 
 def test_a_delta_exactly_at_the_norm_limit_is_accepted() -> None:
     # ||BASE floats|| = sqrt(6); a w-delta of 0.5 everywhere has norm 0.5 * sqrt(6): ratio 0.5
-    assert check_delta({"w": torch.full((3, 2), 0.5), "b": torch.zeros(2)}, BASE, max_delta_ratio=0.5) == pytest.approx(0.5)
+    assert check_delta({"w": torch.full((3, 2), 0.5), "b": torch.zeros(2)}, BASE, max_delta_ratio=0.5) == pytest.approx(
+        0.5
+    )
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"not safetensors at all", struct.pack("<Q", 2**63) + b"{}", struct.pack("<Q", 8) + b'{"w":1} ',
-     struct.pack("<Q", 60) + b'{"w":{"dtype":"F32","shape":[3,2],"data_offsets":[0,999]}}' + b" " * 4],
+    [
+        b"",
+        b"not safetensors at all",
+        struct.pack("<Q", 2**63) + b"{}",
+        struct.pack("<Q", 8) + b'{"w":1} ',
+        struct.pack("<Q", 60) + b'{"w":{"dtype":"F32","shape":[3,2],"data_offsets":[0,999]}}' + b" " * 4,
+    ],
     ids=["empty", "text", "header-length-2^63", "bad-header-json", "offsets-past-the-end"],
 )
 def test_sealed_payloads_that_are_not_safetensors_are_refused(server, tmp_path: Path, payload: bytes) -> None:  # noqa: F811
@@ -284,9 +339,15 @@ def test_sealed_payloads_that_are_not_safetensors_are_refused(server, tmp_path: 
     from serforget.common.envelope import seal_delta
     from serforget.common.keys import load_hpke_public, load_signing_private
 
-    envelope = seal_delta(payload=payload, node_id="node-a", request_ids=["r1"], base_version=1,
-                          base_sha256=state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
-                          node_signing_key=load_signing_private(tmp_path / "node-a" / "sign.key"))
+    envelope = seal_delta(
+        payload=payload,
+        node_id="node-a",
+        request_ids=["r1"],
+        base_version=1,
+        base_sha256=state_sha256(BASE),
+        server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
+        node_signing_key=load_signing_private(tmp_path / "node-a" / "sign.key"),
+    )
     seen: set[str] = set()
     verdict = open_as(server, envelope, seen)
     assert not verdict.accepted and verdict.delta is None and "not a valid safetensors file" in verdict.reason
@@ -352,7 +413,9 @@ def test_flipped_bits_in_checkpoint_metadata_never_load_other_weights(checkpoint
 
 
 @pytest.mark.parametrize(("field", "value"), [("config", 5), ("sample_rate", "abc"), ("provenance", [1])])
-def test_wrongly_typed_metadata_fields_are_checkpoint_errors(checkpoint: Path, tmp_path: Path, field: str, value: Any) -> None:
+def test_wrongly_typed_metadata_fields_are_checkpoint_errors(
+    checkpoint: Path, tmp_path: Path, field: str, value: Any
+) -> None:
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint, folder)
     meta = json.loads((folder / "model.json").read_text())
@@ -370,19 +433,31 @@ def _tiny_onnx(path: Path) -> Path:
     weights = helper.make_tensor("w", TensorProto.FLOAT, [1, 4], [0.5, -1.0, 2.0, 0.25])
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["waveform", "axes"], ["m"], keepdims=1),
-         helper.make_node("Mul", ["m", "w"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        [
+            helper.make_node("ReduceMean", ["waveform", "axes"], ["m"], keepdims=1),
+            helper.make_node("Mul", ["m", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
         "tiny",
         [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", "samples"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4]),
+        ],
         initializer=[weights, axes],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
-    info = ModelInfo(arch="logmel_cnn", labels=tuple(FOUR_CLASS), sample_rate=SR, release_version=1,
-                     weights_sha256="0" * 64, precision="fp32", window_seconds=1.0, format_version=1)
+    info = ModelInfo(
+        arch="logmel_cnn",
+        labels=tuple(FOUR_CLASS),
+        sample_rate=SR,
+        release_version=1,
+        weights_sha256="0" * 64,
+        precision="fp32",
+        window_seconds=1.0,
+        format_version=1,
+    )
     helper.set_model_props(model, info.to_metadata())
     assert info.to_metadata()["format"] == ONNX_FORMAT
     onnx.save_model(model, str(path))

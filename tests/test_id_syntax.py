@@ -77,18 +77,27 @@ def test_release_refuses_padded_request_ids(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"x")
     registry = ReleaseRegistry(tmp_path / "releases")
     with pytest.raises(ReleaseError, match="whitespace"):
-        registry.publish(files={"model.onnx": tmp_path / "m.onnx"}, signing_key=Ed25519PrivateKey.generate(),
-                         parent=None, applies_requests=["req-1 "])
+        registry.publish(
+            files={"model.onnx": tmp_path / "m.onnx"},
+            signing_key=Ed25519PrivateKey.generate(),
+            parent=None,
+            applies_requests=["req-1 "],
+        )
     assert registry.versions() == []
 
 
 def test_node_forget_cli_refuses_a_traversal_id_in_one_line(tmp_path: Path) -> None:
     audio = save_audio(tmp_path / "corpus" / "clip.wav", tone(220.0, 0.2))
-    node = prepare_node_dir(root=tmp_path / "node", node_id="n0", speaker="spk0",
-                            utterances=[Utterance("spk0_a", audio, "spk0", "happy")])
+    node = prepare_node_dir(
+        root=tmp_path / "node", node_id="n0", speaker="spk0", utterances=[Utterance("spk0_a", audio, "spk0", "happy")]
+    )
     run = subprocess.run(
         [sys.executable, "-m", "serforget", "node", "forget", "--data-dir", str(node.root), "--utt", "../../etc/x"],
-        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        check=False,
     )
     assert run.returncode != 0
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

@@ -296,9 +296,10 @@ def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         assert reopened.history(a.request_id) == history
         assert reopened.forgotten_utt_ids() == {"spk1_001", "spk1_002", "spk1_003"}
         assert reopened.request_forget(utt_ids=["spk1_001"], known_utt_ids=KNOWN).request_id == a.request_id
-        modes = reopened._conn.execute("PRAGMA journal_mode").fetchone()[0], reopened._conn.execute(
-            "PRAGMA synchronous"
-        ).fetchone()[0]
+        modes = (
+            reopened._conn.execute("PRAGMA journal_mode").fetchone()[0],
+            reopened._conn.execute("PRAGMA synchronous").fetchone()[0],
+        )
         assert modes == ("wal", 2)  # 2 = FULL
 
 
@@ -463,7 +464,11 @@ def test_purge_records_files_already_missing_and_rows_missing_from_the_manifest(
         receipt = purge_request(data_dir=data, ledger=ledger, request_id=request.request_id)
     by_utt = {f["utt_id"]: f for f in receipt["files"]}
     assert by_utt["spk1_001"] == {
-        "utt_id": "spk1_001", "path": "wav/spk1_001.wav", "sha256": None, "size": None, "status": "already_gone"
+        "utt_id": "spk1_001",
+        "path": "wav/spk1_001.wav",
+        "sha256": None,
+        "size": None,
+        "status": "already_gone",
     }
     assert by_utt["spk1_002"]["sha256"] == sha256_bytes(audio["spk1_002"])
     assert by_utt["spk1_003"]["status"] == "not_in_manifest"

@@ -19,7 +19,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_round_trip_relative_paths(tmp_path: Path) -> None:
-    utts = [Utterance(f"u{i}", tmp_path / "wav" / f"u{i}.wav", f"s{i % 3}", "happy" if i % 2 else "sad") for i in range(6)]
+    utts = [
+        Utterance(f"u{i}", tmp_path / "wav" / f"u{i}.wav", f"s{i % 3}", "happy" if i % 2 else "sad") for i in range(6)
+    ]
     write_manifest(tmp_path / "m.csv", utts)
     assert "wav/u0.wav" in (tmp_path / "m.csv").read_text()
     back = read_manifest(tmp_path / "m.csv")

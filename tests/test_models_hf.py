@@ -168,9 +168,7 @@ def test_rebuild_with_other_labels_is_refused() -> None:
 
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
-def test_local_checkpoint_loads_offline_and_reheads_to_our_labels(
-    arch: str, tmp_path: Path, no_network: None
-) -> None:
+def test_local_checkpoint_loads_offline_and_reheads_to_our_labels(arch: str, tmp_path: Path, no_network: None) -> None:
     original = _tiny(arch, labels=("l0", "l1", "l2"), seed=3).eval()
     directory = _save_checkpoint(original, tmp_path / "user-download")
     model = build_hf_model(arch=arch, labels=FOUR_CLASS, config={"pretrained_dir": str(directory)}).eval()

@@ -48,13 +48,23 @@ def exported(small_cnn: LogMelCNN, corpus: Path, tmp_path_factory: pytest.TempPa
     """The release fp32 file, the raw graph it came from, and every int8 candidate built from it."""
     folder = tmp_path_factory.mktemp("speed")
     waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS, max_utterances=4)
-    report = export_onnx(model=small_cnn, labels=FOUR_CLASS, out_path=folder / "model.onnx", release_version=3,
-                         parity_waves=waves, raw_out_path=folder / "raw.onnx")
+    report = export_onnx(
+        model=small_cnn,
+        labels=FOUR_CLASS,
+        out_path=folder / "model.onnx",
+        release_version=3,
+        parity_waves=waves,
+        raw_out_path=folder / "raw.onnx",
+    )
     paths = {"fp32": report.path, "raw": folder / "raw.onnx"}
-    calibration = calibration_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0, max_utterances=8)
+    calibration = calibration_waves_from_manifest(
+        manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0, max_utterances=8
+    )
     for name in CANDIDATES:
         paths[name] = folder / f"{name}.onnx"
-        build_candidate(name=name, source=paths["raw"], out=paths[name], calibration=calibration, info=OnnxModel(report.path).info)
+        build_candidate(
+            name=name, source=paths["raw"], out=paths[name], calibration=calibration, info=OnnxModel(report.path).info
+        )
     return paths
 
 
@@ -97,10 +107,20 @@ def test_use_folded_dft_swaps_only_the_export_copy(small_cnn: LogMelCNN) -> None
 
 
 @pytest.mark.parametrize(("fold", "optimize"), [(False, False), (True, False), (False, True), (True, True)])
-def test_every_fp32_export_step_keeps_tight_parity(small_cnn: LogMelCNN, corpus: Path, tmp_path: Path, fold: bool, optimize: bool) -> None:
+def test_every_fp32_export_step_keeps_tight_parity(
+    small_cnn: LogMelCNN, corpus: Path, tmp_path: Path, fold: bool, optimize: bool
+) -> None:
     waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS, max_utterances=4)
-    report = export_onnx(model=small_cnn, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=1, parity_waves=waves,
-                         fold_dft=fold, optimize=optimize, raw_out_path=tmp_path / "raw.onnx")
+    report = export_onnx(
+        model=small_cnn,
+        labels=FOUR_CLASS,
+        out_path=tmp_path / "m.onnx",
+        release_version=1,
+        parity_waves=waves,
+        fold_dft=fold,
+        optimize=optimize,
+        raw_out_path=tmp_path / "raw.onnx",
+    )
     assert report.parity.passed and report.parity.max_abs_logit_diff < 2e-5
     assert report.front_end == ("folded-dft" if fold else "conv-dft")
     assert report.optimization == ("ort-extended" if optimize else "none")
@@ -116,7 +136,9 @@ def test_every_fp32_export_step_keeps_tight_parity(small_cnn: LogMelCNN, corpus:
 
 
 @pytest.mark.parametrize("name", CANDIDATES)
-def test_each_int8_candidate_tracks_fp32_and_keeps_the_front_end_in_float(exported: dict[str, Path], corpus: Path, name: str) -> None:
+def test_each_int8_candidate_tracks_fp32_and_keeps_the_front_end_in_float(
+    exported: dict[str, Path], corpus: Path, name: str
+) -> None:
     data = eval_set_from_manifest(manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0)
     fp32, int8 = OnnxModel(exported["fp32"]), OnnxModel(exported[name])
     assert int8.info.precision == "int8" and int8.info.release_version == 3
@@ -142,14 +164,32 @@ def test_front_end_nodes_are_the_dft_and_mel_products(exported: dict[str, Path])
 # --------------------------------------------------------------------------- the release's int8 rule
 
 
-def _candidate(name: str, *, drop: float | None = 0.2, speedup: float | None = 1.6, error: str | None = None) -> Candidate:
-    return Candidate(name=name, quantization=name.split("-")[0], quant_format=None, size_bytes=10, ua=0.8,
-                     ua_drop_points=drop, cpu_ms=1.0, speedup=speedup, error=error)
+def _candidate(
+    name: str, *, drop: float | None = 0.2, speedup: float | None = 1.6, error: str | None = None
+) -> Candidate:
+    return Candidate(
+        name=name,
+        quantization=name.split("-")[0],
+        quant_format=None,
+        size_bytes=10,
+        ua=0.8,
+        ua_drop_points=drop,
+        cpu_ms=1.0,
+        speedup=speedup,
+        error=error,
+    )
 
 
 def test_choose_int8_picks_the_fastest_candidate_within_the_bound() -> None:
-    chosen, reason = choose_int8([_candidate("static-qdq", speedup=1.3), _candidate("static-qoperator", speedup=1.8, drop=1.5),
-                                  _candidate("dynamic", speedup=1.6)], max_ua_drop=1.0, min_speedup=1.0)
+    chosen, reason = choose_int8(
+        [
+            _candidate("static-qdq", speedup=1.3),
+            _candidate("static-qoperator", speedup=1.8, drop=1.5),
+            _candidate("dynamic", speedup=1.6),
+        ],
+        max_ua_drop=1.0,
+        min_speedup=1.0,
+    )
     assert chosen is not None and chosen.name == "dynamic"
     assert "1.60x fp32 speed" in reason
 
@@ -185,12 +225,23 @@ def test_quantize_int8_publishes_only_a_candidate_faster_than_fp32(
     exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8_cpu_ms: float, published: bool
 ) -> None:
     monkeypatch.setattr("serforget.common.onnx_export.onnx_ua", lambda model, data, **_: 0.8)
-    monkeypatch.setattr("serforget.common.onnx_export.interleaved_timings", lambda runners, **_: {
-        name: Timing(wall_ms=1.0, cpu_ms=10.0 if name == "fp32" else int8_cpu_ms, wall_min_ms=1.0, n_calls=1) for name in runners})
+    monkeypatch.setattr(
+        "serforget.common.onnx_export.interleaved_timings",
+        lambda runners, **_: {
+            name: Timing(wall_ms=1.0, cpu_ms=10.0 if name == "fp32" else int8_cpu_ms, wall_min_ms=1.0, n_calls=1)
+            for name in runners
+        },
+    )
     data = EvalSet(waves=np.zeros((2, 16_000), np.float32), targets=np.array([0, 1]), labels=FOUR_CLASS)
     out = tmp_path / INT8_FILE
-    report = quantize_int8(fp32_path=exported["fp32"], source_path=exported["raw"], out_path=out, eval_set=data,
-                           candidates=["dynamic"], calibration=None)
+    report = quantize_int8(
+        fp32_path=exported["fp32"],
+        source_path=exported["raw"],
+        out_path=out,
+        eval_set=data,
+        candidates=["dynamic"],
+        calibration=None,
+    )
     assert report.published is published and out.is_file() is published
     assert report.speedup == pytest.approx(10.0 / int8_cpu_ms)
     assert ("faster" in report.reason) if not published else report.reason.startswith("dynamic:")
@@ -200,7 +251,9 @@ def test_quantize_int8_publishes_only_a_candidate_faster_than_fp32(
 
 def test_interleaved_timings_alternate_runners_in_rounds() -> None:
     calls: list[str] = []
-    timings = interleaved_timings({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, calls=2, warmup=1)
+    timings = interleaved_timings(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, calls=2, warmup=1
+    )
     assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert timings["a"].n_calls == 4 and timings["b"].cpu_ms >= 0.0
     with pytest.raises(ValueError, match="rounds"):
@@ -224,8 +277,13 @@ def test_edge_runtime_runs_the_optimized_and_int8_models_without_torch(exported:
         "print(json.dumps(out))\n"
     )
     paths = [str(exported["fp32"]), str(exported["static-qdq"]), str(exported["dynamic"])]
-    done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *paths],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     for path in paths:
@@ -243,15 +301,29 @@ def test_tiny_wav2vec2_exports_optimized_fp32_and_int8_candidates_that_track_it(
     from serforget.common.onnx_export import probe_waves
 
     torch.manual_seed(0)
-    model = build_model(arch="wav2vec2", config={"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4)}, labels=FOUR_CLASS).eval()
-    report = export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "model.onnx", release_version=1,
-                         parity_waves=probe_waves(seconds=(1.0, 3.0), per_length=3), raw_out_path=tmp_path / "raw.onnx")
+    model = build_model(
+        arch="wav2vec2", config={"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=4)}, labels=FOUR_CLASS
+    ).eval()
+    report = export_onnx(
+        model=model,
+        labels=FOUR_CLASS,
+        out_path=tmp_path / "model.onnx",
+        release_version=1,
+        parity_waves=probe_waves(seconds=(1.0, 3.0), per_length=3),
+        raw_out_path=tmp_path / "raw.onnx",
+    )
     assert report.parity.passed and report.front_end == "none" and report.optimization == "ort-extended"
     waves = np.stack([w.numpy() for w in probe_waves(seconds=(3.0,), per_length=8)])
     reference = OnnxModel(report.path).run(waves)[0]
     for name in CANDIDATES:
         out = tmp_path / f"{name}.onnx"
-        build_candidate(name=name, source=tmp_path / "raw.onnx", out=out, calibration=list(waves[:4]), info=OnnxModel(report.path).info)
+        build_candidate(
+            name=name,
+            source=tmp_path / "raw.onnx",
+            out=out,
+            calibration=list(waves[:4]),
+            info=OnnxModel(report.path).info,
+        )
         logits = OnnxModel(out).run(waves)[0]
         # dynamic leaves the (here dominant) convolutions in fp32; static quantizes them too
         assert out.stat().st_size < (0.6 if name.startswith("static") else 1.0) * report.size_bytes, name

@@ -55,8 +55,15 @@ def cnn() -> LogMelCNN:
 def cnn_export(cnn: LogMelCNN, corpus: Path, tmp_path_factory: pytest.TempPathFactory):
     waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS)
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    return export_onnx(model=cnn, labels=FOUR_CLASS, out_path=out, release_version=7, parity_waves=waves, parity_source="espeak",
-                       raw_out_path=out.with_name("raw.onnx"))
+    return export_onnx(
+        model=cnn,
+        labels=FOUR_CLASS,
+        out_path=out,
+        release_version=7,
+        parity_waves=waves,
+        parity_source="espeak",
+        raw_out_path=out.with_name("raw.onnx"),
+    )
 
 
 def _raw(export) -> Path:
@@ -116,12 +123,18 @@ def _short_waves(n: int = 3) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["wav2vec2", "hubert"])
-def test_transformers_family_exports_with_parity_and_leaves_the_model_untouched(arch: str, corpus: Path, tmp_path: Path) -> None:
+def test_transformers_family_exports_with_parity_and_leaves_the_model_untouched(
+    arch: str, corpus: Path, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    model = build_model(arch=arch, config={"hf_config": tiny_hf_config(arch=arch, n_labels=4)}, labels=FOUR_CLASS).train()
+    model = build_model(
+        arch=arch, config={"hf_config": tiny_hf_config(arch=arch, n_labels=4)}, labels=FOUR_CLASS
+    ).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     waves = parity_waves_from_manifest(manifest=corpus, labels=FOUR_CLASS, max_utterances=2)
-    report = export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=None, parity_waves=waves)
+    report = export_onnx(
+        model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=None, parity_waves=waves
+    )
     assert report.parity.passed and report.parity.max_abs_logit_diff <= 1e-4
     assert report.parity.lengths_s == list(PARITY_SECONDS)
     assert report.metadata["arch"] == arch and report.metadata["release_version"] == ""
@@ -131,7 +144,9 @@ def test_transformers_family_exports_with_parity_and_leaves_the_model_untouched(
     assert [d.dim_param for d in dims] == ["batch", "samples"]
 
 
-@pytest.mark.parametrize(("shape", "groups", "affine"), [((2, 16, 40, 70), 4, True), ((3, 8, 250), 8, True), ((1, 6, 5, 9), 3, False)])
+@pytest.mark.parametrize(
+    ("shape", "groups", "affine"), [((2, 16, 40, 70), 4, True), ((3, 8, 250), 8, True), ((1, 6, 5, 9), 3, False)]
+)
 def test_stable_group_norm_equals_group_norm(shape: tuple[int, ...], groups: int, affine: bool) -> None:
     norm = torch.nn.GroupNorm(groups, shape[1], affine=affine)
     if affine:
@@ -148,8 +163,9 @@ def test_long_padded_inputs_keep_fp32_parity_through_group_norm(tmp_path: Path) 
     model = LogMelCNN(n_classes=4, config=CNNConfig(channels=(16, 32))).eval()
     speech = probe_waves(seconds=(2.0,), per_length=4)
     padded = [torch.nn.functional.pad(wave, (0, 7 * 16_000 - wave.shape[0])) for wave in speech]
-    report = export_onnx(model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=1,
-                         parity_waves=padded, atol=3e-6)
+    report = export_onnx(
+        model=model, labels=FOUR_CLASS, out_path=tmp_path / "m.onnx", release_version=1, parity_waves=padded, atol=3e-6
+    )
     assert report.parity.passed and report.parity.max_abs_logit_diff < 3e-6
 
 
@@ -180,7 +196,9 @@ def test_parity_failure_raises_and_keeps_the_previous_file(tmp_path: Path) -> No
         ({"labels": ("sad", "sad", "angry", "happy")}, "distinct names"),
     ],
 )
-def test_bad_arguments_are_refused_with_a_clear_error(cnn: LogMelCNN, tmp_path: Path, kwargs: dict, message: str) -> None:
+def test_bad_arguments_are_refused_with_a_clear_error(
+    cnn: LogMelCNN, tmp_path: Path, kwargs: dict, message: str
+) -> None:
     args = {"model": cnn, "labels": FOUR_CLASS, "out_path": tmp_path / "m.onnx", "release_version": 1, **kwargs}
     with pytest.raises(OnnxExportError, match=message):
         export_onnx(**args)
@@ -190,13 +208,21 @@ def test_bad_arguments_are_refused_with_a_clear_error(cnn: LogMelCNN, tmp_path: 
 def test_int8_model_is_smaller_and_its_ua_change_is_measured(cnn_export, corpus: Path, tmp_path: Path) -> None:
     eval_set = eval_set_from_manifest(manifest=corpus, labels=FOUR_CLASS, clip_seconds=3.0)
     out = tmp_path / INT8_FILE
-    report = quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=out, eval_set=eval_set,
-                           max_ua_drop=100.0, min_speedup=1e-6)
+    report = quantize_int8(
+        fp32_path=cnn_export.path,
+        source_path=_raw(cnn_export),
+        out_path=out,
+        eval_set=eval_set,
+        max_ua_drop=100.0,
+        min_speedup=1e-6,
+    )
     assert report.published and out.is_file()
     assert report.size_bytes_int8 == out.stat().st_size
     sizes = {c["name"]: c["size_bytes"] for c in report.candidates}
     assert set(sizes) == {"static-qdq", "static-qoperator", "dynamic"}
-    assert max(sizes["static-qdq"], sizes["static-qoperator"]) <= 0.4 * report.size_bytes_fp32  # front-end constants stored int8 too
+    assert (
+        max(sizes["static-qdq"], sizes["static-qoperator"]) <= 0.4 * report.size_bytes_fp32
+    )  # front-end constants stored int8 too
     assert sizes["dynamic"] < report.size_bytes_fp32
     assert report.n_eval == len(read_manifest(corpus))
     assert report.ua_drop_points == pytest.approx(100 * (report.ua_fp32 - report.ua_int8))
@@ -215,8 +241,15 @@ def test_int8_is_published_only_within_the_ua_bound(
     monkeypatch.setattr("serforget.common.onnx_export.onnx_ua", _fake_ua({"fp32": 0.80, "int8": ua_int8}))
     data = EvalSet(waves=np.zeros((2, 16_000), np.float32), targets=np.array([0, 1]), labels=FOUR_CLASS)
     out = tmp_path / INT8_FILE
-    report = quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=out, eval_set=data,
-                           max_ua_drop=1.0, min_speedup=1e-6, candidates=["dynamic"])
+    report = quantize_int8(
+        fp32_path=cnn_export.path,
+        source_path=_raw(cnn_export),
+        out_path=out,
+        eval_set=data,
+        max_ua_drop=1.0,
+        min_speedup=1e-6,
+        candidates=["dynamic"],
+    )
     assert report.published is published
     assert out.is_file() is published
     assert report.ua_drop_points == pytest.approx(100 * (0.80 - ua_int8))
@@ -235,8 +268,15 @@ def test_quantizing_an_int8_model_or_a_negative_bound_is_refused(cnn_export, tmp
         quantize_int8(fp32_path=cnn_export.path, out_path=tmp_path / "q.onnx", eval_set=None, max_ua_drop=-1.0)
     first = tmp_path / "first.onnx"
     data = EvalSet(waves=np.zeros((1, 16_000), np.float32), targets=np.array([0]), labels=FOUR_CLASS)
-    quantize_int8(fp32_path=cnn_export.path, source_path=_raw(cnn_export), out_path=first, eval_set=data, max_ua_drop=100.0,
-                  min_speedup=1e-6, candidates=["dynamic"])
+    quantize_int8(
+        fp32_path=cnn_export.path,
+        source_path=_raw(cnn_export),
+        out_path=first,
+        eval_set=data,
+        max_ua_drop=100.0,
+        min_speedup=1e-6,
+        candidates=["dynamic"],
+    )
     with pytest.raises(OnnxExportError, match="quantize the fp32 model"):
         quantize_int8(fp32_path=first, out_path=tmp_path / "again.onnx", eval_set=data)
 
@@ -244,8 +284,14 @@ def test_quantizing_an_int8_model_or_a_negative_bound_is_refused(cnn_export, tmp
 def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Path, tmp_path: Path) -> None:
     checkpoint = save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
     files = export_release_models(
-        checkpoint_dir=checkpoint, out_dir=tmp_path / "onnx", parity_manifest=corpus, release_version=3,
-        max_ua_drop=100.0, max_parity_utterances=4, min_int8_speedup=1e-6, calibration_manifest=corpus,
+        checkpoint_dir=checkpoint,
+        out_dir=tmp_path / "onnx",
+        parity_manifest=corpus,
+        release_version=3,
+        max_ua_drop=100.0,
+        max_parity_utterances=4,
+        min_int8_speedup=1e-6,
+        calibration_manifest=corpus,
     )
     assert set(files) == {"model.onnx", INT8_FILE, REPORT_FILE}
     report = json.loads(files[REPORT_FILE].read_text())
@@ -261,10 +307,23 @@ def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Pat
     assert session.get_modelmeta().custom_metadata_map["release_version"] == "3"
 
 
-def test_cli_export_without_manifest_uses_probes_and_cannot_publish_int8(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_export_without_manifest_uses_probes_and_cannot_publish_int8(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     model = build_model(arch="logmel_cnn", config={"channels": [4, 8]}, labels=FOUR_CLASS)
     checkpoint = save_checkpoint(model=model, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
-    code = main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "onnx"), "--int8", "--release-version", "4"])
+    code = main(
+        [
+            "export-onnx",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "onnx"),
+            "--int8",
+            "--release-version",
+            "4",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["files"]) == {"model.onnx", REPORT_FILE}

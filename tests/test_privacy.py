@@ -71,7 +71,9 @@ def _gaussian(mean: float, n: int, seed: int) -> np.ndarray:
 
 def test_attack_detects_a_forget_set_drawn_like_members():
     members, nonmembers = _gaussian(1.0, 4000, 0), _gaussian(0.0, 4000, 1)
-    result = attack_forget_set(member_scores=members, nonmember_scores=nonmembers, forget_scores=_gaussian(1.0, 4000, 2))
+    result = attack_forget_set(
+        member_scores=members, nonmember_scores=nonmembers, forget_scores=_gaussian(1.0, 4000, 2)
+    )
     # AUC of N(1,1) vs N(0,1) is Phi(1/sqrt(2)); the best advantage is 2 * Phi(0.5) - 1
     assert result.auc == pytest.approx(0.5 * (1 + math.erf(0.5)), abs=0.02)
     assert result.advantage == pytest.approx(math.erf(0.5 / math.sqrt(2)), abs=0.04)
@@ -80,7 +82,9 @@ def test_attack_detects_a_forget_set_drawn_like_members():
 
 def test_attack_sees_nothing_in_a_forget_set_drawn_like_non_members():
     members, nonmembers = _gaussian(1.0, 4000, 0), _gaussian(0.0, 4000, 1)
-    result = attack_forget_set(member_scores=members, nonmember_scores=nonmembers, forget_scores=_gaussian(0.0, 4000, 3))
+    result = attack_forget_set(
+        member_scores=members, nonmember_scores=nonmembers, forget_scores=_gaussian(0.0, 4000, 3)
+    )
     assert result.auc == pytest.approx(0.5, abs=0.02)
     assert abs(result.advantage) < 0.04
     # over-forgetting (forget set scored far below unseen data) shows up as an AUC well under 0.5
@@ -91,7 +95,9 @@ def test_attack_sees_nothing_in_a_forget_set_drawn_like_non_members():
 def test_attack_cross_fits_the_threshold_on_disjoint_test_folds():
     members = np.array([1.0, 1.0, 1.0])
     nonmembers = np.array([0.0, 0.0, 1.0, 1.0])
-    result = attack_forget_set(member_scores=members, nonmember_scores=nonmembers, forget_scores=np.array([1.0]), seed=0)
+    result = attack_forget_set(
+        member_scores=members, nonmember_scores=nonmembers, forget_scores=np.array([1.0]), seed=0
+    )
     assert len(result.thresholds) == 2
     assert 0.0 <= result.test_member_rate <= 1.0
     with pytest.raises(ValueError, match="at least 2"):
@@ -104,8 +110,14 @@ def test_membership_inference_on_model_outputs():
     targets = torch.randint(0, 4, (n,), generator=gen)
     confident = torch.nn.functional.one_hot(targets, 4).float() * 6 + torch.randn(n, 4, generator=gen)
     unsure = torch.nn.functional.one_hot(targets, 4).float() * 1 + torch.randn(n, 4, generator=gen)
-    results = membership_inference(member_logits=confident, member_targets=targets, nonmember_logits=unsure,
-                                   nonmember_targets=targets, forget_logits=confident[:50], forget_targets=targets[:50])
+    results = membership_inference(
+        member_logits=confident,
+        member_targets=targets,
+        nonmember_logits=unsure,
+        nonmember_targets=targets,
+        forget_logits=confident[:50],
+        forget_targets=targets[:50],
+    )
     assert set(results) == {"loss", "confidence", "entropy"}
     for result in results.values():
         assert result.auc > 0.9 and result.advantage > 0.7

@@ -20,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: launcher). Everything else is plain Python that the CLI, the benchmarks and the tests call
 #: without a Flower runtime; the rest of deploy/ runs Flower's programs, never imports them.
 FLWR_ALLOWED = {
-    "client/app.py", "client/runtime.py",
-    "server/app.py", "server/inprocess.py", "server/report.py", "server/scenario.py", "server/strategy.py",
-    "server/unlearning_round.py", "server/oracle.py",
+    "client/app.py",
+    "client/runtime.py",
+    "server/app.py",
+    "server/inprocess.py",
+    "server/report.py",
+    "server/scenario.py",
+    "server/strategy.py",
+    "server/unlearning_round.py",
+    "server/oracle.py",
     # the SuperLink launcher that serves Flower's own app with the Fleet API alone on the devices' port
     "deploy/superlink.py",
 }
@@ -57,9 +63,13 @@ def test_layering_each_role_imports_only_the_roles_below_it() -> None:
 
 
 def test_only_the_flower_glue_imports_flwr() -> None:
-    offenders = [str(p.relative_to(ROOT)) for folder in LAYERS for p in (ROOT / folder).rglob("*.py")
-                 if any(m == "flwr" or m.startswith("flwr.") for m in _imports(p))
-                 and str(p.relative_to(ROOT)) not in FLWR_ALLOWED]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for folder in LAYERS
+        for p in (ROOT / folder).rglob("*.py")
+        if any(m == "flwr" or m.startswith("flwr.") for m in _imports(p))
+        and str(p.relative_to(ROOT)) not in FLWR_ALLOWED
+    ]
     assert offenders == []
 
 
@@ -69,12 +79,15 @@ def test_wheel_top_level_is_serforget_only(tmp_path: Path) -> None:
     assert {name.split(".")[0] for name in config["packages"]} == {"serforget"}
     for name, folder in config["package-dir"].items():
         assert name.startswith("serforget") and (ROOT / folder / "__init__.py").is_file(), name
-    on_disk = {str(p.parent.relative_to(ROOT)) for folder in ("common", "client", "server", "deploy", "serforget")
-               for p in (ROOT / folder).rglob("__init__.py")}
+    on_disk = {
+        str(p.parent.relative_to(ROOT))
+        for folder in ("common", "client", "server", "deploy", "serforget")
+        for p in (ROOT / folder).rglob("__init__.py")
+    }
     listed = set()
     for name in config["packages"]:
         head = max((k for k in config["package-dir"] if name == k or name.startswith(k + ".")), key=len)
-        listed.add(str(Path(config["package-dir"][head], *name[len(head):].split(".")[1:])))
+        listed.add(str(Path(config["package-dir"][head], *name[len(head) :].split(".")[1:])))
     assert on_disk == listed, "a package folder is missing from [tool.setuptools] packages"
 
 
@@ -106,6 +119,10 @@ def test_device_setting() -> None:
 
 def test_test_modules_share_helpers_only_through_tests_helpers() -> None:
     """A test module never imports another test module (helpers live in tests/helpers/ or conftest)."""
-    offenders = [f"{p.name}: {m}" for p in (ROOT / "tests").glob("*.py") for m in _imports(p)
-                 if m.startswith("tests.") and not m.startswith("tests.helpers")]
+    offenders = [
+        f"{p.name}: {m}"
+        for p in (ROOT / "tests").glob("*.py")
+        for m in _imports(p)
+        if m.startswith("tests.") and not m.startswith("tests.helpers")
+    ]
     assert offenders == []

@@ -97,11 +97,13 @@ def test_symlink_free_escape_through_a_tampered_plan_is_refused(tmp_path: Path, 
     planted = str(outside / "spk1_001.wav") if planted == "ABSOLUTE" else planted
     with Ledger(data / "ledger.sqlite") as ledger:
         request = applied_request(ledger, ["spk1_001"])
-        plan = ledger._stage_purge_plan(request.request_id, plan=ledger_module._survey(
-            request, root=data.resolve(), manifest=data / "manifest.csv"))
+        plan = ledger._stage_purge_plan(
+            request.request_id, plan=ledger_module._survey(request, root=data.resolve(), manifest=data / "manifest.csv")
+        )
         plan["files"][0]["path"] = planted
-        ledger._conn.execute("UPDATE requests SET purge_plan = ? WHERE request_id = ?",
-                             (json.dumps(plan), request.request_id))
+        ledger._conn.execute(
+            "UPDATE requests SET purge_plan = ? WHERE request_id = ?", (json.dumps(plan), request.request_id)
+        )
         with pytest.raises(LedgerError, match="does not stay inside the data dir"):
             purge_request(data_dir=data, ledger=ledger, request_id=request.request_id)
         assert ledger.get(request.request_id).state == APPLIED

@@ -80,9 +80,13 @@ def _get(address: tuple[str, int], raw_path: str) -> tuple[int, bytes]:
 # --------------------------------------------------------------------------- publish / verify
 
 
-def test_publish_verify_round_trip(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_publish_verify_round_trip(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     first = registry.publish(files=checkpoint, signing_key=key, parent=None, metrics={"uar": 0.61}, notes={"round": 3})
-    second = registry.publish(files=checkpoint, signing_key=key, parent=1, applies_requests=["req-1"], revoke_previous=True)
+    second = registry.publish(
+        files=checkpoint, signing_key=key, parent=1, applies_requests=["req-1"], revoke_previous=True
+    )
 
     assert registry.versions() == [1, 2]
     assert registry.path(1).name == "v0001"
@@ -100,7 +104,9 @@ def test_publish_verify_round_trip(registry: ReleaseRegistry, checkpoint: dict[s
     assert (registry.path(2) / "manifest.json").read_bytes() == second.to_bytes()
 
 
-def test_manifest_rejects_traversal_names_and_unknown_fields(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_manifest_rejects_traversal_names_and_unknown_fields(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     manifest = registry.publish(files=checkpoint, signing_key=key, parent=None)
     doc = json.loads(manifest.to_bytes())
     doc["files"]["../escape"] = doc["files"].pop("model.json")
@@ -136,13 +142,17 @@ def test_publish_rejects_bad_input_without_writing(
 ) -> None:
     arguments = {"files": checkpoint, "signing_key": key, "parent": None, **kwargs}
     # "checkpoint" stands for a real source file, so only the release name is at fault.
-    arguments["files"] = {name: checkpoint["model.json"] if src == "checkpoint" else src for name, src in arguments["files"].items()}
+    arguments["files"] = {
+        name: checkpoint["model.json"] if src == "checkpoint" else src for name, src in arguments["files"].items()
+    }
     with pytest.raises(ReleaseError, match=message):
         registry.publish(**arguments)
     assert registry.versions() == []
 
 
-def test_publish_requires_an_ed25519_private_key(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_publish_requires_an_ed25519_private_key(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     with pytest.raises(TypeError, match="Ed25519PrivateKey"):
         registry.publish(files=checkpoint, signing_key=key.public_key(), parent=None)
 
@@ -171,7 +181,11 @@ def _tamper_manifest(folder: Path) -> None:
     ],
 )
 def test_verify_detects_tampering(
-    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, tamper: Callable[[Path], None], message: str
+    registry: ReleaseRegistry,
+    checkpoint: dict[str, Path],
+    key: Ed25519PrivateKey,
+    tamper: Callable[[Path], None],
+    message: str,
 ) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     tamper(registry.path(1))
@@ -179,7 +193,9 @@ def test_verify_detects_tampering(
         registry.verify(1, public_key=key.public_key())
 
 
-def test_verify_rejects_wrong_key(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_verify_rejects_wrong_key(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     stranger = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(ReleaseError, match="signature does not verify"):
@@ -219,7 +235,9 @@ def test_failure_mid_publish_leaves_only_complete_releases(
     registry.verify(2, public_key=key.public_key())
 
 
-def test_hard_crash_leftovers_are_ignored_then_cleaned(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_hard_crash_leftovers_are_ignored_then_cleaned(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     # What a killed process leaves: a half-filled staging folder that was never renamed.
     leftover = registry.root / ".staging-killed"
@@ -257,7 +275,9 @@ def test_crash_after_commit_before_index_is_repaired(
     assert fresh.sequence == stale.sequence + 1
 
 
-def test_existing_release_is_never_overwritten(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_existing_release_is_never_overwritten(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     staging = tmp_path / "other"
     staging.mkdir()
@@ -269,7 +289,9 @@ def test_existing_release_is_never_overwritten(registry: ReleaseRegistry, checkp
 # --------------------------------------------------------------------------- revocation and index
 
 
-def test_revocation_hides_release_and_is_logged(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_revocation_hides_release_and_is_logged(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     registry.publish(files=checkpoint, signing_key=key, parent=1)
     registry.revoke(versions=[2], reason="trained on a revoked consent", signing_key=key)
@@ -281,7 +303,9 @@ def test_revocation_hides_release_and_is_logged(registry: ReleaseRegistry, check
     assert index.revoked() == {2: "trained on a revoked consent"}
     assert index.newest_available().version == 1
 
-    third = registry.publish(files=checkpoint, signing_key=key, parent=1, applies_requests=["del-9"], revoke_previous=True)
+    third = registry.publish(
+        files=checkpoint, signing_key=key, parent=1, applies_requests=["del-9"], revoke_previous=True
+    )
     assert set(registry.revoked()) == {1, 2}
     assert "del-9" in registry.revoked()[1]
     assert registry.revoked()[2] == "trained on a revoked consent"  # first reason is kept
@@ -293,7 +317,9 @@ def test_revocation_hides_release_and_is_logged(registry: ReleaseRegistry, check
     assert registry.read_index(public_key=key.public_key()).sequence == 5
 
 
-def test_revoke_rejects_bad_requests(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_revoke_rejects_bad_requests(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     with pytest.raises(ReleaseError, match=r"unknown releases \[5\]"):
         registry.revoke(versions=[5], reason="x", signing_key=key)
@@ -304,7 +330,9 @@ def test_revoke_rejects_bad_requests(registry: ReleaseRegistry, checkpoint: dict
     assert registry.revoked() == {}
 
 
-def test_forged_revocation_entry_is_detected(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_forged_revocation_entry_is_detected(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     registry.publish(files=checkpoint, signing_key=key, parent=1)
     registry.revoke(versions=[2], reason="bad", signing_key=key)
@@ -318,14 +346,18 @@ def test_forged_revocation_entry_is_detected(registry: ReleaseRegistry, checkpoi
         registry.refresh_index(signing_key=key)
 
 
-def test_latest_is_none_when_everything_is_revoked(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_latest_is_none_when_everything_is_revoked(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     assert registry.latest() is None
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     registry.revoke(versions=[1], reason="deleted", signing_key=key)
     assert registry.latest(public_key=key.public_key()) is None
 
 
-def test_tampered_index_is_refused(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey) -> None:
+def test_tampered_index_is_refused(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     index_file = registry.root / "index" / "g000001.json"
     index_file.write_bytes(index_file.read_bytes().replace(b'"revoked":false', b'"revoked":true '))
@@ -336,7 +368,9 @@ def test_tampered_index_is_refused(registry: ReleaseRegistry, checkpoint: dict[s
 # --------------------------------------------------------------------------- HTTP serving
 
 
-def test_serves_index_and_release_files(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base) -> None:
+def test_serves_index_and_release_files(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     address = http_base(registry.root)
     index_bytes, signature = registry.read_index_files()
@@ -351,7 +385,9 @@ def test_index_is_404_before_first_publish(registry: ReleaseRegistry, http_base)
     assert _get(http_base(registry.root), "/index.json")[0] == 404
 
 
-def test_revoked_release_is_gone(registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base) -> None:
+def test_revoked_release_is_gone(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base
+) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     registry.publish(files=checkpoint, signing_key=key, parent=1)
     address = http_base(registry.root)
@@ -386,7 +422,12 @@ def test_revoked_release_is_gone(registry: ReleaseRegistry, checkpoint: dict[str
     ],
 )
 def test_no_listing_or_path_traversal(
-    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base, raw_path: str, tmp_path: Path
+    registry: ReleaseRegistry,
+    checkpoint: dict[str, Path],
+    key: Ed25519PrivateKey,
+    http_base,
+    raw_path: str,
+    tmp_path: Path,
 ) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     secret = b"TOP-SECRET-NOT-A-RELEASE"

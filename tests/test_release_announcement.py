@@ -44,8 +44,10 @@ def _model(seed: int) -> torch.nn.Module:
 def world(tmp_path: Path) -> tuple[ServerDir, NodeDir, str]:
     """A server, an enrolled node with two recordings, and one request the node has unlearned."""
     server = ServerDir(tmp_path / "server").init()
-    utts = [Utterance(f"spk0_{i}", save_audio(tmp_path / "corpus" / f"{i}.wav", tone(220.0 + i, 0.3)), "spk0", "happy")
-            for i in range(2)]
+    utts = [
+        Utterance(f"spk0_{i}", save_audio(tmp_path / "corpus" / f"{i}.wav", tone(220.0 + i, 0.3)), "spk0", "happy")
+        for i in range(2)
+    ]
     node = prepare_node_dir(root=tmp_path / "node", node_id="node-spk0", speaker="spk0", utterances=utts)
     pin_server_keys(node, server_keys_dir=server.keys_dir)
     request = file_deletion_request(data_dir=node.root, utt_ids=["spk0_0"])
@@ -80,29 +82,49 @@ def test_unsigned_announcement_purges_nothing(world) -> None:
 def test_unsigned_ids_a_genuine_release_does_not_apply_are_not_purged(world) -> None:
     server, node, rid = world
     # release v1 is genuine and signed, but it applies no request: naming rid next to it purges nothing
-    assert adopt_release(node=node, model=_model(0), labels=FOUR_CLASS, version=1, signed_manifests=_signed(server, 1)) == []
+    assert (
+        adopt_release(node=node, model=_model(0), labels=FOUR_CLASS, version=1, signed_manifests=_signed(server, 1))
+        == []
+    )
     assert _state(node, rid) == UNLEARNED and (node.root / "wav" / "spk0_0.wav").exists()
 
 
 def test_unsigned_weights_with_a_genuine_manifest_are_refused(world) -> None:
     server, node, rid = world
-    publish_release(server=server, model=_model(1), labels=FOUR_CLASS, parent=1, applies_requests=[rid], onnx=False,
-                    revoke_previous=True)
+    publish_release(
+        server=server,
+        model=_model(1),
+        labels=FOUR_CLASS,
+        parent=1,
+        applies_requests=[rid],
+        onnx=False,
+        revoke_previous=True,
+    )
     manifests, signatures = signed_manifests(server.releases, version=2, applied=[rid])
     with pytest.raises(NodeError, match="weights received do not match"):
-        adopt_release(node=node, model=_model(2), labels=FOUR_CLASS, version=2, signed_manifests=list(zip(manifests, signatures)))
+        adopt_release(
+            node=node, model=_model(2), labels=FOUR_CLASS, version=2, signed_manifests=list(zip(manifests, signatures))
+        )
     assert _state(node, rid) == UNLEARNED and (node.root / "wav" / "spk0_0.wav").exists()
 
 
 def test_signed_release_that_applies_the_request_is_adopted_and_purges(world) -> None:
     server, node, rid = world
-    publish_release(server=server, model=_model(1), labels=FOUR_CLASS, parent=1, applies_requests=[rid], onnx=False,
-                    revoke_previous=True)
+    publish_release(
+        server=server,
+        model=_model(1),
+        labels=FOUR_CLASS,
+        parent=1,
+        applies_requests=[rid],
+        onnx=False,
+        revoke_previous=True,
+    )
     publish_release(server=server, model=_model(3), labels=FOUR_CLASS, parent=2, onnx=False)  # a later release
     manifests, signatures = signed_manifests(server.releases, version=3, applied=[rid])
     assert len(manifests) == 2  # v3 (adopted) and v2 (the release that applied rid)
-    receipts = adopt_release(node=node, model=_model(3), labels=FOUR_CLASS, version=3,
-                             signed_manifests=list(zip(manifests, signatures)))
+    receipts = adopt_release(
+        node=node, model=_model(3), labels=FOUR_CLASS, version=3, signed_manifests=list(zip(manifests, signatures))
+    )
     assert [r["request_id"] for r in receipts] == [rid] and _state(node, rid) == PURGED
     assert not (node.root / "wav" / "spk0_0.wav").exists() and (node.root / "wav" / "spk0_1.wav").exists()
 

@@ -64,7 +64,9 @@ def published(registry: ReleaseRegistry, tmp_path: Path, key: Ed25519PrivateKey)
         (folder / "model.onnx").write_bytes(os.urandom(4096))
         parent = registry.versions()[-1] if registry.versions() else None
         signing_key = kwargs.pop("signing_key", key)
-        return registry.publish(files={"model.onnx": folder / "model.onnx"}, signing_key=signing_key, parent=parent, **kwargs).version
+        return registry.publish(
+            files={"model.onnx": folder / "model.onnx"}, signing_key=signing_key, parent=parent, **kwargs
+        ).version
 
     return publish
 
@@ -80,7 +82,9 @@ def test_recursion_nested_signature_files_are_a_release_error(key: Ed25519Privat
 
 
 @pytest.mark.parametrize("victim", ["index", "manifest"])
-def test_recursion_nested_sig_is_refused_by_pull(victim: str, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path) -> None:
+def test_recursion_nested_sig_is_refused_by_pull(
+    victim: str, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
     version = published()
     if victim == "index":
         (registry.root / "index" / "g000001.sig").write_bytes(NESTED)
@@ -96,9 +100,24 @@ def test_recursion_nested_sig_is_one_line_in_the_cli(tmp_path: Path, registry: R
     published(signing_key=load_signing_private(keys.sign_private))
     (registry.root / "index" / "g000001.sig").write_bytes(NESTED)
     run = subprocess.run(
-        [sys.executable, "-m", "serforget", "edge", "pull", "--from", str(registry.root), "--to", str(tmp_path / "dev"),
-         "--server-key", str(keys.sign_public)],
-        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=False,
+        [
+            sys.executable,
+            "-m",
+            "serforget",
+            "edge",
+            "pull",
+            "--from",
+            str(registry.root),
+            "--to",
+            str(tmp_path / "dev"),
+            "--server-key",
+            str(keys.sign_public),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        check=False,
     )
     assert run.returncode != 0
     assert "Traceback" not in run.stderr and "RecursionError" not in run.stderr
@@ -223,33 +242,53 @@ def test_freeze_an_expired_index_is_refused_and_a_resigned_one_accepted(
     assert pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key()).version == 1
 
 
-def test_freeze_an_index_without_expiry_is_refused(registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path) -> None:
+def test_freeze_an_index_without_expiry_is_refused(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
     published()
     current = registry.read_index(public_key=key.public_key())
-    legacy = ReleaseIndex(sequence=current.sequence + 1, generated_at=time.time(), releases=current.releases, format_version=1)
+    legacy = ReleaseIndex(
+        sequence=current.sequence + 1, generated_at=time.time(), releases=current.releases, format_version=1
+    )
     _plant_index(registry, legacy, key)
     with pytest.raises(PullError, match="no signed expiry"):
         pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
 
 
-@pytest.mark.parametrize(("generated", "expires", "message"), [
-    (0.0, 400 * DAY, "more than"),              # an index signed to live for a year defeats expiry
-    (3600.0, 3600.0 + DAY, "in the future"),    # generated_at is checked against the device clock
-])
+@pytest.mark.parametrize(
+    ("generated", "expires", "message"),
+    [
+        (0.0, 400 * DAY, "more than"),  # an index signed to live for a year defeats expiry
+        (3600.0, 3600.0 + DAY, "in the future"),  # generated_at is checked against the device clock
+    ],
+)
 def test_freeze_implausible_index_lifetimes_are_refused(
-    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, generated: float, expires: float, message: str
+    registry: ReleaseRegistry,
+    published,
+    key: Ed25519PrivateKey,
+    dest: Path,
+    generated: float,
+    expires: float,
+    message: str,
 ) -> None:
     published()
     current = registry.read_index(public_key=key.public_key())
     now = time.time()
-    odd = ReleaseIndex(sequence=current.sequence + 1, generated_at=now + generated, releases=current.releases, expires=now + expires)
+    odd = ReleaseIndex(
+        sequence=current.sequence + 1, generated_at=now + generated, releases=current.releases, expires=now + expires
+    )
     _plant_index(registry, odd, key)
     with pytest.raises(PullError, match=message):
         pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
 
 
 def test_rollback_a_fresh_device_refuses_an_old_index_below_its_trust_anchor(
-    tmp_path: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    registry: ReleaseRegistry,
+    published,
+    key: Ed25519PrivateKey,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     published()
     stale_mirror = tmp_path / "stale-mirror"
@@ -294,8 +333,12 @@ def test_rollback_a_different_index_under_an_accepted_sequence_is_refused(
 
     current = registry.read_index(public_key=key.public_key())
     unrevoked = tuple(IndexEntry(e.version, e.manifest_sha256, False, "") for e in current.releases)
-    twin = ReleaseIndex(sequence=current.sequence, generated_at=current.generated_at + 1, releases=unrevoked[:1],
-                        expires=current.expires)
+    twin = ReleaseIndex(
+        sequence=current.sequence,
+        generated_at=current.generated_at + 1,
+        releases=unrevoked[:1],
+        expires=current.expires,
+    )
     _plant_index(registry, twin, key)
     with pytest.raises(PullError, match="differs from the index already accepted"):
         pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
@@ -373,7 +416,9 @@ def test_tombstone_a_burial_cut_short_is_finished_by_the_next_writer(
     assert not (registry.path(1) / "model.onnx").exists()
 
 
-def test_tombstone_revoked_release_is_not_served_over_http(registry: ReleaseRegistry, published, key: Ed25519PrivateKey) -> None:
+def test_tombstone_revoked_release_is_not_served_over_http(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+) -> None:
     import urllib.error
     import urllib.request
 
@@ -415,15 +460,22 @@ def test_key_rotation_devices_follow_it_and_then_refuse_the_compromised_key(
     assert result.version == 3
     assert json.loads((dest / "current.json").read_text())["key_version"] == 2
     # a fresh device provisioned with the original key follows the same chain
-    assert pull_release(source=str(registry.root), dest=tmp_path / "fresh", server_public_key=key.public_key()).version == 3
+    assert (
+        pull_release(source=str(registry.root), dest=tmp_path / "fresh", server_public_key=key.public_key()).version
+        == 3
+    )
 
     # the attacker signs a newer index with the stolen key that resurrects revoked v1, on a mirror hiding the rotation
     mirror = tmp_path / "evil-mirror"
     shutil.copytree(registry.root, mirror)
     shutil.rmtree(mirror / "root")
     current = registry.read_index(public_key=new_key.public_key())
-    evil = ReleaseIndex(sequence=current.sequence + 5, generated_at=time.time(), expires=time.time() + DAY,
-                        releases=tuple(IndexEntry(e.version, e.manifest_sha256, False, "") for e in current.releases[:1]))
+    evil = ReleaseIndex(
+        sequence=current.sequence + 5,
+        generated_at=time.time(),
+        expires=time.time() + DAY,
+        releases=tuple(IndexEntry(e.version, e.manifest_sha256, False, "") for e in current.releases[:1]),
+    )
     _plant_index(ReleaseRegistry(mirror), evil, stolen)
     with pytest.raises(PullError, match="does not verify"):
         pull_release(source=str(mirror), dest=dest, server_public_key=key.public_key())
@@ -454,7 +506,9 @@ def test_key_rotation_forged_rotations_are_refused(
     assert json.loads((dest / "current.json").read_text())["key_version"] == 1
 
 
-def test_key_rotation_is_served_over_http(registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path) -> None:
+def test_key_rotation_is_served_over_http(
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+) -> None:
     from serforget.common.release import serve_releases
 
     published()

@@ -37,7 +37,9 @@ def test_oracle_reruns_fedavg_without_exactly_the_deleted_recordings(tmp_path: P
     work = tmp_path / "sim"
     run_config = {**TINY, "work-dir": str(work)}
     grid = InProcessGrid(client_module.app, run_config=run_config, n_nodes=N_NODES)
-    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     report = json.loads((work / "report" / "report.json").read_text())
 
     kinds = [c for c in grid.calls if c in ("train", "evaluate")]
@@ -45,9 +47,9 @@ def test_oracle_reruns_fedavg_without_exactly_the_deleted_recordings(tmp_path: P
     train_loads = [data for kind, data in zip(kinds, loads) if kind == "train"]
     rounds = run_config["num-rounds"]
     assert len(train_loads) == 2 * rounds * N_NODES  # FedAvg, then the oracle: same rounds, same nodes
-    fedavg_loads, oracle_loads = train_loads[: rounds * N_NODES], train_loads[rounds * N_NODES:]
+    fedavg_loads, oracle_loads = train_loads[: rounds * N_NODES], train_loads[rounds * N_NODES :]
     # the oracle asks the nodes for no federated evaluation (it does not change the weights)
-    assert grid.calls[len(grid.calls) - grid.calls[::-1].index("train"):].count("evaluate") == 0
+    assert grid.calls[len(grid.calls) - grid.calls[::-1].index("train") :].count("evaluate") == 0
 
     labels = task_labels("4class")  # TINY keeps the default task
     all_train = {u.utt_id for u in read_manifest(work / "splits" / "train.csv") if u.emotion in labels}
@@ -58,8 +60,8 @@ def test_oracle_reruns_fedavg_without_exactly_the_deleted_recordings(tmp_path: P
     assert deleted and deleted < all_train
     assert len(deleted) == report["n_forget"]
     for r in range(rounds):
-        assert set().union(*fedavg_loads[r * N_NODES:(r + 1) * N_NODES]) == all_train
-        assert set().union(*oracle_loads[r * N_NODES:(r + 1) * N_NODES]) == all_train - deleted
+        assert set().union(*fedavg_loads[r * N_NODES : (r + 1) * N_NODES]) == all_train
+        assert set().union(*oracle_loads[r * N_NODES : (r + 1) * N_NODES]) == all_train - deleted
 
     oracle = report["retrain_oracle"]
     assert oracle["ran"] and oracle["skipped"] is None
@@ -82,7 +84,9 @@ def test_oracle_switched_off_or_meaningless_is_skipped_with_its_reason(tmp_path:
     work = tmp_path / "sim"
     run_config = {**TINY, "work-dir": str(work), "retrain-oracle": False}
     grid = InProcessGrid(client_module.app, run_config=run_config, n_nodes=N_NODES)
-    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    server_app(
+        grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     report = json.loads((work / "report" / "report.json").read_text())
     assert grid.calls.count("train") == TINY["num-rounds"] * N_NODES
     assert report["retrain_oracle"] == {**report["retrain_oracle"], "ran": False, "skipped": "retrain-oracle = false"}
@@ -111,8 +115,9 @@ def test_per_example_attack_calls_members_members_and_outsiders_outsiders() -> N
     assert result.nonmember_rate < 0.05 and result.remaining_member_rate > 0.95
     assert set(result.to_dict(["a", "b", "c", "d"])["scores"]) == {"a", "b", "c", "d"}
     # a model that treats members and non-members alike gives the attack no power
-    same = per_example_attack(member_phi=rng.normal(0, 1, 400), nonmember_phi=rng.normal(0, 1, 400),
-                              target_phi=rng.normal(0, 1, 50), seed=1)
+    same = per_example_attack(
+        member_phi=rng.normal(0, 1, 400), nonmember_phi=rng.normal(0, 1, 400), target_phi=rng.normal(0, 1, 50), seed=1
+    )
     assert abs(same.remaining_member_rate - same.nonmember_rate) < 0.15
     with pytest.raises(ValueError, match="non-finite"):
         per_example_attack(member_phi=members, nonmember_phi=nonmembers, target_phi=np.array([np.nan]))
@@ -129,9 +134,20 @@ def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None
     from serforget.server.strategy import ImportanceFedAvg
 
     def reply(content: RecordDict) -> Message:
-        incoming = Message(content=RecordDict(), metadata=Metadata(
-            run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
-            created_at=0.0, ttl=60.0, message_type="train"))
+        incoming = Message(
+            content=RecordDict(),
+            metadata=Metadata(
+                run_id=1,
+                message_id="m",
+                src_node_id=0,
+                dst_node_id=1,
+                reply_to_message_id="",
+                group_id="",
+                created_at=0.0,
+                ttl=60.0,
+                message_type="train",
+            ),
+        )
         return Message(content, reply_to=incoming)
 
     arrays = ArrayRecord({"w": torch.ones(2)})

@@ -28,15 +28,28 @@ def server(tmp_path: Path) -> ServerDir:
 
 
 def _envelope(server: ServerDir, tmp_path: Path, request_id: str) -> bytes:
-    return seal_delta(payload=state_dict_bytes({"w": torch.full((3, 2), 0.01), "b": torch.zeros(2)}), node_id="bob",
-                      request_ids=[request_id], base_version=1, base_sha256=state_sha256(BASE),
-                      server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
-                      node_signing_key=load_signing_private(tmp_path / "bob" / "sign.key"))
+    return seal_delta(
+        payload=state_dict_bytes({"w": torch.full((3, 2), 0.01), "b": torch.zeros(2)}),
+        node_id="bob",
+        request_ids=[request_id],
+        base_version=1,
+        base_sha256=state_sha256(BASE),
+        server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
+        node_signing_key=load_signing_private(tmp_path / "bob" / "sign.key"),
+    )
 
 
 def _open(server: ServerDir, envelope: bytes):
-    return open_and_check(envelope=envelope, claimed_node="bob", server=server, base_state=BASE, base_version=1,
-                          base_sha256=state_sha256(BASE), seen=set(), max_delta_ratio=0.5)
+    return open_and_check(
+        envelope=envelope,
+        claimed_node="bob",
+        server=server,
+        base_state=BASE,
+        base_version=1,
+        base_sha256=state_sha256(BASE),
+        seen=set(),
+        max_delta_ratio=0.5,
+    )
 
 
 # ---------------------------------------------------------------- revoke
@@ -79,8 +92,17 @@ def test_seen_json_of_version_1_is_read_and_kept_one_more_window(server: ServerD
     assert server.seen_ids() == {"a" * 32, "b" * 32}
 
 
-@pytest.mark.parametrize("content", ['{"format_version": 1}', '{"format_version": 2, "envelopes": ["x"]}',
-                                     '{"format_version": 2, "envelopes": {"x": "yesterday"}}', "[]", "{", '{"envelope_ids": []}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"format_version": 1}',
+        '{"format_version": 2, "envelopes": ["x"]}',
+        '{"format_version": 2, "envelopes": {"x": "yesterday"}}',
+        "[]",
+        "{",
+        '{"envelope_ids": []}',
+    ],
+)
 def test_seen_json_malformed_is_a_clear_error_naming_the_file(server: ServerDir, content: str) -> None:
     server.seen_path.write_text(content)
     with pytest.raises(ServerStateError, match="seen.json"):
@@ -108,7 +130,9 @@ def test_pki_refuses_private_keys_readable_by_group_or_others(tmp_path: Path) ->
         create_node_auth_key(out_dir=tmp_path / "node")
 
 
-def test_revoke_with_deployment_unregisters_the_devices_supernode_key(tiny_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+def test_revoke_with_deployment_unregisters_the_devices_supernode_key(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
     """``serforget keys revoke --deployment RUN``: nodes.json and the SuperLink (``flwr supernode unregister``)."""
     import subprocess
 
@@ -119,10 +143,26 @@ def test_revoke_with_deployment_unregisters_the_devices_supernode_key(tiny_corpu
     deployment = local.Deployment(tmp_path / "run", port=19092, control_port=19093)
     speaker, utts = next(iter(by_speaker(read_manifest(tiny_corpus)).items()))
     device = local.provision_device(deployment, name="000", speaker=speaker, utterances=utts, port=19094)
-    atomic_write_json(deployment.registry_path, {"format_version": 1, "nodes": {
-        sha256_file(device.auth_key.public): {"public_key": str(device.auth_key.public), "flower_node_id": 42}}})
-    atomic_write_json(deployment.root / "deployment.json", {"format_version": 1, "host": "127.0.0.1", "port": 19092,
-                                                            "control_host": "127.0.0.1", "control_port": 19093, "devices": ["000"]})
+    atomic_write_json(
+        deployment.registry_path,
+        {
+            "format_version": 1,
+            "nodes": {
+                sha256_file(device.auth_key.public): {"public_key": str(device.auth_key.public), "flower_node_id": 42}
+            },
+        },
+    )
+    atomic_write_json(
+        deployment.root / "deployment.json",
+        {
+            "format_version": 1,
+            "host": "127.0.0.1",
+            "port": 19092,
+            "control_host": "127.0.0.1",
+            "control_port": 19093,
+            "devices": ["000"],
+        },
+    )
     calls: list[list[str]] = []
 
     def fake_flwr(dep, args, *, timeout):
@@ -131,8 +171,21 @@ def test_revoke_with_deployment_unregisters_the_devices_supernode_key(tiny_corpu
 
     monkeypatch.setattr(local, "flwr", fake_flwr)
     node_id = device.node.node_id
-    assert serforget(["keys", "revoke", "--registry", str(deployment.server.nodes_registry), "--node-id", node_id,
-                      "--deployment", str(deployment.root)]) == 0
+    assert (
+        serforget(
+            [
+                "keys",
+                "revoke",
+                "--registry",
+                str(deployment.server.nodes_registry),
+                "--node-id",
+                node_id,
+                "--deployment",
+                str(deployment.root),
+            ]
+        )
+        == 0
+    )
     assert calls == [["supernode", "unregister", "42", local.CONNECTION, "--format", "json"]]
     assert json.loads(deployment.registry_path.read_text())["nodes"] == {}
     assert deployment.server.revoked_nodes() == {node_id}

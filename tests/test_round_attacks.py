@@ -42,23 +42,37 @@ class Node:
         self.released: list[dict] = []
 
     def envelope(self, *, base_version: int, base_sha256: str) -> bytes:
-        return seal_delta(payload=state_dict_bytes(self.delta), node_id=self.name, request_ids=self.names or self.pending,
-                          base_version=base_version, base_sha256=base_sha256,
-                          server_hpke_public=load_hpke_public(self.server.keys_dir / "hpke.pub"),
-                          node_signing_key=load_signing_private(self.keys_dir / "sign.key"))
+        return seal_delta(
+            payload=state_dict_bytes(self.delta),
+            node_id=self.name,
+            request_ids=self.names or self.pending,
+            base_version=base_version,
+            base_sha256=base_sha256,
+            server_hpke_public=load_hpke_public(self.server.keys_dir / "hpke.pub"),
+            node_signing_key=load_signing_private(self.keys_dir / "sign.key"),
+        )
 
     def __call__(self, msg: Message) -> Message:
         kind = msg.metadata.message_type
         if kind == "query.pending":
-            return Message(RecordDict({"pending": ConfigRecord({"node-id": self.name, "request-ids": self.pending or [""]})}),
-                           reply_to=msg)
+            return Message(
+                RecordDict({"pending": ConfigRecord({"node-id": self.name, "request-ids": self.pending or [""]})}),
+                reply_to=msg,
+            )
         if kind == "query.unlearn":
             if self.fail_unlearn:
                 raise TimeoutError("no reply")
             conf = msg.content["config"]
             env = self.envelope(base_version=int(conf["base-version"]), base_sha256=str(conf["base-sha256"]))
-            return Message(RecordDict({"envelope": ConfigRecord({"envelope": env, "node-id": self.name}),
-                                       "metrics": MetricRecord({"n-forget": 1})}), reply_to=msg)
+            return Message(
+                RecordDict(
+                    {
+                        "envelope": ConfigRecord({"envelope": env, "node-id": self.name}),
+                        "metrics": MetricRecord({"n-forget": 1}),
+                    }
+                ),
+                reply_to=msg,
+            )
         if kind == "query.release":
             self.released.append({k: list(v) if isinstance(v, list) else v for k, v in msg.content["config"].items()})
             return Message(RecordDict({"metrics": MetricRecord({"retried": 0})}), reply_to=msg)
@@ -81,17 +95,38 @@ def federation(tmp_path: Path):
 
 def _round(server: ServerDir, grid: InProcessGrid, *, version: int):
     """One unlearning round as the ServerApp runs it: verdicts, publish, per-node announcement."""
-    outcome = run_unlearning_round(grid, cfg=CFG, server=server, base_state=BASE, base_version=version,
-                                   target_forget_acc=0.0, importance=None, n_nodes=2)
+    outcome = run_unlearning_round(
+        grid,
+        cfg=CFG,
+        server=server,
+        base_state=BASE,
+        base_version=version,
+        target_forget_acc=0.0,
+        importance=None,
+        n_nodes=2,
+    )
     registry = ReleaseRegistry(server.releases)
     if outcome.merged is not None:
         weights = server.root / "weights.bin"
         weights.write_bytes(state_dict_bytes(outcome.merged))
-        registry.publish(files={"model.safetensors": weights}, signing_key=server.signing_key(), parent=None,
-                         applies_requests=outcome.applied_request_ids, revoke_previous=True, reason="test")
+        registry.publish(
+            files={"model.safetensors": weights},
+            signing_key=server.signing_key(),
+            parent=None,
+            applies_requests=outcome.applied_request_ids,
+            revoke_previous=True,
+            reason="test",
+        )
     applied = {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
-    announce_release(grid, cfg=CFG, state=BASE, version=version, applied=sorted(applied), retry=retry_by_node(outcome, applied),
-                     releases=server.releases)
+    announce_release(
+        grid,
+        cfg=CFG,
+        state=BASE,
+        version=version,
+        applied=sorted(applied),
+        retry=retry_by_node(outcome, applied),
+        releases=server.releases,
+    )
     return outcome, registry
 
 
@@ -190,9 +225,21 @@ def test_squat_duplicate_request_within_one_round_is_refused_per_delta(federatio
     sha = state_sha256(BASE)
     first, second = (alice.envelope(base_version=1, base_sha256=sha) for _ in range(2))
     seen, round_requests = set(), set()
-    verdicts = [open_and_check(envelope=env, claimed_node="alice", server=server, base_state=BASE, base_version=1,
-                               base_sha256=sha, seen=seen, max_delta_ratio=0.5, owners={ALICE_RID: "alice"},
-                               round_requests=round_requests) for env in (first, second)]
+    verdicts = [
+        open_and_check(
+            envelope=env,
+            claimed_node="alice",
+            server=server,
+            base_state=BASE,
+            base_version=1,
+            base_sha256=sha,
+            seen=seen,
+            max_delta_ratio=0.5,
+            owners={ALICE_RID: "alice"},
+            round_requests=round_requests,
+        )
+        for env in (first, second)
+    ]
     assert verdicts[0].accepted and verdicts[1].reason.startswith("duplicate-request")
     assert round_requests == {ALICE_RID}
 
@@ -201,7 +248,10 @@ def test_squat_request_owners_survive_a_restart_and_a_malformed_file_is_named(tm
     server = ServerDir(tmp_path / "server")
     assert server.bind_requests({"alice": [ALICE_RID]}) == {ALICE_RID: "alice"}
     # a later claim by another node never moves it, also from a fresh ServerDir (a restarted ServerApp)
-    assert ServerDir(tmp_path / "server").bind_requests({"bob": [ALICE_RID, "c" * 32]}) == {ALICE_RID: "alice", "c" * 32: "bob"}
+    assert ServerDir(tmp_path / "server").bind_requests({"bob": [ALICE_RID, "c" * 32]}) == {
+        ALICE_RID: "alice",
+        "c" * 32: "bob",
+    }
     server.request_owners_path.write_text(json.dumps({"format_version": 1, "owners": [ALICE_RID]}))
     with pytest.raises(ServerStateError, match="request_owners.json"):
         server.request_owners()

@@ -13,16 +13,35 @@ import pytest
 from serforget.client.node import NodeDir
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
-        "local-epochs=1 clip-seconds=2.0 scenario-partial-n=3 importance-max-utts=8 max-ua-drop=100.0 "
-        "unlearn-json='{\"max_epochs\": 5, \"pgd_k\": 1, \"pgd_steps\": 3}'")
+TINY = (
+    "synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
+    "local-epochs=1 clip-seconds=2.0 scenario-partial-n=3 importance-max-utts=8 max-ua-drop=100.0 "
+    'unlearn-json=\'{"max_epochs": 5, "pgd_k": 1, "pgd_steps": 3}\''
+)
 
 
 def _simulate(tmp_path: Path, extra: str = "", *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"),
-         "--flwr-home", str(tmp_path / "flwr"), "--run-config", f"{TINY} {extra}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "serforget",
+            "simulate",
+            "--app",
+            str(ROOT),
+            "--work-dir",
+            str(tmp_path / "sim"),
+            "--flwr-home",
+            str(tmp_path / "flwr"),
+            "--run-config",
+            f"{TINY} {extra}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 

@@ -52,19 +52,27 @@ def ravdess_manifest(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- partition
 
 
-def test_training_speakers_are_the_train_split_and_held_out_speakers_are_not(ravdess_manifest: Path, tmp_path: Path) -> None:
+def test_training_speakers_are_the_train_split_and_held_out_speakers_are_not(
+    ravdess_manifest: Path, tmp_path: Path
+) -> None:
     speakers = training_speakers(manifest=ravdess_manifest, n_valid=1, n_test=2, seed=3)
     splits = make_splits(manifest=ravdess_manifest, out_dir=tmp_path / "splits", n_valid=1, n_test=2, seed=3)
     assert speakers == sorted({u.speaker for u in read_manifest(splits["train"])})
     held_out = {u.speaker for name in ("valid", "test") for u in read_manifest(splits[name])}
     assert len(speakers) == 9 and len(held_out) == 3 and not held_out & set(speakers)
-    cfg = RunSettings.from_mapping({"data-manifest": str(ravdess_manifest), "valid-speakers": 1, "test-speakers": 2, "seed": 3})
+    cfg = RunSettings.from_mapping(
+        {"data-manifest": str(ravdess_manifest), "valid-speakers": 1, "test-speakers": 2, "seed": 3}
+    )
     assert simulation_nodes(cfg) == 9
-    assert simulation_nodes(RunSettings.from_mapping({"synth-speakers": 10, "valid-speakers": 1, "test-speakers": 2})) == 7
+    assert (
+        simulation_nodes(RunSettings.from_mapping({"synth-speakers": 10, "valid-speakers": 1, "test-speakers": 2})) == 7
+    )
 
 
 def test_a_manifest_that_cannot_be_split_names_itself(ravdess_manifest: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"data-manifest .*ravdess.csv: cannot hold out 6 valid \+ 6 test speakers from 12"):
+    with pytest.raises(
+        ValueError, match=r"data-manifest .*ravdess.csv: cannot hold out 6 valid \+ 6 test speakers from 12"
+    ):
         training_speakers(manifest=ravdess_manifest, n_valid=6, n_test=6)
     with pytest.raises(ValueError, match="missing.csv"):
         training_speakers(manifest=tmp_path / "missing.csv")
@@ -92,22 +100,32 @@ class _Nodes:
 
 def test_node_count_must_equal_the_partitions() -> None:
     assert require_partition_nodes(_Nodes(9), n_partitions=9, timeout=0) == list(range(9))
-    with pytest.raises(ValueError, match=r"2 SuperNodes connected .* 9 training-speaker partitions: set num-supernodes = 9"):
+    with pytest.raises(
+        ValueError, match=r"2 SuperNodes connected .* 9 training-speaker partitions: set num-supernodes = 9"
+    ):
         require_partition_nodes(_Nodes(2), n_partitions=9, timeout=0)
     with pytest.raises(ValueError, match=r"11 SuperNodes connected .* 9 training-speaker partitions"):
         require_partition_nodes(_Nodes(11), n_partitions=9, timeout=0)
 
 
 def _manifest_config(work: Path, manifest: Path) -> dict:
-    return {**TINY, "work-dir": str(work), "data-manifest": str(manifest), "valid-speakers": 1, "test-speakers": 2,
-            "clip-seconds": 1.0}
+    return {
+        **TINY,
+        "work-dir": str(work),
+        "data-manifest": str(manifest),
+        "valid-speakers": 1,
+        "test-speakers": 2,
+        "clip-seconds": 1.0,
+    }
 
 
 def test_server_app_refuses_a_simulation_with_more_nodes_than_speakers(ravdess_manifest: Path, tmp_path: Path) -> None:
     config = _manifest_config(tmp_path / "sim", ravdess_manifest)
     grid = InProcessGrid(client_app, run_config=config, n_nodes=10)
     with pytest.raises(ValueError, match=r"10 SuperNodes connected .* 9 training-speaker partitions"):
-        server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        server_app(
+            grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+        )
     assert grid.calls == []  # refused before any node was asked to train
 
 
@@ -168,7 +186,9 @@ def test_a_round_no_node_trained_in_stops_the_run_with_the_nodes_reasons(tmp_pat
     config = {**TINY, "work-dir": str(tmp_path / "sim")}
     grid = InProcessGrid(client_app, run_config=config, n_nodes=4, fail_types=("train",))
     with pytest.raises(RuntimeError, match=r"FedAvg round 1: no node trained .*injected failure for train"):
-        server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        server_app(
+            grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+        )
     assert not (tmp_path / "sim" / "server" / "releases" / "1").exists()
 
 
@@ -179,7 +199,11 @@ def test_reply_device_record_is_read_defensively() -> None:
             content["node-info"] = ConfigRecord(info)
         return Message(content, dst_node_id=1, message_type="train")
 
-    assert reply_device(reply({"node-id": "n1", "device": "cuda:0", "device-note": ""})) == {"node": "n1", "device": "cuda:0", "note": ""}
+    assert reply_device(reply({"node-id": "n1", "device": "cuda:0", "device-note": ""})) == {
+        "node": "n1",
+        "device": "cuda:0",
+        "note": "",
+    }
     assert reply_device(reply(None)) is None
     assert reply_device(reply({"node-id": "n1", "device": 3})) is None  # not a string: ignored, not trusted
     assert len(reply_device(reply({"node-id": "n" * 10_000, "device": "cpu"}))["node"]) == 200
@@ -193,18 +217,32 @@ def test_each_run_gets_its_own_local_superlink_ports(tmp_path: Path) -> None:
     assert http != control and min(http, control) > 0
     env = flwr_env(tmp_path, local_ports=(http, control))
     assert env[LOCAL_HTTP_PORT_ENV] == str(http) and env[LOCAL_CONTROL_PORT_ENV] == str(control)
-    assert LOCAL_HTTP_PORT_ENV not in flwr_env(tmp_path) or flwr_env(tmp_path)[LOCAL_HTTP_PORT_ENV] == os.environ.get(LOCAL_HTTP_PORT_ENV)
+    assert LOCAL_HTTP_PORT_ENV not in flwr_env(tmp_path) or flwr_env(tmp_path)[LOCAL_HTTP_PORT_ENV] == os.environ.get(
+        LOCAL_HTTP_PORT_ENV
+    )
 
 
 def test_local_superlink_is_matched_by_exact_flwr_home_and_port(tmp_path: Path) -> None:
     home = tmp_path / "flwr"
-    argv = lambda h, port: [sys.executable, "/venv/bin/flower-superlink", "--insecure", "--simulation", "--port", port,
-                            "--log-file", str(h / "local-superlink" / "superlink.log")]
+    argv = lambda h, port: [
+        sys.executable,
+        "/venv/bin/flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--port",
+        port,
+        "--log-file",
+        str(h / "local-superlink" / "superlink.log"),
+    ]
     assert is_our_local_superlink(argv(home, "40001"), home)
     assert is_our_local_superlink(argv(home, "40001"), home, "40001")
     assert not is_our_local_superlink(argv(home, "40002"), home, "40001")  # same home, another run's port
-    assert not is_our_local_superlink(argv(tmp_path / "x" / tmp_path.relative_to("/") / "flwr", "40001"), home)  # nested home
-    assert not is_our_local_superlink(["/bin/sleep", "--log-file", str(home / "local-superlink" / "superlink.log")], home)
+    assert not is_our_local_superlink(
+        argv(tmp_path / "x" / tmp_path.relative_to("/") / "flwr", "40001"), home
+    )  # nested home
+    assert not is_our_local_superlink(
+        ["/bin/sleep", "--log-file", str(home / "local-superlink" / "superlink.log")], home
+    )
 
 
 @pytest.mark.slow
@@ -215,7 +253,9 @@ def test_stop_local_superlink_ends_only_its_own(tmp_path: Path) -> None:
     script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")
     script.chmod(0o755)
     home, other = tmp_path / "flwr", tmp_path / "nested" / tmp_path.relative_to("/") / "flwr"
-    start = lambda h, port: subprocess.Popen([str(script), "--port", port, "--log-file", str(h / "local-superlink" / "superlink.log")])
+    start = lambda h, port: subprocess.Popen(
+        [str(script), "--port", port, "--log-file", str(h / "local-superlink" / "superlink.log")]
+    )
     ours, theirs, same_home_other_port = start(home, "40001"), start(other, "40001"), start(home, "40002")
     try:
         for _ in range(100):  # wait until the three have exec'd the script (their argv is in /proc)
@@ -243,17 +283,41 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     manifest = tmp_path / "ravdess.csv"
     cli = [sys.executable, "-m", "serforget"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    indexed = subprocess.run([*cli, "corpus", "index", "--format", "ravdess", "--root", str(root), "--out", str(manifest)],
-                             cwd=ROOT, capture_output=True, text=True, env=env)
+    indexed = subprocess.run(
+        [*cli, "corpus", "index", "--format", "ravdess", "--root", str(root), "--out", str(manifest)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert indexed.returncode == 0, indexed.stderr
     assert "96 utterances from 12 speakers" in indexed.stdout
-    tiny = ("valid-speakers=1 test-speakers=2 num-rounds=2 local-epochs=1 clip-seconds=1.0 scenario-partial-n=3 "
-            "importance-max-utts=8 max-ua-drop=100.0 onnx-export=false "
-            "model-json='{\"channels\": [8, 16], \"hidden\": 16}' "
-            "unlearn-json='{\"max_epochs\": 5, \"pgd_k\": 1, \"pgd_steps\": 3}'")
-    done = subprocess.run([*cli, "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"), "--flwr-home",
-                           str(tmp_path / "flwr"), "--manifest", str(manifest), "--run-config", tiny],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+    tiny = (
+        "valid-speakers=1 test-speakers=2 num-rounds=2 local-epochs=1 clip-seconds=1.0 scenario-partial-n=3 "
+        "importance-max-utts=8 max-ua-drop=100.0 onnx-export=false "
+        'model-json=\'{"channels": [8, 16], "hidden": 16}\' '
+        'unlearn-json=\'{"max_epochs": 5, "pgd_k": 1, "pgd_steps": 3}\''
+    )
+    done = subprocess.run(
+        [
+            *cli,
+            "simulate",
+            "--app",
+            str(ROOT),
+            "--work-dir",
+            str(tmp_path / "sim"),
+            "--flwr-home",
+            str(tmp_path / "flwr"),
+            "--manifest",
+            str(manifest),
+            "--run-config",
+            tiny,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(9 SuperNodes)" in done.stdout
     report = json.loads((tmp_path / "sim" / "report" / "report.json").read_text())
@@ -266,15 +330,36 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_simulations_at_once_each_start_and_stop_their_own_superlink(tmp_path: Path) -> None:
     """Two `serforget simulate` runs in parallel: each its own local SuperLink (own ports), both complete."""
-    tiny = ("synth-speakers=6 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=1 num-rounds=1 local-epochs=1 "
-            "clip-seconds=1.0 scenario-partial-n=3 scenario-partial-node=0 scenario-whole-node=1 importance-max-utts=8 "
-            "max-ua-drop=100.0 onnx-export=false retrain-oracle=false model-json='{\"channels\": [8, 16], \"hidden\": 16}' "
-            "unlearn-json='{\"max_epochs\": 3, \"pgd_k\": 1, \"pgd_steps\": 2}'")
-    runs = {name: subprocess.Popen(
-        [sys.executable, "-m", "serforget", "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / name / "sim"),
-         "--flwr-home", str(tmp_path / name / "flwr"), "--run-config", tiny],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for name in ("a", "b")}
+    tiny = (
+        "synth-speakers=6 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=1 num-rounds=1 local-epochs=1 "
+        "clip-seconds=1.0 scenario-partial-n=3 scenario-partial-node=0 scenario-whole-node=1 importance-max-utts=8 "
+        'max-ua-drop=100.0 onnx-export=false retrain-oracle=false model-json=\'{"channels": [8, 16], "hidden": 16}\' '
+        'unlearn-json=\'{"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}\''
+    )
+    runs = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serforget",
+                "simulate",
+                "--app",
+                str(ROOT),
+                "--work-dir",
+                str(tmp_path / name / "sim"),
+                "--flwr-home",
+                str(tmp_path / name / "flwr"),
+                "--run-config",
+                tiny,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for name in ("a", "b")
+    }
     outputs = {name: proc.communicate()[0] for name, proc in runs.items()}
     for name, proc in runs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
@@ -282,8 +367,11 @@ def test_two_simulations_at_once_each_start_and_stop_their_own_superlink(tmp_pat
         log = tmp_path / name / "flwr" / "local-superlink" / "superlink.log"
         assert log.exists(), f"run {name} did not start its own local SuperLink"
     # every SuperLink the two runs started is gone again
-    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp_path).encode() in _cmdline(p)
-             and b"flower-superlink" in _cmdline(p)]
+    alive = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(tmp_path).encode() in _cmdline(p) and b"flower-superlink" in _cmdline(p)
+    ]
     assert alive == []
 
 

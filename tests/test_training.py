@@ -18,8 +18,14 @@ def test_training_learns_a_separable_task(tiny_corpus: Path) -> None:
     test = load_waveforms(split.test, labels=FOUR_CLASS, clip_seconds=0.5)
     model = build_model(arch="logmel_cnn", config=SMALL, labels=FOUR_CLASS)
     before = evaluate_model(model, test, labels=FOUR_CLASS, device="cpu")["ua"]
-    history = train_model(model, train, config=TrainConfig(epochs=15, batch_size=8, lr=5e-3, device="cpu"),
-                          valid=test, labels=FOUR_CLASS, progress=False)
+    history = train_model(
+        model,
+        train,
+        config=TrainConfig(epochs=15, batch_size=8, lr=5e-3, device="cpu"),
+        valid=test,
+        labels=FOUR_CLASS,
+        progress=False,
+    )
     after = evaluate_model(model, test, labels=FOUR_CLASS, device="cpu")["ua"]
     assert len(history.epochs) == 15 and history.best_epoch is not None
     assert after >= 0.75 and after > before
@@ -42,11 +48,25 @@ def test_pipeline_steps_are_idempotent(tiny_corpus: Path, tmp_path: Path) -> Non
     assert make_splits(manifest=tiny_corpus, out_dir=tmp_path / "splits", n_valid=1, n_test=1) == splits
     assert splits["train"].stat().st_mtime_ns == mtime
     cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
-    ckpt = train_checkpoint(train_manifest=splits["train"], valid_manifest=splits["valid"], out_dir=tmp_path / "m",
-                            model_config=SMALL, train_config=cfg, clip_seconds=0.5, progress=False)
+    ckpt = train_checkpoint(
+        train_manifest=splits["train"],
+        valid_manifest=splits["valid"],
+        out_dir=tmp_path / "m",
+        model_config=SMALL,
+        train_config=cfg,
+        clip_seconds=0.5,
+        progress=False,
+    )
     stamp = (ckpt / "model.json").stat().st_mtime_ns
-    train_checkpoint(train_manifest=splits["train"], valid_manifest=splits["valid"], out_dir=tmp_path / "m",
-                     model_config=SMALL, train_config=cfg, clip_seconds=0.5, progress=False)
+    train_checkpoint(
+        train_manifest=splits["train"],
+        valid_manifest=splits["valid"],
+        out_dir=tmp_path / "m",
+        model_config=SMALL,
+        train_config=cfg,
+        clip_seconds=0.5,
+        progress=False,
+    )
     assert (ckpt / "model.json").stat().st_mtime_ns == stamp
     report = evaluate_checkpoint(checkpoint=ckpt, manifest=splits["test"], out_dir=tmp_path / "eval")
     assert report["n"] == 12 and (tmp_path / "eval" / "confusion.png").exists()

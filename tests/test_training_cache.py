@@ -15,8 +15,9 @@ from serforget.common.training import CONVERGED, TrainConfig, cached_frontend, t
 def _data() -> WaveformSet:
     g = torch.Generator().manual_seed(0)
     waves = torch.randn(24, 8000, generator=g) * 0.1
-    return WaveformSet(waves=waves, targets=torch.arange(24) % 4, utt_ids=[f"u{i}" for i in range(24)],
-                       speakers=["s"] * 24)
+    return WaveformSet(
+        waves=waves, targets=torch.arange(24) % 4, utt_ids=[f"u{i}" for i in range(24)], speakers=["s"] * 24
+    )
 
 
 def _model() -> LogMelCNN:

@@ -31,8 +31,9 @@ def _write_corpus(root: Path) -> Path:
 def corpus(tmp_path: Path) -> tuple[Path, Path]:
     manifest = _write_corpus(tmp_path / "corpus")
     model, _, _ = trained_tiny()
-    ckpt = save_checkpoint(model=model, out_dir=tmp_path / "original", labels=LABELS,
-                           provenance={"settings": {"clip_seconds": 0.25}})
+    ckpt = save_checkpoint(
+        model=model, out_dir=tmp_path / "original", labels=LABELS, provenance={"settings": {"clip_seconds": 0.25}}
+    )
     return manifest, ckpt
 
 
@@ -43,8 +44,23 @@ def test_unlearn_writes_an_unlearned_checkpoint_with_provenance(corpus, tmp_path
 
     write_manifest(forget, read_manifest(manifest)[:4])
     out = tmp_path / "unlearned"
-    argv = ["unlearn", "--checkpoint", str(ckpt), "--forget-manifest", str(forget), "--out", str(out),
-            "--device", "cpu", "--set", "max_epochs=2", "--set", "pgd_steps=1", "--set", "pgd_k=1"]
+    argv = [
+        "unlearn",
+        "--checkpoint",
+        str(ckpt),
+        "--forget-manifest",
+        str(forget),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        "max_epochs=2",
+        "--set",
+        "pgd_steps=1",
+        "--set",
+        "pgd_k=1",
+    ]
     assert main(argv) == 0
     assert "forgot 4 utterances" in capsys.readouterr().out
     model, meta = load_checkpoint(out)
@@ -60,13 +76,41 @@ def test_unlearn_writes_an_unlearned_checkpoint_with_provenance(corpus, tmp_path
 
 def test_unlearn_rejects_baselines_and_writing_over_the_source(corpus, tmp_path, capsys):
     manifest, ckpt = corpus
-    assert main(["unlearn", "--checkpoint", str(ckpt), "--forget-manifest", str(manifest), "--out", str(tmp_path / "x"),
-                 "--method", "scrub"]) == 2
+    assert (
+        main(
+            [
+                "unlearn",
+                "--checkpoint",
+                str(ckpt),
+                "--forget-manifest",
+                str(manifest),
+                "--out",
+                str(tmp_path / "x"),
+                "--method",
+                "scrub",
+            ]
+        )
+        == 2
+    )
     assert "forget-set-only" in capsys.readouterr().err
     assert main(["unlearn", "--checkpoint", str(ckpt), "--forget-manifest", str(manifest), "--out", str(ckpt)]) == 2
     assert "source checkpoint" in capsys.readouterr().err
-    assert main(["unlearn", "--checkpoint", str(ckpt), "--forget-manifest", str(manifest), "--out", str(tmp_path / "y"),
-                 "--set", "tau=7"]) == 2
+    assert (
+        main(
+            [
+                "unlearn",
+                "--checkpoint",
+                str(ckpt),
+                "--forget-manifest",
+                str(manifest),
+                "--out",
+                str(tmp_path / "y"),
+                "--set",
+                "tau=7",
+            ]
+        )
+        == 2
+    )
     assert "UnlearnConfig.tau" in capsys.readouterr().err
 
 
@@ -75,16 +119,48 @@ def test_unlearn_eval_writes_json_markdown_and_plots(corpus, tmp_path, capsys):
     forget_list = tmp_path / "forget.txt"
     out = tmp_path / "report"
     # speakers are split 1 valid / 1 test / 2 train; forget two utterances of whichever speakers train
-    assert main(["unlearn-eval", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--n-valid", "1",
-                 "--n-test", "1", "--n-forget", "3", "--seed", "0", "--out", str(out), "--device", "cpu",
-                 "--methods", "rl_adv_ela,rl_adv_ela@retrain-level,ft", "--retrain-epochs", "1",
-                 "--set", "max_epochs=2", "--set", "pgd_steps=1", "--set", "remain_epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "unlearn-eval",
+                "--checkpoint",
+                str(ckpt),
+                "--manifest",
+                str(manifest),
+                "--n-valid",
+                "1",
+                "--n-test",
+                "1",
+                "--n-forget",
+                "3",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--methods",
+                "rl_adv_ela,rl_adv_ela@retrain-level,ft",
+                "--retrain-epochs",
+                "1",
+                "--set",
+                "max_epochs=2",
+                "--set",
+                "pgd_steps=1",
+                "--set",
+                "remain_epochs=1",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["format_version"] == 1
     methods = [r["method"] for r in report["rows"]]
     assert methods == ["original", "retrain", "rl_adv_ela", "rl_adv_ela@retrain-level", "ft"]
     for row in report["rows"]:
-        assert {"forget_acc", "remain_acc", "test_ua", "test_wa", "mia_auc", "gap", "unlearn_s", "retrain_s"} <= set(row)
+        assert {"forget_acc", "remain_acc", "test_ua", "test_wa", "mia_auc", "gap", "unlearn_s", "retrain_s"} <= set(
+            row
+        )
         assert row["n_forget"] == 3
     assert next(r for r in report["rows"] if r["method"] == "retrain")["gap"] == 0.0
     assert (out / "report.md").read_text().count("| RL+Adv+Ela") == 2
@@ -92,6 +168,25 @@ def test_unlearn_eval_writes_json_markdown_and_plots(corpus, tmp_path, capsys):
     capsys.readouterr()
     # an explicit forget list naming an utterance outside the training split is an error naming it
     forget_list.write_text("# ids\nnot_an_utt\n")
-    assert main(["unlearn-eval", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--n-valid", "1",
-                 "--n-test", "1", "--forget", str(forget_list), "--out", str(out), "--no-retrain"]) == 2
+    assert (
+        main(
+            [
+                "unlearn-eval",
+                "--checkpoint",
+                str(ckpt),
+                "--manifest",
+                str(manifest),
+                "--n-valid",
+                "1",
+                "--n-test",
+                "1",
+                "--forget",
+                str(forget_list),
+                "--out",
+                str(out),
+                "--no-retrain",
+            ]
+        )
+        == 2
+    )
     assert "not_an_utt" in capsys.readouterr().err

@@ -48,20 +48,21 @@ def test_forgetting_losses_point_in_opposite_directions():
 
 def test_needed_rows_picks_the_least_confident_correct_rows_until_the_target_is_met():
     targets = torch.tensor([0, 1, 2, 3, 0])
-    logits = torch.tensor([
-        [5.0, 0.0, 0.0, 0.0],   # correct, margin 5
-        [0.0, 1.0, 0.5, 0.0],   # correct, margin 0.5
-        [0.0, 0.0, 2.0, 1.0],   # correct, margin 1
-        [3.0, 0.0, 0.0, 1.0],   # wrong already
-        [2.0, 0.0, 0.0, 0.0],   # correct, margin 2
-    ])
-    assert needed_rows(logits, targets, target_acc=0.6).tolist() == [1]          # 4 correct, 3 allowed
+    logits = torch.tensor(
+        [
+            [5.0, 0.0, 0.0, 0.0],  # correct, margin 5
+            [0.0, 1.0, 0.5, 0.0],  # correct, margin 0.5
+            [0.0, 0.0, 2.0, 1.0],  # correct, margin 1
+            [3.0, 0.0, 0.0, 1.0],  # wrong already
+            [2.0, 0.0, 0.0, 0.0],  # correct, margin 2
+        ]
+    )
+    assert needed_rows(logits, targets, target_acc=0.6).tolist() == [1]  # 4 correct, 3 allowed
     assert needed_rows(logits, targets, target_acc=0.4).tolist() == [1, 2]
     assert needed_rows(logits, targets, target_acc=0.0).tolist() == [1, 2, 4, 0]  # zero rule: every correct row
     assert needed_rows(logits, targets, target_acc=0.8).tolist() == []
     with pytest.raises(ValueError, match="rows"):
         needed_rows(logits[:3], targets, target_acc=0.5)
-
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -73,7 +74,9 @@ def test_pgd_flips_the_original_prediction_toward_the_target_inside_the_ball(nor
     target = (y + 1) % 4
     before = {k: v.clone() for k, v in model.state_dict().items()}
     eps = 0.5 if norm == "l2" else 0.2
-    adv = pgd_targeted(model, x, target, norm=norm, eps=eps, step=0.25, steps=20, generator=torch.Generator().manual_seed(0))
+    adv = pgd_targeted(
+        model, x, target, norm=norm, eps=eps, step=0.25, steps=20, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         pred = model(adv).argmax(1)
     assert (pred == target).float().mean() >= 0.8
@@ -90,7 +93,9 @@ def test_pgd_flips_the_original_prediction_toward_the_target_inside_the_ball(nor
 def test_adversarial_set_is_labelled_by_the_original_model_and_drops_unflipped_examples():
     model, train, _ = trained_tiny()
     x, y = train.waves[:8], train.targets[:8]
-    kwargs = dict(n_classes=4, k=3, norm="l2", step=0.25, steps=20, rand_init=True, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(
+        n_classes=4, k=3, norm="l2", step=0.25, steps=20, rand_init=True, generator=torch.Generator().manual_seed(1)
+    )
     adv = make_adversarial_set(model, x, y, eps=0.5, drop_unflipped=False, **kwargs)
     assert len(adv) == 24
     assert torch.equal(adv.source, torch.arange(8).repeat_interleave(3))
@@ -205,7 +210,9 @@ def test_elastic_constraint_scales_movement_by_global_importance():
     torch.testing.assert_close(out["b"], delta["b"])  # constant map: nothing stands out, all free
     assert torch.equal(out["steps"], delta["steps"])
     assert torch.equal(elastic_constraint(delta, importance, tau=1.0, strength=0.0)["w"], delta["w"])
-    torch.testing.assert_close(elastic_constraint(delta, importance, tau=0.25, strength=1.0)["w"], torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(
+        elastic_constraint(delta, importance, tau=0.25, strength=1.0)["w"], torch.tensor([1.0, 0, 0, 0])
+    )
     assert torch.equal(delta["w"], torch.ones(4))  # input untouched
 
 
@@ -249,9 +256,13 @@ class _Countdown(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize(("kind", "target", "epochs", "reason"), [
-    ("zero", 0.0, 10, REASON_ZERO), ("retrain-level", 0.5, 5, REASON_TARGET),
-])
+@pytest.mark.parametrize(
+    ("kind", "target", "epochs", "reason"),
+    [
+        ("zero", 0.0, 10, REASON_ZERO),
+        ("retrain-level", 0.5, 5, REASON_TARGET),
+    ],
+)
 def test_run_until_stop_stops_at_the_first_epoch_that_meets_the_rule(kind, target, epochs, reason):
     model = _Countdown(10)
     waves = torch.arange(10, dtype=torch.float32)[:, None]
@@ -261,8 +272,13 @@ def test_run_until_stop_stops_at_the_first_epoch_that_meets_the_rule(kind, targe
         model.k -= 1
         return 2
 
-    out = run_until_stop(model, rule=StopRule(kind=kind, target=target, max_epochs=100), forget_waves=waves,
-                         forget_targets=targets, run_epoch=run_epoch)
+    out = run_until_stop(
+        model,
+        rule=StopRule(kind=kind, target=target, max_epochs=100),
+        forget_waves=waves,
+        forget_targets=targets,
+        run_epoch=run_epoch,
+    )
     assert out.epochs == epochs and out.steps == 2 * epochs and out.stop_reason == reason
     assert out.forget_acc[0] == 1.0 and out.forget_acc[-1] == pytest.approx(target)
     assert all(a > target for a in out.forget_acc[:-1])
@@ -271,9 +287,19 @@ def test_run_until_stop_stops_at_the_first_epoch_that_meets_the_rule(kind, targe
 def test_run_until_stop_respects_max_epochs_and_skips_training_when_already_met():
     waves, targets = torch.arange(4, dtype=torch.float32)[:, None], torch.zeros(4, dtype=torch.long)
     calls = []
-    out = run_until_stop(_Countdown(4), rule=StopRule(kind="zero", target=0.0, max_epochs=2), forget_waves=waves,
-                         forget_targets=targets, run_epoch=lambda: calls.append(1) or 1)
+    out = run_until_stop(
+        _Countdown(4),
+        rule=StopRule(kind="zero", target=0.0, max_epochs=2),
+        forget_waves=waves,
+        forget_targets=targets,
+        run_epoch=lambda: calls.append(1) or 1,
+    )
     assert out.epochs == 2 and out.stop_reason == REASON_MAX_EPOCHS
-    out = run_until_stop(_Countdown(0), rule=StopRule(kind="zero", target=0.0, max_epochs=2), forget_waves=waves,
-                         forget_targets=targets, run_epoch=lambda: calls.append(1) or 1)
+    out = run_until_stop(
+        _Countdown(0),
+        rule=StopRule(kind="zero", target=0.0, max_epochs=2),
+        forget_waves=waves,
+        forget_targets=targets,
+        run_epoch=lambda: calls.append(1) or 1,
+    )
     assert out.epochs == 0 and out.steps == 0 and out.stop_reason == REASON_ZERO and len(calls) == 2

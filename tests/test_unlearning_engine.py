@@ -97,8 +97,9 @@ def test_unlearning_is_deterministic_in_the_seed_and_restores_the_callers_rng():
 
 def test_retrain_level_stops_as_soon_as_forget_accuracy_reaches_the_target():
     model, forget, _, _ = _forget_and_remain()
-    config = UnlearnConfig(device="cpu", lr=1e-2, max_epochs=60, stop="retrain-level", target_forget_acc=0.75,
-                           pgd_steps=2, pgd_k=1)
+    config = UnlearnConfig(
+        device="cpu", lr=1e-2, max_epochs=60, stop="retrain-level", target_forget_acc=0.75, pgd_steps=2, pgd_k=1
+    )
     result = unlearn(model, forget, method="rl", config=config)
     assert result.stop_reason == REASON_TARGET
     assert result.forget_acc <= 0.75
@@ -107,8 +108,9 @@ def test_retrain_level_stops_as_soon_as_forget_accuracy_reaches_the_target():
 
 def test_retrain_level_takes_no_step_when_the_target_is_already_met():
     model, forget, _, _ = _forget_and_remain()
-    result = unlearn(model, forget, method="rl_adv_ela",
-                     config=FAST.replace(stop="retrain-level", target_forget_acc=1.0))
+    result = unlearn(
+        model, forget, method="rl_adv_ela", config=FAST.replace(stop="retrain-level", target_forget_acc=1.0)
+    )
     assert result.steps == 0 and result.epochs == 0 and result.stop_reason == REASON_TARGET
     assert result.importance is None and result.n_adversarial == 0 and result.phase_seconds == {}
     assert _same_weights(result.model, model)
@@ -119,8 +121,9 @@ def test_full_method_forgets_while_held_out_accuracy_stays_within_a_bound():
     forget = train.subset(range(len(train) - 8, len(train)))
     assert accuracy(model, forget) == 1.0 and accuracy(model, held_out) == 1.0
     # every forget utterance relabeled (the papers' scope), so the comparison is about Adv + Ela alone
-    config = UnlearnConfig(device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5,
-                           relabel_scope="all")
+    config = UnlearnConfig(
+        device="cpu", lr=3e-3, max_epochs=100, stop="retrain-level", target_forget_acc=0.5, relabel_scope="all"
+    )
     full = unlearn(model, forget, method="rl_adv_ela", config=config)
     assert full.forget_acc <= 0.5
     assert accuracy(full.model, held_out) >= 0.9

@@ -19,8 +19,16 @@ from tests.helpers.unlearning import LABELS, tone_set
 
 
 def _row(method: str, **values: float) -> dict:
-    base = {"forget_acc": 0.5, "remain_acc": 0.9, "test_ua": 0.8, "test_wa": 0.8, "mia_auc": 0.5,
-            "unlearn_s": 1.0, "unlearn_cpu_s": 2.0, "peak_mem_mb": 10.0}
+    base = {
+        "forget_acc": 0.5,
+        "remain_acc": 0.9,
+        "test_ua": 0.8,
+        "test_wa": 0.8,
+        "mia_auc": 0.5,
+        "unlearn_s": 1.0,
+        "unlearn_cpu_s": 2.0,
+        "peak_mem_mb": 10.0,
+    }
     return {"method": method, **base, **values}
 
 

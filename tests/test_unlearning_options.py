@@ -62,9 +62,22 @@ def test_per_step_check_stops_no_later_than_per_epoch():
 
 def test_l2ul_recipe_runs_to_its_stop_rule():
     model, forget = _forget()
-    config = UnlearnConfig(device="cpu", stop="zero", stop_check="step", optimizer="sgd", lr=1e-2, weight_decay=1e-4,
-                           loss_weighting="set_size", adv_label="attack_target", adv_drop_unflipped=False, pgd_k=3,
-                           pgd_steps=2, ela_lambda=0.5, tau=1.0, max_epochs=50)
+    config = UnlearnConfig(
+        device="cpu",
+        stop="zero",
+        stop_check="step",
+        optimizer="sgd",
+        lr=1e-2,
+        weight_decay=1e-4,
+        loss_weighting="set_size",
+        adv_label="attack_target",
+        adv_drop_unflipped=False,
+        pgd_k=3,
+        pgd_steps=2,
+        ela_lambda=0.5,
+        tau=1.0,
+        max_epochs=50,
+    )
     result = unlearn(model, forget, method="neggrad_adv_ela", config=config)
     assert result.stop_reason in (REASON_ZERO, "max_epochs") and result.n_adversarial == 3 * len(forget)
     assert result.importance is not None
@@ -72,9 +85,16 @@ def test_l2ul_recipe_runs_to_its_stop_rule():
 
 @pytest.mark.parametrize(
     ("changes", "field"),
-    [({"stop_check": "batch"}, "stop_check"), ({"loss_weighting": "x"}, "loss_weighting"), ({"adv_label": "x"}, "adv_label"),
-     ({"relabel_to": "x"}, "relabel_to"), ({"importance_scope": "x"}, "importance_scope"), ({"anchor_weight": -1}, "anchor_weight"),
-     ({"anchor_copies": 0}, "anchor_copies"), ({"weight_decay": -1}, "weight_decay")],
+    [
+        ({"stop_check": "batch"}, "stop_check"),
+        ({"loss_weighting": "x"}, "loss_weighting"),
+        ({"adv_label": "x"}, "adv_label"),
+        ({"relabel_to": "x"}, "relabel_to"),
+        ({"importance_scope": "x"}, "importance_scope"),
+        ({"anchor_weight": -1}, "anchor_weight"),
+        ({"anchor_copies": 0}, "anchor_copies"),
+        ({"weight_decay": -1}, "weight_decay"),
+    ],
 )
 def test_invalid_options_name_the_field(changes, field):
     with pytest.raises(ValueError, match=f"UnlearnConfig.{field}"):
@@ -83,6 +103,12 @@ def test_invalid_options_name_the_field(changes, field):
 
 def test_retrain_level_with_runner_up_reaches_its_target():
     model, forget = _forget()
-    result = unlearn(model, forget, method="rl_adv_ela",
-                     config=FAST.replace(stop="retrain-level", target_forget_acc=0.5, relabel_to="runner_up", max_epochs=30, lr=1e-3))
+    result = unlearn(
+        model,
+        forget,
+        method="rl_adv_ela",
+        config=FAST.replace(
+            stop="retrain-level", target_forget_acc=0.5, relabel_to="runner_up", max_epochs=30, lr=1e-3
+        ),
+    )
     assert result.stop_reason == REASON_TARGET and result.forget_acc <= 0.5

@@ -54,7 +54,9 @@ def require_dir(path: Path, *, fmt: str, root: Path, expected: str) -> Path:
     return path
 
 
-def classify_files(paths: Iterable[Path], classify: Callable[[Path], "Utterance | str"]) -> tuple[list[Utterance], list[Skipped]]:
+def classify_files(
+    paths: Iterable[Path], classify: Callable[[Path], "Utterance | str"]
+) -> tuple[list[Utterance], list[Skipped]]:
     """Split ``paths`` into utterances and skipped files, by what ``classify`` returns for each."""
     utterances: list[Utterance] = []
     skipped: list[Skipped] = []

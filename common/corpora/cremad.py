@@ -63,9 +63,7 @@ def _classify(path: Path, audio: Path) -> Utterance | str:
     reason = _field_problem(actor, sentence, emotion, level) or unreadable_audio_reason(path)
     if reason is not None:
         return reason
-    return make_utterance(
-        utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{actor}", emotion=EMOTIONS[emotion]
-    )
+    return make_utterance(utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{actor}", emotion=EMOTIONS[emotion])
 
 
 def _field_problem(actor: str, sentence: str, emotion: str, level: str) -> str | None:

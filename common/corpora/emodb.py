@@ -65,9 +65,7 @@ def _classify(path: Path, audio: Path) -> Utterance | str:
     reason = _field_problem(speaker, text, emotion) or unreadable_audio_reason(path)
     if reason is not None:
         return reason
-    return make_utterance(
-        utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{speaker}", emotion=EMOTIONS[emotion]
-    )
+    return make_utterance(utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{speaker}", emotion=EMOTIONS[emotion])
 
 
 def _field_problem(speaker: str, text: str, emotion: str) -> str | None:

@@ -73,9 +73,7 @@ def index(root: Path) -> IndexResult:
 
 def _index_session(session: Path, *, number: str, base: Path) -> tuple[list[Utterance], list[Skipped]]:
     """Utterances and refused files of one ``SessionN`` folder (``number`` is its N)."""
-    audio = require_dir(
-        session / "sentences" / "wav", fmt=FMT, root=base, expected=f"{session.name}/sentences/wav"
-    )
+    audio = require_dir(session / "sentences" / "wav", fmt=FMT, root=base, expected=f"{session.name}/sentences/wav")
     label_dir = require_dir(
         session / "dialog" / "EmoEvaluation", fmt=FMT, root=base, expected=f"{session.name}/dialog/EmoEvaluation"
     )
@@ -109,7 +107,9 @@ def read_labels(label_dir: Path) -> dict[str, str]:
             where = f"{text_file}:{line_no}"
             match = _LABEL_LINE.fullmatch(line)
             if match is None:
-                raise ValueError(f"{where}: malformed label line {line!r}; expected '[start - end]\\tUTT\\tcode\\t[v, a, d]'")
+                raise ValueError(
+                    f"{where}: malformed label line {line!r}; expected '[start - end]\\tUTT\\tcode\\t[v, a, d]'"
+                )
             utt, code = match.group(3), match.group(4)
             if labels.get(utt, code) != code:
                 raise ValueError(f"{where}: {utt} labelled {code!r}, but {origin[utt]} labels it {labels[utt]!r}")

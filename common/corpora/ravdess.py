@@ -78,9 +78,7 @@ def _classify(path: Path, base: Path) -> Utterance | str:
         reason = unreadable_audio_reason(path)
     if reason is not None:
         return reason
-    return make_utterance(
-        utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{actor}", emotion=EMOTIONS[emotion]
-    )
+    return make_utterance(utt_id=f"{FMT}_{path.stem}", path=path, speaker=f"{FMT}_{actor}", emotion=EMOTIONS[emotion])
 
 
 def _field_problem(

@@ -279,7 +279,6 @@ class SynthConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-
 def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
@@ -432,9 +431,13 @@ def _assign_ambiguity_and_labels(jobs: list[TakeJob], config: SynthConfig) -> li
     for position, job in enumerate(jobs):
         blend_with = label = None
         if position in ambiguous:
-            blend_with = _other_emotion(_rng(config.seed, _AMBIGUOUS_STREAM, job.speaker_index, position), config.emotions, job.emotion)
+            blend_with = _other_emotion(
+                _rng(config.seed, _AMBIGUOUS_STREAM, job.speaker_index, position), config.emotions, job.emotion
+            )
         if position in noisy:
-            label = _other_emotion(_rng(config.seed, _ANNOTATION_STREAM, job.speaker_index, position), config.emotions, job.emotion)
+            label = _other_emotion(
+                _rng(config.seed, _ANNOTATION_STREAM, job.speaker_index, position), config.emotions, job.emotion
+            )
         out.append(dataclasses.replace(job, blend_with=blend_with, label=label or job.emotion))
     return out
 
@@ -590,10 +593,14 @@ def parse_espeak_wav(data: bytes, *, where: str) -> tuple[np.ndarray, int]:
         chunk, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
         body = offset + 8
         if chunk == b"fmt ":
-            fmt_tag, channels, rate = (int.from_bytes(data[body + a : body + b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+            fmt_tag, channels, rate = (
+                int.from_bytes(data[body + a : body + b], "little") for a, b in ((0, 2), (2, 4), (4, 8))
+            )
             bits = int.from_bytes(data[body + 14 : body + 16], "little")
             if (fmt_tag, channels, bits) != (1, 1, 16):
-                raise RuntimeError(f"{where}: expected 16-bit mono PCM, got format {fmt_tag}, {channels} ch, {bits} bit")
+                raise RuntimeError(
+                    f"{where}: expected 16-bit mono PCM, got format {fmt_tag}, {channels} ch, {bits} bit"
+                )
         elif chunk == b"data":
             if rate is None:
                 raise RuntimeError(f"{where}: data chunk before fmt chunk")

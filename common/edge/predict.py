@@ -98,13 +98,20 @@ def resolve_model_file(model: str | os.PathLike[str], *, precision: str = "fp32"
         path = release
     candidate = path / MODEL_FILES[precision]
     if not candidate.is_file():
-        hint = " (the int8 variant is only published when its UA drop is within the bound and it runs faster than fp32)" if precision == "int8" else ""
+        hint = (
+            " (the int8 variant is only published when its UA drop is within the bound and it runs faster than fp32)"
+            if precision == "int8"
+            else ""
+        )
         raise EdgeModelError(f"{path}: has no {MODEL_FILES[precision]}{hint}")
     return candidate
 
 
 def _mean_probabilities(model: OnnxModel, windows: np.ndarray) -> np.ndarray:
-    chunks = [model.run(windows[start : start + MAX_WINDOWS_PER_RUN])[1] for start in range(0, len(windows), MAX_WINDOWS_PER_RUN)]
+    chunks = [
+        model.run(windows[start : start + MAX_WINDOWS_PER_RUN])[1]
+        for start in range(0, len(windows), MAX_WINDOWS_PER_RUN)
+    ]
     return np.concatenate(chunks).mean(axis=0)
 
 
@@ -114,7 +121,9 @@ def predict_file(model: OnnxModel, path: str | os.PathLike[str], *, hop_seconds:
     window = int(round(info.window_seconds * info.sample_rate))
     hop = int(round((hop_seconds if hop_seconds is not None else info.window_seconds / 2) * info.sample_rate))
     if not 0 < hop <= window:
-        raise ValueError(f"hop_seconds must be positive and at most the {info.window_seconds:g} s window, got {hop_seconds}")
+        raise ValueError(
+            f"hop_seconds must be positive and at most the {info.window_seconds:g} s window, got {hop_seconds}"
+        )
     started = time.perf_counter()
     wave = read_audio(path, sample_rate=info.sample_rate)
     windows = split_windows(wave, window=window, hop=hop)

@@ -144,15 +144,18 @@ class _LocalState:
 class _Source(Protocol):
     def read_small(self, relpath: str, *, limit: int) -> bytes: ...
 
-    def download(self, relpath: str, target: Path, *, expected_size: int, on_bytes: Callable[[int], object]) -> None: ...
+    def download(
+        self, relpath: str, target: Path, *, expected_size: int, on_bytes: Callable[[int], object]
+    ) -> None: ...
 
     def read_index(self) -> tuple[bytes, bytes]: ...
 
     def read_rotation(self, version: int) -> bytes | None: ...
 
 
-def _copy_limited(reader: BinaryIO, target: Path, *, expected_size: int, what: str,
-                  on_bytes: Callable[[int], object]) -> None:
+def _copy_limited(
+    reader: BinaryIO, target: Path, *, expected_size: int, what: str, on_bytes: Callable[[int], object]
+) -> None:
     """Stream ``reader`` into a new file, refusing more bytes than the signed size."""
     written = 0
     with open(target, "xb") as out:
@@ -291,7 +294,9 @@ class _HttpSource:
                 raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)")
         except (OSError, http.client.HTTPException) as exc:
             if expired.is_set():
-                raise PullError(f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)") from None
+                raise PullError(
+                    f"{url}: not received within its {deadline_s:.1f}-s deadline (slow retrieval)"
+                ) from None
             raise PullError(f"{url}: cannot fetch ({exc})") from None
         finally:
             timer.cancel()
@@ -326,14 +331,21 @@ class _HttpSource:
     def read_rotation(self, version: int) -> bytes | None:
         parts: list[bytes] = []
         try:
-            self._chunks(rotation_name(version), budget=MAX_SIGNATURE_BYTES, budget_name=f"the {MAX_SIGNATURE_BYTES}-byte limit",
-                         out=parts.append, missing_ok=True)
+            self._chunks(
+                rotation_name(version),
+                budget=MAX_SIGNATURE_BYTES,
+                budget_name=f"the {MAX_SIGNATURE_BYTES}-byte limit",
+                out=parts.append,
+                missing_ok=True,
+            )
         except _Missing:
             return None
         return b"".join(parts)
 
 
-def _open_source(source: str | os.PathLike[str], *, timeout_s: float, min_rate: float) -> _DirectorySource | _HttpSource:
+def _open_source(
+    source: str | os.PathLike[str], *, timeout_s: float, min_rate: float
+) -> _DirectorySource | _HttpSource:
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
         return _HttpSource(text, timeout_s=timeout_s, min_rate=min_rate)
@@ -354,8 +366,14 @@ def _read_state(dest: Path) -> _LocalState:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PullError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format_version") not in (1, _STATE_FORMAT_VERSION) or isinstance(doc.get("format_version"), bool):
-        raise PullError(f"{path}: format_version {doc.get('format_version') if isinstance(doc, dict) else doc!r} is not supported")
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format_version") not in (1, _STATE_FORMAT_VERSION)
+        or isinstance(doc.get("format_version"), bool)
+    ):
+        raise PullError(
+            f"{path}: format_version {doc.get('format_version') if isinstance(doc, dict) else doc!r} is not supported"
+        )
     expected = {"format_version", "version", "path", "manifest_sha256", "index_sequence", "updated_at"}
     if doc["format_version"] >= 2:
         expected |= {"index_sha256", "key_version", "key_hex"}
@@ -375,10 +393,18 @@ def _read_state(dest: Path) -> _LocalState:
     key_version, key_hex = doc.get("key_version", 1), doc.get("key_hex")
     if isinstance(key_version, bool) or not isinstance(key_version, int) or key_version < 1:
         raise PullError(f"{path}: key_version must be a positive integer, got {key_version!r}")
-    if (key_version == 1) != (key_hex is None) or not (key_hex is None or (isinstance(key_hex, str) and _SHA256_HEX.fullmatch(key_hex))):
+    if (key_version == 1) != (key_hex is None) or not (
+        key_hex is None or (isinstance(key_hex, str) and _SHA256_HEX.fullmatch(key_hex))
+    ):
         raise PullError(f"{path}: key_hex must be 64 hex digits exactly when key_version > 1")
-    return _LocalState(version=version, manifest_sha256=digest, index_sequence=sequence, index_sha256=index_digest,
-                       key_version=key_version, key_hex=key_hex)
+    return _LocalState(
+        version=version,
+        manifest_sha256=digest,
+        index_sequence=sequence,
+        index_sha256=index_digest,
+        key_version=key_version,
+        key_hex=key_hex,
+    )
 
 
 def _write_state(dest: Path, state: _LocalState) -> None:
@@ -451,7 +477,9 @@ def _withdraw_revoked(dest: Path, state: _LocalState, revoked: set[int]) -> list
 # --------------------------------------------------------------------------- verification
 
 
-def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _LocalState, min_sequence: int) -> tuple[ReleaseIndex, str]:
+def _fetch_index(
+    origin: _Source, *, public_key: Ed25519PublicKey, state: _LocalState, min_sequence: int
+) -> tuple[ReleaseIndex, str]:
     """The verified, fresh index and its SHA-256 (see the module docstring for the rules)."""
     failure: ReleaseError | None = None
     for _ in range(_INDEX_ATTEMPTS):
@@ -477,7 +505,9 @@ def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _Local
     if index.expires is None:
         raise PullError(f"{where}: has no signed expiry (index format 1); the server must re-sign it")
     if index.expires - index.generated_at > MAX_INDEX_LIFETIME_S:
-        raise PullError(f"{where}: signed to live {index.expires - index.generated_at:.0f} s, more than {MAX_INDEX_LIFETIME_S:.0f} s")
+        raise PullError(
+            f"{where}: signed to live {index.expires - index.generated_at:.0f} s, more than {MAX_INDEX_LIFETIME_S:.0f} s"
+        )
     if index.generated_at > now + MAX_CLOCK_SKEW_S:
         raise PullError(f"{where}: generated {index.generated_at - now:.0f} s in the future; check this device's clock")
     if now > index.expires:
@@ -488,7 +518,9 @@ def _fetch_index(origin: _Source, *, public_key: Ed25519PublicKey, state: _Local
     return index, digest
 
 
-def _follow_rotations(origin: _Source, dest: Path, state: _LocalState, *, pinned: Ed25519PublicKey) -> tuple[Ed25519PublicKey, _LocalState]:
+def _follow_rotations(
+    origin: _Source, dest: Path, state: _LocalState, *, pinned: Ed25519PublicKey
+) -> tuple[Ed25519PublicKey, _LocalState]:
     """The signing key to trust now: the pinned one, moved along every verified rotation.
 
     Each rotation must be signed by the key trusted so far and by the new key; the newest key
@@ -505,12 +537,16 @@ def _follow_rotations(origin: _Source, dest: Path, state: _LocalState, *, pinned
         if data is None:
             break
         try:
-            trusted = check_rotation(data, trusted=trusted, version=version + 1, source=f"{origin}/{rotation_name(version + 1)}")
+            trusted = check_rotation(
+                data, trusted=trusted, version=version + 1, source=f"{origin}/{rotation_name(version + 1)}"
+            )
         except ReleaseError as exc:
             raise PullError(str(exc)) from None
         version += 1
     else:
-        raise PullError(f"{origin}: more than {_MAX_ROTATIONS_PER_PULL} key rotations in one pull; refusing (endless data)")
+        raise PullError(
+            f"{origin}: more than {_MAX_ROTATIONS_PER_PULL} key rotations in one pull; refusing (endless data)"
+        )
     if version != state.key_version:
         state = replace(state, key_version=version, key_hex=public_key_hex(trusted))
         _write_state(dest, state)
@@ -540,20 +576,25 @@ def _verify_installed(folder: Path, entry: IndexEntry, *, public_key: Ed25519Pub
         signature = (folder / SIGNATURE_NAME).read_bytes()
     except OSError as exc:
         raise PullError(f"{folder}: incomplete installed release ({exc.strerror})") from None
-    manifest = _check_manifest(manifest_bytes, signature, entry, public_key=public_key, where=str(folder / MANIFEST_NAME))
+    manifest = _check_manifest(
+        manifest_bytes, signature, entry, public_key=public_key, where=str(folder / MANIFEST_NAME)
+    )
     try:
         check_release_dir(folder, manifest)
     except ReleaseError as exc:
         raise PullError(str(exc)) from None
 
 
-def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey,
-                      progress: bool) -> Path:
+def _download_release(
+    origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey, progress: bool
+) -> Path:
     """Fetch and verify a release into a private folder under ``dest`` and return that folder."""
     name = version_dirname(entry.version)
     manifest_bytes = origin.read_small(f"{name}/{MANIFEST_NAME}", limit=MAX_MANIFEST_BYTES)
     signature = origin.read_small(f"{name}/{SIGNATURE_NAME}", limit=MAX_SIGNATURE_BYTES)
-    manifest = _check_manifest(manifest_bytes, signature, entry, public_key=public_key, where=f"{origin}/{name}/{MANIFEST_NAME}")
+    manifest = _check_manifest(
+        manifest_bytes, signature, entry, public_key=public_key, where=f"{origin}/{name}/{MANIFEST_NAME}"
+    )
     incoming = Path(tempfile.mkdtemp(prefix=_INCOMING_PREFIX, dir=dest))
     try:
         (incoming / MANIFEST_NAME).write_bytes(manifest_bytes)
@@ -561,8 +602,9 @@ def _download_release(origin: _Source, dest: Path, entry: IndexEntry, *, public_
         total = sum(meta["size"] for meta in manifest.files.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"pulling {name}", disable=not progress) as bar:
             for file_name, meta in sorted(manifest.files.items()):
-                origin.download(f"{name}/{file_name}", incoming / file_name, expected_size=meta["size"],
-                                on_bytes=bar.update)
+                origin.download(
+                    f"{name}/{file_name}", incoming / file_name, expected_size=meta["size"], on_bytes=bar.update
+                )
         _verify_installed(incoming, entry, public_key=public_key)
         fsync_dir(incoming)
     except BaseException:
@@ -583,8 +625,9 @@ def _install(dest: Path, incoming: Path, version: int) -> Path:
     return target
 
 
-def _ensure_installed(origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey,
-                      progress: bool) -> tuple[Path, bool]:
+def _ensure_installed(
+    origin: _Source, dest: Path, entry: IndexEntry, *, public_key: Ed25519PublicKey, progress: bool
+) -> tuple[Path, bool]:
     """Return the verified local folder for ``entry`` and whether it had to be downloaded."""
     target = dest / RELEASES_DIR / version_dirname(entry.version)
     if target.is_dir():

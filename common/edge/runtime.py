@@ -121,7 +121,9 @@ def parse_model_info(metadata: Mapping[str, str], *, source: str) -> ModelInfo:
         arch=metadata["arch"],
         labels=tuple(labels),
         sample_rate=_positive_number(metadata["sample_rate"], int, field="sample_rate", source=source),
-        release_version=None if release == "" else _positive_number(release, int, field="release_version", source=source),
+        release_version=None
+        if release == ""
+        else _positive_number(release, int, field="release_version", source=source),
         weights_sha256=metadata["weights_sha256"],
         precision=metadata["precision"],
         window_seconds=_positive_number(metadata["window_seconds"], float, field="window_seconds", source=source),
@@ -157,7 +159,9 @@ class OnnxModel:
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
             raise EdgeModelError(f"{self.path}: ONNX Runtime cannot load the model ({exc})") from None
         try:

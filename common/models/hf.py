@@ -108,8 +108,10 @@ class HFSpeechClassifier(nn.Module):
         _check_arch(arch)
         labels = _check_labels(labels)
         if (hf_config is None) == (pretrained_dir is None):
-            raise ValueError(f"model config of arch {arch!r} needs exactly one of 'hf_config' (random weights) or "
-                             "'pretrained_dir' (a local checkpoint folder)")
+            raise ValueError(
+                f"model config of arch {arch!r} needs exactly one of 'hf_config' (random weights) or "
+                "'pretrained_dir' (a local checkpoint folder)"
+            )
         if pretrained_dir is not None:
             directory = Path(pretrained_dir)
             backbone, head_from_checkpoint = _load_pretrained(arch=arch, directory=directory, labels=labels)
@@ -341,17 +343,13 @@ def _checkpoint_normalizes(directory: Path) -> bool:
 def _check_checkpoint_dir(*, arch: str, directory: Path) -> None:
     """Fail early, naming the directory, on anything that is not a local ``arch`` checkpoint."""
     if not directory.is_dir():
-        raise FileNotFoundError(
-            f"pretrained_dir {directory}: no such directory (download the checkpoint there first)"
-        )
+        raise FileNotFoundError(f"pretrained_dir {directory}: no such directory (download the checkpoint there first)")
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"pretrained_dir {directory}: no config.json, so not a transformers checkpoint")
     model_type = _read_json(config_path).get("model_type")
     if model_type not in _CLASSES:
-        raise ValueError(
-            f"pretrained_dir {directory}: model_type {model_type!r} is not one of {', '.join(HF_ARCHS)}"
-        )
+        raise ValueError(f"pretrained_dir {directory}: model_type {model_type!r} is not one of {', '.join(HF_ARCHS)}")
     if model_type != arch:
         raise ValueError(
             f"pretrained_dir {directory}: holds a {model_type!r} checkpoint but arch {arch!r} was requested"
@@ -365,9 +363,7 @@ def _check_checkpoint_dir(*, arch: str, directory: Path) -> None:
             )
 
 
-def _load_pretrained(
-    *, arch: str, directory: Path, labels: tuple[str, ...]
-) -> tuple[PreTrainedModel, bool]:
+def _load_pretrained(*, arch: str, directory: Path, labels: tuple[str, ...]) -> tuple[PreTrainedModel, bool]:
     """Load a user's local checkpoint and give it a head for ``labels``.
 
     Returns the model and whether its head came from the checkpoint. The checkpoint is loaded
@@ -389,7 +385,9 @@ def _load_pretrained(
         # foreign file, to be reported like any other bad checkpoint, naming the file
         from serforget.common.checkpoint import CheckpointError  # lazy: common.checkpoint imports this package
 
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES) or ["a pickle weights file"]
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES) or [
+            "a pickle weights file"
+        ]
         raise CheckpointError(
             f"pretrained_dir {directory}: {', '.join(pickles)} holds a pickle payload that is not plain tensors; "
             "refused by torch's weights-only loader (replace the file with a trusted copy or model.safetensors)"

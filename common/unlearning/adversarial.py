@@ -163,8 +163,15 @@ def make_adversarial_set(
     for idx in iterate_batches(len(source), batch_size):
         idx = idx.to(device)
         adv = pgd_targeted(
-            model, waves[source[idx]], attack_targets[idx],
-            norm=norm, eps=eps, step=step, steps=steps, rand_init=rand_init, generator=generator,
+            model,
+            waves[source[idx]],
+            attack_targets[idx],
+            norm=norm,
+            eps=eps,
+            step=step,
+            steps=steps,
+            rand_init=rand_init,
+            generator=generator,
         )
         adv_parts.append(adv)
         label_parts.append(_predict(model, adv))

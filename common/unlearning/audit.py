@@ -115,7 +115,9 @@ def ulira_ratios(target: np.ndarray, scores: ShadowScores, *, std: float | None 
     """
     target = np.asarray(target, dtype=np.float64)
     if target.shape != (scores.unlearned.shape[1],):
-        raise ValueError(f"target scores must have one value per utterance ({scores.unlearned.shape[1]}); got {target.shape}")
+        raise ValueError(
+            f"target scores must have one value per utterance ({scores.unlearned.shape[1]}); got {target.shape}"
+        )
     sigma = pooled_std(scores) if std is None else std
     mu_u = _column_means(scores.unlearned)
     mu_r = _column_means(scores.retrained)
@@ -138,8 +140,12 @@ def ulira_auc(audited: np.ndarray, retrain: np.ndarray, scores: ShadowScores) ->
     return roc_auc(pos[keep], neg[keep])
 
 
-def population_auc(forget_logits: torch.Tensor, forget_targets: torch.Tensor, nonmember_logits: torch.Tensor,
-                   nonmember_targets: torch.Tensor) -> float:
+def population_auc(
+    forget_logits: torch.Tensor,
+    forget_targets: torch.Tensor,
+    nonmember_logits: torch.Tensor,
+    nonmember_targets: torch.Tensor,
+) -> float:
     """Loss-threshold attack AUC: forget utterances (positives) vs non-members (negatives)."""
     return roc_auc(
         membership_scores(forget_logits, forget_targets, attack="loss"),
@@ -172,8 +178,14 @@ class Interval:
         return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
 
 
-def paired_bootstrap(values: Sequence[float] | np.ndarray, *, reference: Sequence[float] | np.ndarray | None = None,
-                     n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> Interval:
+def paired_bootstrap(
+    values: Sequence[float] | np.ndarray,
+    *,
+    reference: Sequence[float] | np.ndarray | None = None,
+    n_boot: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
     """Mean of ``values - reference`` (paired per forget set) with a percentile bootstrap interval.
 
     Without ``reference`` it is the interval of the mean of ``values`` itself. NaNs (a forget set

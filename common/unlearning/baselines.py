@@ -87,8 +87,13 @@ def finetune(
 
     rule = StopRule.from_config(config, max_epochs=config.remain_epochs)
     return run_until_stop(
-        model, rule=rule, forget_waves=forget_x, forget_targets=forget_y, run_epoch=run_epoch,
-        progress=progress, desc="FT",
+        model,
+        rule=rule,
+        forget_waves=forget_x,
+        forget_targets=forget_y,
+        run_epoch=run_epoch,
+        progress=progress,
+        desc="FT",
     )
 
 
@@ -121,8 +126,13 @@ def neggrad_plus(
 
     rule = StopRule.from_config(config)
     return run_until_stop(
-        model, rule=rule, forget_waves=forget_x, forget_targets=forget_y, run_epoch=run_epoch,
-        progress=progress, desc="NegGrad+",
+        model,
+        rule=rule,
+        forget_waves=forget_x,
+        forget_targets=forget_y,
+        run_epoch=run_epoch,
+        progress=progress,
+        desc="NegGrad+",
     )
 
 
@@ -175,8 +185,13 @@ def scrub(
 
     rule = StopRule.from_config(config, max_epochs=config.remain_epochs)
     return run_until_stop(
-        model, rule=rule, forget_waves=forget_x, forget_targets=forget_y, run_epoch=run_epoch,
-        progress=progress, desc="SCRUB",
+        model,
+        rule=rule,
+        forget_waves=forget_x,
+        forget_targets=forget_y,
+        run_epoch=run_epoch,
+        progress=progress,
+        desc="SCRUB",
     )
 
 

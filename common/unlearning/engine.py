@@ -139,8 +139,15 @@ def unlearn(
             forget_x, forget_y = forget.waves.to(device), forget.targets.to(device)
             if method in RECIPES:
                 outcome, phases, importance, n_adv = _run_forget_only(
-                    work, forget, forget_x, forget_y, recipe=RECIPES[method], config=config,
-                    generator=generator, device=device, progress=progress,
+                    work,
+                    forget,
+                    forget_x,
+                    forget_y,
+                    recipe=RECIPES[method],
+                    config=config,
+                    generator=generator,
+                    device=device,
+                    progress=progress,
                 )
             else:
                 start = time.perf_counter()
@@ -249,9 +256,18 @@ def _run_forget_only(
     if recipe.adversarial:
         start = time.perf_counter()
         adversarial = make_adversarial_set(
-            work, forget_x, forget_y, n_classes=n_classes, k=config.pgd_k, norm=config.pgd_norm,
-            eps=config.pgd_eps, step=config.pgd_step, steps=config.pgd_steps, rand_init=config.pgd_rand_init,
-            drop_unflipped=config.adv_drop_unflipped, generator=generator,
+            work,
+            forget_x,
+            forget_y,
+            n_classes=n_classes,
+            k=config.pgd_k,
+            norm=config.pgd_norm,
+            eps=config.pgd_eps,
+            step=config.pgd_step,
+            steps=config.pgd_steps,
+            rand_init=config.pgd_rand_init,
+            drop_unflipped=config.adv_drop_unflipped,
+            generator=generator,
         )
         if config.adv_label == "attack_target":
             adversarial = dataclasses.replace(adversarial, targets=adversarial.attack_targets)
@@ -259,7 +275,9 @@ def _run_forget_only(
     relabels = random_other_labels(forget_y, n_classes=n_classes, generator=generator).to(device)
     if config.relabel_to == "runner_up":
         relabels = runner_up_labels(original_logits, forget_y).to(device)
-    anchor = _anchor_set(forget_x, original_logits, config=config, generator=generator) if config.anchor_weight > 0 else None
+    anchor = (
+        _anchor_set(forget_x, original_logits, config=config, generator=generator) if config.anchor_weight > 0 else None
+    )
     optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     chosen = torch.zeros(len(forget_y), dtype=torch.bool)
@@ -268,8 +286,10 @@ def _run_forget_only(
         nonlocal importance_rows
         chosen[_rows_to_forget(work, forget_x, forget_y, config=config, rule=rule)] = True
         rows = chosen.nonzero().flatten()
-        if recipe.elastic and config.importance_scope == "trained" and (
-            importance_rows is None or not torch.equal(importance_rows, rows)
+        if (
+            recipe.elastic
+            and config.importance_scope == "trained"
+            and (importance_rows is None or not torch.equal(importance_rows, rows))
         ):
             importance_rows = rows.clone()
             refresh_elastic(rows)
@@ -278,8 +298,15 @@ def _run_forget_only(
         steps = 0
         for idx in batches:
             loss = _forget_only_loss(
-                work, idx.to(device), forget_x, forget_y, relabels,
-                recipe=recipe, config=config, adversarial=adversarial, penalty=penalty,
+                work,
+                idx.to(device),
+                forget_x,
+                forget_y,
+                relabels,
+                recipe=recipe,
+                config=config,
+                adversarial=adversarial,
+                penalty=penalty,
             )
             if anchor is not None:
                 loss = loss + config.anchor_weight * _anchor_loss(work, anchor, keep=~chosen)
@@ -293,8 +320,13 @@ def _run_forget_only(
 
     start = time.perf_counter()
     outcome = run_until_stop(
-        work, rule=rule, forget_waves=forget_x, forget_targets=forget_y, run_epoch=run_epoch,
-        initial_forget_acc=initial, progress=progress,
+        work,
+        rule=rule,
+        forget_waves=forget_x,
+        forget_targets=forget_y,
+        run_epoch=run_epoch,
+        initial_forget_acc=initial,
+        progress=progress,
     )
     phases["training"] = time.perf_counter() - start
     return outcome, phases, importance, len(adversarial) if adversarial is not None else 0
@@ -317,8 +349,9 @@ class AnchorSet:
 
 
 @torch.no_grad()
-def _anchor_set(forget_x: torch.Tensor, original_logits: torch.Tensor, *, config: UnlearnConfig,
-                generator: torch.Generator) -> AnchorSet:
+def _anchor_set(
+    forget_x: torch.Tensor, original_logits: torch.Tensor, *, config: UnlearnConfig, generator: torch.Generator
+) -> AnchorSet:
     """``anchor_copies`` white-noise copies of every forget utterance at ``anchor_snr_db``.
 
     The targets are the original model's outputs on the *clean* utterance: the copies ask the
@@ -377,8 +410,11 @@ def _forget_only_loss(
     logits = model(torch.cat(inputs))
     logits_forget = logits[: len(idx)]
     n_adv = len(adv_rows) if adv_rows is not None else 0
-    share_f, share_adv = (len(idx) / (len(idx) + n_adv), n_adv / (len(idx) + n_adv)) if (
-        config.loss_weighting == "set_size") else (1.0, 1.0)
+    share_f, share_adv = (
+        (len(idx) / (len(idx) + n_adv), n_adv / (len(idx) + n_adv))
+        if (config.loss_weighting == "set_size")
+        else (1.0, 1.0)
+    )
     if recipe.forgetting == "relabel":
         loss = share_f * config.forget_weight * relabel_loss(logits_forget, relabels[idx])
     else:

@@ -54,7 +54,15 @@ DISPLAY_NAMES: dict[str, str] = {
 }
 #: The paper's rows in table order.
 PAPER_ROWS: tuple[str, ...] = (
-    "neggrad", "rl", "rl_adv", "rl_ela", "rl_adv_ela", "rl_adv_ela@retrain-level", "ft", "neggrad_plus", "scrub",
+    "neggrad",
+    "rl",
+    "rl_adv",
+    "rl_ela",
+    "rl_adv_ela",
+    "rl_adv_ela@retrain-level",
+    "ft",
+    "neggrad_plus",
+    "scrub",
 )
 _MIA_PREFIX = {"loss": "mia", "confidence": "mia_conf", "entropy": "mia_entropy"}
 
@@ -115,7 +123,9 @@ def parse_run(spec: str, *, base: UnlearnConfig, target_forget_acc: float | None
     raise ValueError(f"unknown stop rule {stop!r} in {spec!r}; use @zero or @retrain-level")
 
 
-def score_model(model: nn.Module, sets: EvalSets, *, device: str | torch.device = "auto", seed: int = 0) -> dict[str, float]:
+def score_model(
+    model: nn.Module, sets: EvalSets, *, device: str | torch.device = "auto", seed: int = 0
+) -> dict[str, float]:
     """Accuracies and membership-inference results of one model (flat, JSON-able)."""
     logits = {name: predict_logits(model, getattr(sets, name), device=device) for name in ("forget", "remain", "test")}
     test = classification_report(sets.test.targets.tolist(), logits["test"].argmax(1).tolist(), labels=sets.labels)
@@ -126,10 +136,14 @@ def score_model(model: nn.Module, sets: EvalSets, *, device: str | torch.device 
         "test_wa": test["wa"],
     }
     attacks = membership_inference(
-        member_logits=logits["remain"], member_targets=sets.remain.targets,
-        nonmember_logits=logits["test"], nonmember_targets=sets.test.targets,
-        forget_logits=logits["forget"], forget_targets=sets.forget.targets,
-        attacks=ATTACKS, seed=seed,
+        member_logits=logits["remain"],
+        member_targets=sets.remain.targets,
+        nonmember_logits=logits["test"],
+        nonmember_targets=sets.test.targets,
+        forget_logits=logits["forget"],
+        forget_targets=sets.forget.targets,
+        attacks=ATTACKS,
+        seed=seed,
     )
     for attack, result in attacks.items():
         prefix = _MIA_PREFIX[attack]
@@ -164,7 +178,10 @@ def run_retrain(
             original, remain, labels=labels, train_config=train_config, valid=valid, progress=progress
         )
     return Retrained(
-        model=model, seconds=meter.result.seconds, cpu_seconds=meter.result.cpu_seconds, peak_bytes=meter.result.peak_bytes
+        model=model,
+        seconds=meter.result.seconds,
+        cpu_seconds=meter.result.cpu_seconds,
+        peak_bytes=meter.result.peak_bytes,
     )
 
 
@@ -188,14 +205,26 @@ def evaluate_unlearning(
     base = dict(extra or {})
     rows = []
     if include_original:
-        rows.append({**base, "method": "original", **score_model(original, sets, device=device, seed=seed),
-                     "unlearn_s": 0.0, "unlearn_cpu_s": 0.0})
+        rows.append(
+            {
+                **base,
+                "method": "original",
+                **score_model(original, sets, device=device, seed=seed),
+                "unlearn_s": 0.0,
+                "unlearn_cpu_s": 0.0,
+            }
+        )
     if retrained is not None:
-        rows.append({
-            **base, "method": "retrain", **score_model(retrained.model, sets, device=device, seed=seed),
-            "unlearn_s": retrained.seconds, "unlearn_cpu_s": retrained.cpu_seconds,
-            "peak_mem_mb": retrained.peak_bytes / 2**20,
-        })
+        rows.append(
+            {
+                **base,
+                "method": "retrain",
+                **score_model(retrained.model, sets, device=device, seed=seed),
+                "unlearn_s": retrained.seconds,
+                "unlearn_cpu_s": retrained.cpu_seconds,
+                "peak_mem_mb": retrained.peak_bytes / 2**20,
+            }
+        )
     for run in tqdm(runs, desc="methods", unit="method", disable=not progress, leave=False):
         rows.append({**base, **_unlearn_row(original, sets, run, device=device, seed=seed)})
     if retrained is not None:
@@ -247,9 +276,7 @@ def add_reference_columns(rows: list[dict[str, Any]], reference: dict[str, Any])
 # ----------------------------------------------------------------------------- summaries
 
 
-def summarize(
-    rows: Iterable[dict[str, Any]], *, keys: Sequence[str], metrics: Sequence[str]
-) -> list[dict[str, Any]]:
+def summarize(rows: Iterable[dict[str, Any]], *, keys: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """Mean, std (sample, ddof=1; 0 for one row) and count of each metric per group of ``keys``.
 
     Groups keep the order in which they first appear; a metric missing or ``None`` in a row is
@@ -304,7 +331,9 @@ def markdown_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in summary:
         name = DISPLAY_NAMES.get(str(entry[row_key]), str(entry[row_key]))
-        cells = [_format_cell(entry.get(f"{m}_mean"), entry.get(f"{m}_std"), scale=s, digits=d) for m, _, s, d in columns]
+        cells = [
+            _format_cell(entry.get(f"{m}_mean"), entry.get(f"{m}_std"), scale=s, digits=d) for m, _, s, d in columns
+        ]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -325,7 +354,11 @@ def plot_method_bars(
     summary: Sequence[dict[str, Any]],
     *,
     path: str | os.PathLike[str],
-    metrics: Sequence[tuple[str, str]] = (("forget_acc", "forget acc"), ("test_ua", "test UA"), ("mia_auc", "MIA AUC (loss)")),
+    metrics: Sequence[tuple[str, str]] = (
+        ("forget_acc", "forget acc"),
+        ("test_ua", "test UA"),
+        ("mia_auc", "MIA AUC (loss)"),
+    ),
     group_key: str = "n_forget",
     title: str = "",
 ) -> Path:
@@ -341,13 +374,27 @@ def plot_method_bars(
             means = [entries.get(m, {}).get(f"{metric}_mean") for m in methods]
             stds = [entries.get(m, {}).get(f"{metric}_std") or 0.0 for m in methods]
             xs = np.arange(len(methods)) + (g_i - (len(groups) - 1) / 2) * width
-            bars = ax.bar(xs, [np.nan if v is None else v for v in means], width, yerr=stds, capsize=2,
-                          label=f"{group_key}={group}")
+            bars = ax.bar(
+                xs,
+                [np.nan if v is None else v for v in means],
+                width,
+                yerr=stds,
+                capsize=2,
+                label=f"{group_key}={group}",
+            )
             reference = entries.get("retrain", {}).get(f"{metric}_mean")
             if reference is not None:
-                ax.hlines(reference, xs[0] - width / 2, xs[-1] + width / 2, colors=bars.patches[0].get_facecolor(),
-                          linestyles="dashed", linewidth=1)
-        ax.set_xticks(range(len(methods)), [DISPLAY_NAMES.get(m, m) for m in methods], rotation=60, ha="right", fontsize=8)
+                ax.hlines(
+                    reference,
+                    xs[0] - width / 2,
+                    xs[-1] + width / 2,
+                    colors=bars.patches[0].get_facecolor(),
+                    linestyles="dashed",
+                    linewidth=1,
+                )
+        ax.set_xticks(
+            range(len(methods)), [DISPLAY_NAMES.get(m, m) for m in methods], rotation=60, ha="right", fontsize=8
+        )
         ax.set_title(f"{label} (dashed: Retrain)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -373,8 +420,11 @@ def plot_sweep(
     series = list(dict.fromkeys(e[series_key] for e in summary))
     for ax, (metric, label) in zip(axes[0], metrics):
         for name in series:
-            points = sorted((e[x_key], e.get(f"{metric}_mean"), e.get(f"{metric}_std") or 0.0)
-                            for e in summary if e[series_key] == name and e.get(f"{metric}_mean") is not None)
+            points = sorted(
+                (e[x_key], e.get(f"{metric}_mean"), e.get(f"{metric}_std") or 0.0)
+                for e in summary
+                if e[series_key] == name and e.get(f"{metric}_mean") is not None
+            )
             if points:
                 xs, ys, es = zip(*points)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=DISPLAY_NAMES.get(str(name), str(name)))
@@ -428,9 +478,15 @@ def write_report(
     metrics = [c[0] for c in TABLE_COLUMNS]
     summary = summarize(rows, keys=("n_forget", "method"), metrics=metrics)
     paths = {
-        "json": atomic_write_json(out / "report.json", {
-            "format_version": REPORT_FORMAT_VERSION, "created_at": time.time(), "meta": meta, "rows": list(rows),
-        }),
+        "json": atomic_write_json(
+            out / "report.json",
+            {
+                "format_version": REPORT_FORMAT_VERSION,
+                "created_at": time.time(),
+                "meta": meta,
+                "rows": list(rows),
+            },
+        ),
         "bars": plot_method_bars(summary, path=out / "metrics.png", title=title),
         "cost": plot_cost(summary, path=out / "cost.png"),
     }

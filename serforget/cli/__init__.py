@@ -43,8 +43,11 @@ USER_ERRORS = (ValueError, OSError, KeyError)
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with a known ``command`` only the module owning it is imported."""
-    parser = Parser(prog="serforget", description="Federated, on-device machine unlearning for speech emotion recognition.",
-                    epilog="Run `serforget COMMAND --help` for the options of a command.")
+    parser = Parser(
+        prog="serforget",
+        description="Federated, on-device machine unlearning for speech emotion recognition.",
+        epilog="Run `serforget COMMAND --help` for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"serforget {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command in COMMANDS:

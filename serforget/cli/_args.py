@@ -26,8 +26,12 @@ def bool_value(text: str) -> bool:
 
 def add_progress(parser: argparse.ArgumentParser) -> None:
     """``--progress/--no-progress``: progress bars on stderr; on by default when stderr is a terminal."""
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                        help="show progress bars (default: on when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="show progress bars (default: on when stderr is a terminal)",
+    )
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -36,8 +40,12 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, "", [], argparse.SUPPRESS)
-                or not action.option_strings or isinstance(action, argparse.BooleanOptionalAction)):
+        if (
+            "default" in text
+            or default in (None, False, "", [], argparse.SUPPRESS)
+            or not action.option_strings
+            or isinstance(action, argparse.BooleanOptionalAction)
+        ):
             return text
         return f"{text} (default: %(default)s)".strip()
 

@@ -64,8 +64,10 @@ def _index(args: argparse.Namespace) -> int:
     write_manifest(args.out, result.utterances)
     for skipped in result.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}")
-    print(f"{len(result.utterances)} utterances from {len({u.speaker for u in result.utterances})} speakers -> {args.out}"
-          f" ({len(result.skipped)} files skipped)")
+    print(
+        f"{len(result.utterances)} utterances from {len({u.speaker for u in result.utterances})} speakers -> {args.out}"
+        f" ({len(result.skipped)} files skipped)"
+    )
     return 0
 
 
@@ -74,8 +76,14 @@ def _split(args: argparse.Namespace) -> int:
     from serforget.common.pipeline import make_splits
 
     check_output_dir(args.out_dir, what="--out-dir")
-    paths = make_splits(manifest=args.manifest, out_dir=args.out_dir, task=args.task,
-                        n_valid=args.n_valid, n_test=args.n_test, seed=args.seed)
+    paths = make_splits(
+        manifest=args.manifest,
+        out_dir=args.out_dir,
+        task=args.task,
+        n_valid=args.n_valid,
+        n_test=args.n_test,
+        seed=args.seed,
+    )
     for name, path in paths.items():
         rows = read_manifest(path)
         print(f"{name}: {len(rows)} utterances, {len({u.speaker for u in rows})} speakers -> {path}")

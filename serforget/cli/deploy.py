@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--manifest", type=Path, required=True, help="corpus manifest: one device per speaker")
     up.add_argument("--host", default="127.0.0.1", help="address of the Fleet API (what devices dial)")
     up.add_argument("--port", type=int, default=9092, help="port of the Fleet API")
-    up.add_argument("--control-host", default="127.0.0.1",
-                    help="address of the Control and Runtime APIs (operator only; keep loopback, tunnel with SSH)")
+    up.add_argument(
+        "--control-host",
+        default="127.0.0.1",
+        help="address of the Control and Runtime APIs (operator only; keep loopback, tunnel with SSH)",
+    )
     up.add_argument("--control-port", type=int, default=9093, help="port of the Control and Runtime APIs")
     up.set_defaults(handler=_up)
     run = dsub.add_parser("run", help="`flwr run . serforget --stream` on the deployment, status checked")
@@ -49,10 +52,17 @@ def _load(run_dir: Path):
     except FileNotFoundError:
         raise ValueError(f"{_state_path(run_dir)}: no deployment here; run `serforget deploy up` first") from None
     if "control_port" not in state:
-        raise ValueError(f"{_state_path(run_dir)}: written before the Control API got its own port; "
-                         "run `serforget deploy down` and `serforget deploy up` again")
-    return Deployment(run_dir, host=state["host"], port=int(state["port"]), control_host=state["control_host"],
-                      control_port=int(state["control_port"])), state
+        raise ValueError(
+            f"{_state_path(run_dir)}: written before the Control API got its own port; "
+            "run `serforget deploy down` and `serforget deploy up` again"
+        )
+    return Deployment(
+        run_dir,
+        host=state["host"],
+        port=int(state["port"]),
+        control_host=state["control_host"],
+        control_port=int(state["control_port"]),
+    ), state
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -60,15 +70,26 @@ def _up(args: argparse.Namespace) -> int:
     from serforget.common.manifest import by_speaker, read_manifest
     from serforget.deploy.local import Deployment, free_port, up
 
-    deployment = Deployment(args.run_dir, host=args.host, port=args.port, control_host=args.control_host,
-                            control_port=args.control_port)
+    deployment = Deployment(
+        args.run_dir, host=args.host, port=args.port, control_host=args.control_host, control_port=args.control_port
+    )
     n_devices = len(by_speaker(read_manifest(args.manifest)))
     devices = up(deployment, manifest=args.manifest, ports=[free_port() for _ in range(n_devices)])
-    atomic_write_json(_state_path(deployment.root), {"format_version": 1, "host": args.host, "port": args.port,
-                                                     "control_host": args.control_host, "control_port": args.control_port,
-                                                     "devices": [d.name for d in devices]})
-    print(f"SuperLink: Fleet API {deployment.address} (TLS, node auth), Control API {deployment.control_address} with {len(devices)} SuperNodes; devices under "
-          f"{deployment.root / 'devices'}; file deletions with `serforget node forget --data-dir DEVICE_DIR ...`")
+    atomic_write_json(
+        _state_path(deployment.root),
+        {
+            "format_version": 1,
+            "host": args.host,
+            "port": args.port,
+            "control_host": args.control_host,
+            "control_port": args.control_port,
+            "devices": [d.name for d in devices],
+        },
+    )
+    print(
+        f"SuperLink: Fleet API {deployment.address} (TLS, node auth), Control API {deployment.control_address} with {len(devices)} SuperNodes; devices under "
+        f"{deployment.root / 'devices'}; file deletions with `serforget node forget --data-dir DEVICE_DIR ...`"
+    )
     return 0
 
 

@@ -20,11 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     enroll.add_argument("--public-key", type=Path, required=True, help="the node's sign.pub")
     enroll.add_argument("--replace", action="store_true", help="rotate the key of an enrolled node")
     enroll.set_defaults(handler=_enroll)
-    revoke = ksub.add_parser("revoke", help="stop trusting a node: its envelopes are refused, its key never re-enrolled")
+    revoke = ksub.add_parser(
+        "revoke", help="stop trusting a node: its envelopes are refused, its key never re-enrolled"
+    )
     revoke.add_argument("--registry", type=Path, required=True, help="SERVER/nodes.json")
     revoke.add_argument("--node-id", required=True)
-    revoke.add_argument("--deployment", type=Path, default=None,
-                        help="a `serforget deploy up` run dir: also unregister the node's SuperNode key from the SuperLink")
+    revoke.add_argument(
+        "--deployment",
+        type=Path,
+        default=None,
+        help="a `serforget deploy up` run dir: also unregister the node's SuperNode key from the SuperLink",
+    )
     revoke.set_defaults(handler=_revoke)
 
 
@@ -41,7 +47,9 @@ def _init(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     from serforget.common.keys import enroll_node, fingerprint, load_signing_public
 
-    enroll_node(registry_path=args.registry, node_id=args.node_id, public_key_path=args.public_key, replace=args.replace)
+    enroll_node(
+        registry_path=args.registry, node_id=args.node_id, public_key_path=args.public_key, replace=args.replace
+    )
     print(f"enrolled {args.node_id} ({fingerprint(load_signing_public(args.public_key))})")
     return 0
 
@@ -57,6 +65,12 @@ def _revoke(args: argparse.Namespace) -> int:
 
         deployment, _ = _load(args.deployment)
         flower_id = unregister_device(deployment, args.node_id)
-        print(f"SuperNode key of {args.node_id} " + (f"unregistered (Flower node {flower_id})" if flower_id is not None
-                                                      else "was not registered by this deployment"))
+        print(
+            f"SuperNode key of {args.node_id} "
+            + (
+                f"unregistered (Flower node {flower_id})"
+                if flower_id is not None
+                else "was not registered by this deployment"
+            )
+        )
     return 0

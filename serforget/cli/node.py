@@ -25,8 +25,17 @@ def _forget(args: argparse.Namespace) -> int:
     from serforget.client.node import file_deletion_request
 
     request = file_deletion_request(data_dir=args.data_dir, utt_ids=args.utt, whole_speaker=args.all)
-    print(json.dumps({"request_id": request.request_id, "state": request.state, "utt_ids": list(request.utt_ids),
-                      "whole_speaker": request.whole_speaker}, indent=2))
+    print(
+        json.dumps(
+            {
+                "request_id": request.request_id,
+                "state": request.state,
+                "utt_ids": list(request.utt_ids),
+                "whole_speaker": request.whole_speaker,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -34,7 +43,15 @@ def _status(args: argparse.Namespace) -> int:
     from serforget.client.node import NodeDir
 
     with NodeDir(args.data_dir).open_ledger() as ledger:
-        rows = [{"request_id": r.request_id, "state": r.state, "n_utts": len(r.utt_ids), "whole_speaker": r.whole_speaker,
-                 "release_version": r.release_version} for r in ledger.all()]
+        rows = [
+            {
+                "request_id": r.request_id,
+                "state": r.state,
+                "n_utts": len(r.utt_ids),
+                "whole_speaker": r.whole_speaker,
+                "release_version": r.release_version,
+            }
+            for r in ledger.all()
+        ]
     print(json.dumps(rows, indent=2))
     return 0

@@ -39,8 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--flwr-home", type=Path, default=Path(".flwr"), help="Flower CLI home for this project")
     sim.add_argument("--run-config", default="", help='extra overrides, e.g. "num-rounds=5 elastic=false"')
     sim.add_argument("--fresh", action="store_true", help="discard devices/server/report (keeps the corpus) and rerun")
-    sim.add_argument("--manifest", type=Path, default=None,
-                     help="an indexed corpus (`serforget corpus index`) instead of the synthetic one: run config data-manifest")
+    sim.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="an indexed corpus (`serforget corpus index`) instead of the synthetic one: run config data-manifest",
+    )
     sim.add_argument("--cpus-per-node", type=int, default=1)
     sim.set_defaults(handler=_simulate)
 
@@ -61,8 +65,15 @@ def app_settings(app: Path, overrides: dict) -> RunSettings:
 def simulation_nodes(cfg: RunSettings) -> int:
     """SuperNodes the run needs: one per training speaker of the corpus the ServerApp will split."""
     if cfg.data_manifest_path is not None:
-        return len(training_speakers(manifest=cfg.data_manifest_path, task=cfg.task, n_valid=cfg.valid_speakers,
-                                     n_test=cfg.test_speakers, seed=cfg.seed))
+        return len(
+            training_speakers(
+                manifest=cfg.data_manifest_path,
+                task=cfg.task,
+                n_valid=cfg.valid_speakers,
+                n_test=cfg.test_speakers,
+                seed=cfg.seed,
+            )
+        )
     return cfg.synth_speakers - cfg.valid_speakers - cfg.test_speakers
 
 
@@ -85,8 +96,10 @@ def gpu_mismatch(cfg: RunSettings, *, cuda_visible: bool) -> str | None:
     if wants_cuda and not cuda_visible:
         return f"device = {cfg.device!r} but no CUDA device is visible on this machine (use device='auto' or 'cpu')"
     if wants_cuda and cfg.gpus_per_node == 0:
-        return (f"device = {cfg.device!r} needs gpus-per-node > 0: Flower's simulation hides the GPU from nodes "
-                "that reserve none (e.g. gpus-per-node=0.25 shares one GPU among four nodes)")
+        return (
+            f"device = {cfg.device!r} needs gpus-per-node > 0: Flower's simulation hides the GPU from nodes "
+            "that reserve none (e.g. gpus-per-node=0.25 shares one GPU among four nodes)"
+        )
     return None
 
 
@@ -104,8 +117,11 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"serforget: {gpu_problem}", file=sys.stderr)
         return 2
     if cfg.gpus_per_node == 0 and cfg.device.strip().lower() == "auto" and _cuda_visible():
-        print("serforget: this machine has a GPU but gpus-per-node = 0: the nodes train on the CPU "
-              "(Flower's simulation hides the GPU; set gpus-per-node, e.g. 0.25)", file=sys.stderr)
+        print(
+            "serforget: this machine has a GPU but gpus-per-node = 0: the nodes train on the CPU "
+            "(Flower's simulation hides the GPU; set gpus-per-node, e.g. 0.25)",
+            file=sys.stderr,
+        )
     report_path = work / "report" / "report.json"
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     if args.fresh:
@@ -116,8 +132,10 @@ def _simulate(args: argparse.Namespace) -> int:
         print((work / "report" / "report.md").read_text())
         return 0
     elif (work / "server").exists():
-        print(f"serforget: {work} holds an earlier run with other settings or an unfinished one; rerun with --fresh",
-              file=sys.stderr)
+        print(
+            f"serforget: {work} holds an earlier run with other settings or an unfinished one; rerun with --fresh",
+            file=sys.stderr,
+        )
         return 2
     write_flower_home(home, num_supernodes=n_nodes, cpus_per_node=args.cpus_per_node, gpus_per_node=cfg.gpus_per_node)
     # a local SuperLink of this run's own on free ports: `flwr run` reuses whatever answers on
@@ -140,9 +158,14 @@ def _simulate(args: argparse.Namespace) -> int:
             status = run_status(run_id, env)
     finally:
         stop_local_superlink(home, port=env[LOCAL_HTTP_PORT_ENV])
-    ok = status.get("status") == "finished:completed" and report_path.exists() and report_path.stat().st_mtime >= started
+    ok = (
+        status.get("status") == "finished:completed" and report_path.exists() and report_path.stat().st_mtime >= started
+    )
     if not ok:
-        print(f"serforget: run {run_id} ended as {status.get('status')!r}: {status.get('status-details')}", file=sys.stderr)
+        print(
+            f"serforget: run {run_id} ended as {status.get('status')!r}: {status.get('status-details')}",
+            file=sys.stderr,
+        )
         if status.get("status") == "finished:completed":
             print(f"serforget: ... but {report_path} was not written by this run", file=sys.stderr)
         return 1

@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     train.add_argument("--task", default="4class")
     train.add_argument("--arch", default="logmel_cnn", choices=("logmel_cnn", "wav2vec2", "hubert"))
-    train.add_argument("--model-config", type=json.loads, default={}, help='JSON, e.g. {"pretrained_dir": "/models/wav2vec2-base"}')
+    train.add_argument(
+        "--model-config", type=json.loads, default={}, help='JSON, e.g. {"pretrained_dir": "/models/wav2vec2-base"}'
+    )
     train.add_argument("--clip-seconds", type=float, default=3.0)
     train.add_argument("--force", action="store_true", help="retrain even if an identical run is saved")
     _add_train_flags(train)
@@ -60,9 +62,16 @@ def _train(args: argparse.Namespace) -> int:
     from serforget.common.pipeline import train_checkpoint
 
     out = train_checkpoint(
-        train_manifest=args.train, valid_manifest=args.valid, out_dir=args.out, task=args.task, arch=args.arch,
-        model_config=args.model_config, train_config=_train_config(args), clip_seconds=args.clip_seconds,
-        force=args.force, progress=args.progress,
+        train_manifest=args.train,
+        valid_manifest=args.valid,
+        out_dir=args.out,
+        task=args.task,
+        arch=args.arch,
+        model_config=args.model_config,
+        train_config=_train_config(args),
+        clip_seconds=args.clip_seconds,
+        force=args.force,
+        progress=args.progress,
     )
     print(summary_line(read_checkpoint_meta(out).provenance, out))
     return 0
@@ -72,8 +81,10 @@ def summary_line(provenance: dict, out: Path) -> str:
     """One line a person reads after ``train``: what was trained, how well, how long, where it is."""
     history = provenance.get("history", {})
     epochs = history.get("epochs", [])
-    parts = [f"trained {provenance.get('settings', {}).get('arch', '?')} on {provenance.get('n_train', '?')} utterances"
-             f" for {len(epochs)} epochs in {history.get('seconds', 0.0):.0f} s"]
+    parts = [
+        f"trained {provenance.get('settings', {}).get('arch', '?')} on {provenance.get('n_train', '?')} utterances"
+        f" for {len(epochs)} epochs in {history.get('seconds', 0.0):.0f} s"
+    ]
     if epochs:
         parts.append(f"final train loss {epochs[-1]['train_loss']:.3f}")
     if history.get("best_valid_ua") is not None:
@@ -84,8 +95,9 @@ def summary_line(provenance: dict, out: Path) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from serforget.common.pipeline import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(checkpoint=args.checkpoint, manifest=args.manifest, out_dir=args.out, device=args.device,
-                                 progress=args.progress)
+    report = evaluate_checkpoint(
+        checkpoint=args.checkpoint, manifest=args.manifest, out_dir=args.out, device=args.device, progress=args.progress
+    )
     print(format_report([(args.manifest.stem, report)]))
     return 0
 
@@ -99,11 +111,22 @@ def _demo(args: argparse.Namespace) -> int:
     check_output_dir(args.out, what="--out")
     manifest = synthesize_corpus(out_dir=args.data_dir, progress=args.progress)
     splits = make_splits(manifest=manifest, out_dir=args.data_dir / "splits")
-    ckpt = train_checkpoint(train_manifest=splits["train"], valid_manifest=splits["valid"],
-                            out_dir=args.out / "model", train_config=_train_config(args), progress=args.progress)
-    rows = [(name, evaluate_checkpoint(checkpoint=ckpt, manifest=splits[name], out_dir=args.out / f"eval_{name}",
-                                       progress=args.progress))
-            for name in ("valid", "test")]
+    ckpt = train_checkpoint(
+        train_manifest=splits["train"],
+        valid_manifest=splits["valid"],
+        out_dir=args.out / "model",
+        train_config=_train_config(args),
+        progress=args.progress,
+    )
+    rows = [
+        (
+            name,
+            evaluate_checkpoint(
+                checkpoint=ckpt, manifest=splits[name], out_dir=args.out / f"eval_{name}", progress=args.progress
+            ),
+        )
+        for name in ("valid", "test")
+    ]
     table = format_report(rows)
     atomic_write_text(args.out / "report.md", table + "\n")
     print(table)

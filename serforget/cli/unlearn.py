@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--forget-manifest", type=Path, required=True, help="manifest of the utterances to forget")
     run.add_argument("--out", type=Path, required=True, help="folder for the unlearned checkpoint")
     run.add_argument("--method", default="rl_adv_ela", help="a forget-set-only method (default rl_adv_ela)")
-    run.add_argument("--target-forget-acc", type=float, help="stop at this forget accuracy (sets --set stop=retrain-level)")
+    run.add_argument(
+        "--target-forget-acc", type=float, help="stop at this forget accuracy (sets --set stop=retrain-level)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     _add_common(run)
     run.set_defaults(handler=_unlearn)
@@ -41,10 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--forget", type=Path, help="file of training utt ids to forget, one per line ('#' comments)")
     ev.add_argument("--n-forget", type=int, default=10, help="else: forget this many random training utterances")
     ev.add_argument("--seed", type=int, default=0, help="seed of the forget draw, the methods and the attack folds")
-    ev.add_argument("--methods", default=",".join(_paper_rows()),
-                    help="comma-separated methods, METHOD or METHOD@retrain-level (default: the paper's rows)")
-    ev.add_argument("--target-forget-acc", type=float,
-                    help="target of @retrain-level rows (default: the original model's validation UA)")
+    ev.add_argument(
+        "--methods",
+        default=",".join(_paper_rows()),
+        help="comma-separated methods, METHOD or METHOD@retrain-level (default: the paper's rows)",
+    )
+    ev.add_argument(
+        "--target-forget-acc",
+        type=float,
+        help="target of @retrain-level rows (default: the original model's validation UA)",
+    )
     ev.add_argument("--no-retrain", action="store_true", help="skip the Retrain oracle (no gap, no speed-up)")
     ev.add_argument("--retrain-epochs", type=int, default=TrainConfig().epochs)
     ev.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.md, PNGs)")
@@ -59,8 +67,13 @@ def _paper_rows() -> tuple[str, ...]:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an UnlearnConfig setting, e.g. --set tau=0.25 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an UnlearnConfig setting, e.g. --set tau=0.25 (repeatable)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress(parser)
 
@@ -93,7 +106,9 @@ def _unlearn(args: argparse.Namespace) -> int:
     from serforget.common.unlearning import FORGET_ONLY_METHODS, unlearn
 
     if args.method not in FORGET_ONLY_METHODS:
-        raise ValueError(f"--method must be a forget-set-only method ({', '.join(FORGET_ONLY_METHODS)}), got {args.method!r}")
+        raise ValueError(
+            f"--method must be a forget-set-only method ({', '.join(FORGET_ONLY_METHODS)}), got {args.method!r}"
+        )
     check_output_dir(args.out, what="--out")
     if args.out.resolve() == args.checkpoint.resolve():
         raise ValueError(f"--out {args.out} is the source checkpoint; write the unlearned model elsewhere")
@@ -107,17 +122,25 @@ def _unlearn(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.forget_manifest}: no utterances to forget")
     forget = load_waveforms(forget_utts, labels=meta.labels, clip_seconds=_clip_seconds(meta), progress=args.progress)
     result = unlearn(model, forget, method=args.method, config=config, progress=args.progress)
-    save_checkpoint(model=result.model.cpu(), out_dir=args.out, labels=meta.labels, sample_rate=meta.sample_rate, provenance={
-        **{k: v for k, v in meta.provenance.items() if k == "settings"},
-        "unlearning": result.summary(),
-        "source_checkpoint": str(args.checkpoint.resolve()),
-        "source_weights_sha256": meta.weights_sha256,
-        "forget_manifest": str(args.forget_manifest.resolve()),
-        "forget_manifest_sha256": sha256_file(args.forget_manifest),
-    })
-    print(f"{args.out}: {args.method} forgot {len(forget)} utterances in {result.seconds:.2f} s "
-          f"({result.epochs} epochs, {result.steps} steps, stop: {result.stop_reason}); "
-          f"forget accuracy {result.forget_acc_trajectory[0]:.3f} -> {result.forget_acc:.3f}")
+    save_checkpoint(
+        model=result.model.cpu(),
+        out_dir=args.out,
+        labels=meta.labels,
+        sample_rate=meta.sample_rate,
+        provenance={
+            **{k: v for k, v in meta.provenance.items() if k == "settings"},
+            "unlearning": result.summary(),
+            "source_checkpoint": str(args.checkpoint.resolve()),
+            "source_weights_sha256": meta.weights_sha256,
+            "forget_manifest": str(args.forget_manifest.resolve()),
+            "forget_manifest_sha256": sha256_file(args.forget_manifest),
+        },
+    )
+    print(
+        f"{args.out}: {args.method} forgot {len(forget)} utterances in {result.seconds:.2f} s "
+        f"({result.epochs} epochs, {result.steps} steps, stop: {result.stop_reason}); "
+        f"forget accuracy {result.forget_acc_trajectory[0]:.3f} -> {result.forget_acc:.3f}"
+    )
     return 0
 
 
@@ -145,16 +168,24 @@ def _load_splits(args: argparse.Namespace, labels: Sequence[str], clip_seconds: 
     if args.manifest is not None:
         if any(p is not None for p in (args.train, args.valid, args.test)):
             raise ValueError("give either --manifest or --train/--valid/--test, not both")
-        split = speaker_split(filter_labels(read_manifest(args.manifest), labels), n_valid=args.n_valid,
-                              n_test=args.n_test, seed=args.split_seed)
+        split = speaker_split(
+            filter_labels(read_manifest(args.manifest), labels),
+            n_valid=args.n_valid,
+            n_test=args.n_test,
+            seed=args.split_seed,
+        )
         parts = {"train": split.train, "valid": split.valid, "test": split.test}
     else:
         if args.train is None or args.test is None:
             raise ValueError("give --manifest, or at least --train and --test manifests")
-        parts = {name: filter_labels(read_manifest(path), labels) if path is not None else []
-                 for name, path in (("train", args.train), ("valid", args.valid), ("test", args.test))}
-    return {name: load_waveforms(utts, labels=labels, clip_seconds=clip_seconds, progress=args.progress)
-            for name, utts in parts.items()}
+        parts = {
+            name: filter_labels(read_manifest(path), labels) if path is not None else []
+            for name, path in (("train", args.train), ("valid", args.valid), ("test", args.test))
+        }
+    return {
+        name: load_waveforms(utts, labels=labels, clip_seconds=clip_seconds, progress=args.progress)
+        for name, utts in parts.items()
+    }
 
 
 def _unlearn_eval(args: argparse.Namespace) -> int:
@@ -184,14 +215,30 @@ def _unlearn_eval(args: argparse.Namespace) -> int:
     if target is None and len(valid):
         target = evaluate_model(original, valid, labels=meta.labels, device=args.device)["ua"]
     base = _config(args, seed=args.seed)
-    runs = [parse_run(spec.strip(), base=base, target_forget_acc=target) for spec in args.methods.split(",") if spec.strip()]
+    runs = [
+        parse_run(spec.strip(), base=base, target_forget_acc=target) for spec in args.methods.split(",") if spec.strip()
+    ]
     retrained = None
     if not args.no_retrain:
         train_config = TrainConfig(epochs=args.retrain_epochs, seed=args.seed, device=args.device)
-        retrained = run_retrain(original, data.remain, labels=meta.labels, train_config=train_config,
-                                valid=valid if len(valid) else None, progress=args.progress)
-    rows = evaluate_unlearning(original, sets=data, runs=runs, retrained=retrained, device=args.device, seed=args.seed,
-                               extra={"n_forget": len(ids), "seed": args.seed}, progress=args.progress)
+        retrained = run_retrain(
+            original,
+            data.remain,
+            labels=meta.labels,
+            train_config=train_config,
+            valid=valid if len(valid) else None,
+            progress=args.progress,
+        )
+    rows = evaluate_unlearning(
+        original,
+        sets=data,
+        runs=runs,
+        retrained=retrained,
+        device=args.device,
+        seed=args.seed,
+        extra={"n_forget": len(ids), "seed": args.seed},
+        progress=args.progress,
+    )
     meta_info = {
         "checkpoint": str(args.checkpoint.resolve()),
         "forget": str(args.forget) if args.forget else f"{len(ids)} random training utterances (seed {args.seed})",

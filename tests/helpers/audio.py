@@ -32,8 +32,22 @@ def write_espeak_corpus(folder: Path, *, speakers: tuple[str, ...] = ("en-us", "
                 path = folder / "wav" / f"{utt_id}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 subprocess.run(
-                    ["espeak-ng", "-v", speaker, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude), "-w", str(path), sentence],
-                    check=True, capture_output=True,
+                    [
+                        "espeak-ng",
+                        "-v",
+                        speaker,
+                        "-p",
+                        str(pitch),
+                        "-s",
+                        str(speed),
+                        "-a",
+                        str(amplitude),
+                        "-w",
+                        str(path),
+                        sentence,
+                    ],
+                    check=True,
+                    capture_output=True,
                 )
                 utterances.append(Utterance(utt_id, path, speaker, emotion))
     return write_manifest(folder / "manifest.csv", utterances)

@@ -44,7 +44,9 @@ def make_world(suite: str) -> World:
     private: Any = x_key
     if suite == "mlkem768-x25519":
         private = hpke.MLKEM768X25519PrivateKey(mlkem.MLKEM768PrivateKey.generate(), x_key)
-    return World(private, private.public_key(), ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate())
+    return World(
+        private, private.public_key(), ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    )
 
 
 WORLD = make_world("x25519")

@@ -23,13 +23,35 @@ def make_server(tmp_path: Path) -> ServerDir:
     return srv
 
 
-def seal_as(server: ServerDir, tmp_path: Path, delta: dict, *, node: str = "node-a", signer: str | None = None,
-          base_version: int = 1, base_sha: str | None = None) -> bytes:
-    return seal_delta(payload=state_dict_bytes(delta), node_id=node, request_ids=["r1"], base_version=base_version,
-                      base_sha256=base_sha or state_sha256(BASE), server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
-                      node_signing_key=load_signing_private(tmp_path / (signer or node) / "sign.key"))
+def seal_as(
+    server: ServerDir,
+    tmp_path: Path,
+    delta: dict,
+    *,
+    node: str = "node-a",
+    signer: str | None = None,
+    base_version: int = 1,
+    base_sha: str | None = None,
+) -> bytes:
+    return seal_delta(
+        payload=state_dict_bytes(delta),
+        node_id=node,
+        request_ids=["r1"],
+        base_version=base_version,
+        base_sha256=base_sha or state_sha256(BASE),
+        server_hpke_public=load_hpke_public(server.keys_dir / "hpke.pub"),
+        node_signing_key=load_signing_private(tmp_path / (signer or node) / "sign.key"),
+    )
 
 
 def open_as(server: ServerDir, envelope: bytes, seen: set, *, claimed: str = "node-a", ratio: float = 0.5):
-    return open_and_check(envelope=envelope, claimed_node=claimed, server=server, base_state=BASE, base_version=1,
-                          base_sha256=state_sha256(BASE), seen=seen, max_delta_ratio=ratio)
+    return open_and_check(
+        envelope=envelope,
+        claimed_node=claimed,
+        server=server,
+        base_state=BASE,
+        base_version=1,
+        base_sha256=state_sha256(BASE),
+        seen=seen,
+        max_delta_ratio=ratio,
+    )

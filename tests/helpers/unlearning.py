@@ -20,7 +20,15 @@ from serforget.common.training import TrainConfig, train_model
 
 LABELS = ("neutral", "happy", "angry", "sad")
 SAMPLES = 4000
-TINY_CNN = {"n_mels": 16, "n_fft": 256, "hop_length": 128, "channels": [4, 8], "hidden": 16, "dropout": 0.0, "groups": 2}
+TINY_CNN = {
+    "n_mels": 16,
+    "n_fft": 256,
+    "hop_length": 128,
+    "channels": [4, 8],
+    "hidden": 16,
+    "dropout": 0.0,
+    "groups": 2,
+}
 _FREQS = (300.0, 700.0, 1500.0, 3000.0)
 
 
