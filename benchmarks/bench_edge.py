@@ -474,19 +474,7 @@ def release_decision(
     out = []
     for name in CANDIDATES:
         if name in errors:
-            out.append(
-                Candidate(
-                    name=name,
-                    quantization=name.split("-")[0],
-                    quant_format=None,
-                    size_bytes=None,
-                    ua=None,
-                    ua_drop_points=None,
-                    cpu_ms=None,
-                    speedup=None,
-                    error=errors[name],
-                )
-            )
+            out.append(Candidate.failed(name, errors[name]))
             continue
         row = _row(rows, arch=arch, variant=f"int8-{name}", audio_s=audio_s)
         u, u32 = ua.get(f"int8-{name}"), ua.get("fp32-release")

@@ -732,19 +732,7 @@ def quantize_int8(
         results = []
         for name in candidates:
             if name in errors:
-                results.append(
-                    Candidate(
-                        name=name,
-                        quantization=name.split("-")[0],
-                        quant_format=None,
-                        size_bytes=None,
-                        ua=None,
-                        ua_drop_points=None,
-                        cpu_ms=None,
-                        speedup=None,
-                        error=errors[name],
-                    )
-                )
+                results.append(Candidate.failed(name, errors[name]))
                 continue
             ua = onnx_ua(built[name], eval_set)
             results.append(

@@ -85,6 +85,21 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def failed(cls, name: str, error: str) -> Candidate:
+        """A candidate that could not be built or measured: nothing but its name and why."""
+        return cls(
+            name=name,
+            quantization=name.split("-")[0],
+            quant_format=None,
+            size_bytes=None,
+            ua=None,
+            ua_drop_points=None,
+            cpu_ms=None,
+            speedup=None,
+            error=error,
+        )
+
 
 class _Reader(CalibrationDataReader):
     """Feeds calibration clips one at a time (batch 1, the edge shape) to the calibrator."""
