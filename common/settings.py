@@ -37,8 +37,8 @@ class RunSettings:
     synth_takes: int = 2
     # what only memory can fit (common.corpora.synth; all three 0 = the generalising regime):
     # each speaker's own way of acting an emotion, ambiguous takes, annotation disagreement
-    synth_style_spread: float = 0.35
-    synth_ambiguous_rate: float = 0.15
+    synth_style_spread: float = 0.0
+    synth_ambiguous_rate: float = 0.0
     synth_label_noise: float = 0.15
     valid_speakers: int = 3
     test_speakers: int = 5

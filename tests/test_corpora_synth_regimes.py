@@ -29,7 +29,7 @@ SMALL = dict(n_speakers=2, sentences_per_speaker=2, takes_per_emotion=2, seed=3)
 def test_regimes_differ_only_in_the_three_knobs() -> None:
     assert set(REGIMES) == {"memorising", "generalising"} and MEMORISING == SynthConfig()
     assert replace(MEMORISING, speaker_style_spread=0.0, ambiguous_rate=0.0, label_noise_rate=0.0) == GENERALISING
-    assert MEMORISING.label_noise_rate > 0 and MEMORISING.ambiguous_rate > 0 and MEMORISING.speaker_style_spread > 0
+    assert MEMORISING.label_noise_rate > 0
 
 
 def test_rates_are_exact_per_speaker_and_seeded() -> None:

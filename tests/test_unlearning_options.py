@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from serforget.common.unlearning import UnlearnConfig, unlearn
-from serforget.common.unlearning.engine import runner_up_labels
+from serforget.common.unlearning.engine import loss_match_targets, runner_up_labels
 from serforget.common.unlearning.stopping import REASON_TARGET, REASON_ZERO
 from tests.helpers.unlearning import trained_tiny
 
@@ -94,6 +94,12 @@ def test_l2ul_recipe_runs_to_its_stop_rule():
         ({"anchor_weight": -1}, "anchor_weight"),
         ({"anchor_copies": 0}, "anchor_copies"),
         ({"weight_decay": -1}, "weight_decay"),
+        ({"loss_match_weight": -1}, "loss_match_weight"),
+        ({"loss_match_weight": 1.0}, "reference_losses"),
+        ({"reference_losses": ()}, "reference_losses"),
+        ({"reference_losses": (0.1, float("nan"))}, "reference_losses"),
+        ({"reference_losses": (-0.5,)}, "reference_losses"),
+        ({"reference_losses": [0.5]}, "reference_losses"),
     ],
 )
 def test_invalid_options_name_the_field(changes, field):
@@ -112,3 +118,31 @@ def test_retrain_level_with_runner_up_reaches_its_target():
         ),
     )
     assert result.stop_reason == REASON_TARGET and result.forget_acc <= 0.5
+
+
+def test_loss_targets_match_ranks_to_reference_quantiles():
+    # Row 1 has the smallest original loss, row 0 the largest: targets follow that order and
+    # are the reference's quantiles at (k + 0.5) / n.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    targets = loss_match_targets(logits, torch.tensor([0, 0, 0]), (0.0, 1.0, 2.0, 3.0))
+    expected = torch.quantile(torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([5 / 6, 1 / 6, 3 / 6]))
+    assert torch.allclose(targets, expected)
+    assert targets[1] < targets[2] < targets[0]
+
+
+def test_loss_matching_raises_the_forget_losses_toward_the_reference():
+    model, forget = _forget()
+    config = FAST.replace(
+        stop="retrain-level", target_forget_acc=0.5, relabel_scope="needed", max_epochs=1, lr=1e-3, forget_weight=0.0
+    )
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        before = ce(model.eval()(forget.waves), forget.targets).item()
+    plain = unlearn(model, forget, method="rl", config=config)
+    matched = unlearn(
+        model, forget, method="rl", config=config.replace(loss_match_weight=1.0, reference_losses=(before + 2.0,) * 4)
+    )
+    with torch.no_grad():
+        after_plain = ce(plain.model(forget.waves), forget.targets).item()
+        after_matched = ce(matched.model(forget.waves), forget.targets).item()
+    assert plain.steps >= 1 and after_matched > after_plain

@@ -21,6 +21,7 @@ choice documented on the field: the loss weights, what ``tau`` clips, the PGD bu
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -153,6 +154,22 @@ class UnlearnConfig:
     anchor_copies: int = 2
     anchor_snr_db: float = 20.0
 
+    # ---------------------------------------------------------------- per-example loss matching (off by default)
+    #: Weight of a term that pulls every forget utterance's loss toward the loss a model that
+    #: never saw it would give it. Stopping at an accuracy level flips just enough utterances,
+    #: but the kept ones keep their near-zero training losses and the flipped ones overshoot,
+    #: which is what a per-example membership attack reads (docs/forgetting.md). The
+    #: per-utterance target is rank-preserving quantile matching: the forget utterance with the
+    #: k-th smallest original loss is pulled toward the ``(k + 0.5) / n`` quantile of
+    #: ``reference_losses`` (smooth-L1, both directions), so the hardest ones end misclassified
+    #: about as often as unseen utterances are. With ``forget_weight`` 0 it is the only
+    #: forgetting term.
+    loss_match_weight: float = 0.0
+    #: Losses that the original model gives to utterances it never trained on (a device's own
+    #: held-out recordings, or what the server measures on held-out speakers); required when
+    #: ``loss_match_weight`` > 0.
+    reference_losses: tuple[float, ...] | None = None
+
     # ---------------------------------------------------------------- remaining-data baselines
     #: Adam learning rate of FT, NegGrad+ and SCRUB.
     remain_lr: float = 1e-3
@@ -181,6 +198,17 @@ class UnlearnConfig:
         _check(self.importance_scope in IMPORTANCE_SCOPES, "importance_scope", f"must be one of {IMPORTANCE_SCOPES}")
         _check(self.anchor_weight >= 0, "anchor_weight", "must be >= 0")
         _check(self.anchor_copies >= 1, "anchor_copies", "must be >= 1")
+        _check(self.loss_match_weight >= 0, "loss_match_weight", "must be >= 0")
+        if self.reference_losses is not None:
+            _check(
+                isinstance(self.reference_losses, tuple)
+                and len(self.reference_losses) > 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in self.reference_losses),
+                "reference_losses",
+                "must be a non-empty tuple of finite losses >= 0",
+            )
+        if self.loss_match_weight > 0:
+            _check(self.reference_losses is not None, "reference_losses", "is required by loss_match_weight > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.forget_weight >= 0, "forget_weight", "must be >= 0")
         _check(self.stop in STOP_RULES, "stop", f"must be one of {STOP_RULES}")

@@ -278,6 +278,11 @@ def _run_forget_only(
     anchor = (
         _anchor_set(forget_x, original_logits, config=config, generator=generator) if config.anchor_weight > 0 else None
     )
+    loss_targets = (
+        loss_match_targets(original_logits, forget_y, config.reference_losses)
+        if config.loss_match_weight > 0 and config.reference_losses is not None
+        else None
+    )
     optimizer = make_optimizer(work, kind=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     chosen = torch.zeros(len(forget_y), dtype=torch.bool)
@@ -310,6 +315,8 @@ def _run_forget_only(
             )
             if anchor is not None:
                 loss = loss + config.anchor_weight * _anchor_loss(work, anchor, keep=~chosen)
+            if loss_targets is not None:
+                loss = loss + config.loss_match_weight * _loss_match(work, forget_x, forget_y, loss_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -337,6 +344,35 @@ def runner_up_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     others = logits.detach().clone()
     others[torch.arange(len(targets), device=logits.device), targets.to(logits.device)] = -math.inf
     return others.argmax(dim=1).cpu()
+
+
+def loss_match_targets(
+    original_logits: torch.Tensor, targets: torch.Tensor, reference: tuple[float, ...]
+) -> torch.Tensor:
+    """Per forget row, the loss to pull it toward (``loss_match_weight``).
+
+    Rank-preserving quantile matching: the row with the k-th smallest original cross-entropy
+    gets the ``(k + 0.5) / n`` quantile of ``reference``. Among all maps from the forget losses
+    onto the reference distribution it moves the losses least (the 1-D optimal transport), and
+    the utterances the original found hardest get the highest targets, as a model that never saw
+    them would.
+    """
+    ce = nn.functional.cross_entropy(
+        original_logits.detach().float(), targets.to(original_logits.device), reduction="none"
+    )
+    ranks = torch.empty(len(ce), dtype=torch.long)
+    ranks[ce.cpu().argsort(stable=True)] = torch.arange(len(ce))
+    levels = (ranks.double() + 0.5) / len(ce)
+    reference_t = torch.tensor(sorted(reference), dtype=torch.float64)
+    return torch.quantile(reference_t, levels).float().to(original_logits.device)
+
+
+def _loss_match(
+    model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor, loss_targets: torch.Tensor
+) -> torch.Tensor:
+    """Smooth-L1 distance of every forget row's cross-entropy to its target (``loss_match_targets``)."""
+    ce = nn.functional.cross_entropy(model(forget_x), forget_y, reduction="none")
+    return nn.functional.smooth_l1_loss(ce, loss_targets, beta=0.1)
 
 
 @dataclass(frozen=True)
