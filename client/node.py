@@ -30,7 +30,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from torch import nn
 
-from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
+from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger
+from serforget.client.purge import purge_request
 from serforget.common.checkpoint import save_checkpoint, state_dict_bytes, state_sha256
 from serforget.common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
 from serforget.common.envelope import read_header_unverified, seal_delta

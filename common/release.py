@@ -1,4 +1,4 @@
-"""Signed, versioned, append-only registry of model releases, and a small HTTP server for it.
+"""Signed, versioned, append-only registry of model releases (format, writer, verifier).
 
 Why: after federated training and after every unlearning round the server publishes a model
 to edge devices. A release made before an applied deletion still encodes the forgotten audio,
@@ -53,13 +53,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from hashlib import sha256
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -1176,112 +1173,3 @@ def _commit_staged_release(staging: Path, target: Path) -> None:
         raise ReleaseError(f"{target}: already exists; releases are append-only")
     os.rename(staging, target)
     fsync_dir(target.parent)
-
-
-# --------------------------------------------------------------------------- HTTP serving
-
-_RELEASE_URL_RE = re.compile(r"/(v\d{4,})/([^/]+)")
-_ROTATION_URL_RE = re.compile(r"/root/r(\d{6})\.json")
-
-
-class _ReleaseRequestHandler(BaseHTTPRequestHandler):
-    """Serves the index and the files of non-revoked releases; every other path is 404.
-
-    Paths are matched against an allow-list (the index names, and for a release its manifest,
-    signature and the files its manifest lists), never joined onto the file system as given,
-    so ``..``, encoded separators or absolute paths cannot reach anything else.
-    """
-
-    server_version = "serforget-releases/1"
-
-    def __init__(self, *args: Any, registry: ReleaseRegistry, **kwargs: Any) -> None:
-        self.registry = registry
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by http.server
-        route = self.path.split("?", 1)[0]
-        try:
-            if route in ("/" + INDEX_NAME, "/" + INDEX_SIGNATURE_NAME):
-                self._send_index_part(signature=route.endswith(".sig"))
-                return
-            rotation = _ROTATION_URL_RE.fullmatch(route)
-            if rotation is not None:
-                key_version = int(rotation.group(1))
-                data = self.registry.read_rotation(key_version) if key_version >= 2 else None
-                if data is None:
-                    self._send_text(HTTPStatus.NOT_FOUND, "no such key version")
-                else:
-                    self._send_bytes(data, content_type="application/json")
-                return
-            match = _RELEASE_URL_RE.fullmatch(route)
-            version = parse_version_dirname(match.group(1)) if match else None
-            if match is None or version is None or version not in self.registry.versions():
-                self._send_text(HTTPStatus.NOT_FOUND, "not found")
-                return
-            self._send_release_file(version, match.group(2))
-        except ReleaseError as exc:
-            logger.error("cannot serve %s: %s", route, exc)
-            self._send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "release store damaged")
-
-    def _send_index_part(self, *, signature: bool) -> None:
-        if not self.registry.has_index():
-            self._send_text(HTTPStatus.NOT_FOUND, "nothing published")
-            return
-        index_bytes, signature_bytes = self.registry.read_index_files()
-        self._send_bytes(signature_bytes if signature else index_bytes, content_type="application/json")
-
-    def _send_release_file(self, version: int, name: str) -> None:
-        revoked = self.registry.revoked()
-        if version in revoked:
-            self._send_text(HTTPStatus.GONE, f"release {version_dirname(version)} is revoked: {revoked[version]}")
-            return
-        allowed = set(self.registry.manifest(version).files) | _RESERVED_NAMES
-        if name not in allowed:
-            self._send_text(HTTPStatus.NOT_FOUND, "not found")
-            return
-        path = self.registry.path(version) / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ReleaseError(f"{path}: cannot open ({exc.strerror})") from None
-        with os.fdopen(fd, "rb") as handle:
-            self._send_stream(handle, size=os.fstat(fd).st_size)
-
-    def _send_stream(self, handle: BinaryIO, *, size: int) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
-        self.end_headers()
-        shutil.copyfileobj(handle, self.wfile, _COPY_CHUNK)
-
-    def _send_bytes(self, data: bytes, *, content_type: str) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_text(self, status: HTTPStatus, message: str) -> None:
-        body = (message + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by http.server
-        logger.info("%s - %s", self.address_string(), format % args)
-
-
-def serve_releases(*, root: Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """An HTTP server (not yet running) for the registry at ``root``; the caller runs ``serve_forever()``.
-
-    Revocation is checked on every request against the live log, so a revoked release stops
-    being served (410 Gone) immediately, even before clients see a new index. ``port=0`` binds
-    an ephemeral port (read it from ``serforget.server.server_address``).
-    """
-    handler = partial(_ReleaseRequestHandler, registry=ReleaseRegistry(Path(root)))
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server

@@ -15,7 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from serforget.common.edge.pull import PullError, current_release, pull_release
-from serforget.common.release import ReleaseRegistry, serve_releases, sign_bytes
+from serforget.common.release import ReleaseRegistry, sign_bytes
+from serforget.server.release_http import serve_releases
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

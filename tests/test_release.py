@@ -20,8 +20,8 @@ from serforget.common.release import (
     ReleaseError,
     ReleaseManifest,
     ReleaseRegistry,
-    serve_releases,
 )
+from serforget.server.release_http import serve_releases
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -422,7 +422,7 @@ def test_tombstone_revoked_release_is_not_served_over_http(
     import urllib.error
     import urllib.request
 
-    from serforget.common.release import serve_releases
+    from serforget.server.release_http import serve_releases
 
     published()
     published(revoke_previous=True, applies_requests=["del-1"])
@@ -509,7 +509,7 @@ def test_key_rotation_forged_rotations_are_refused(
 def test_key_rotation_is_served_over_http(
     registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
 ) -> None:
-    from serforget.common.release import serve_releases
+    from serforget.server.release_http import serve_releases
 
     published()
     new_key = Ed25519PrivateKey.generate()
