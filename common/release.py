@@ -22,7 +22,8 @@ See docs/release-distribution.md for the freshness rules and the attacks they st
 
 This module must not import torch: edge devices use it with ONNX Runtime only.
 
-On-disk layout, format version 1, under ``root``::
+On-disk layout under ``root`` (manifest format 2, which reads format 1 too; signatures,
+revocations, rotations and HEAD format 1; index format 2)::
 
     v0001/                  one folder per release (never rewritten)
         manifest.json       canonical JSON, see ReleaseManifest
@@ -286,37 +287,47 @@ def verify_signature(data: bytes, signature_file: bytes, *, public_key: Ed25519P
 # --------------------------------------------------------------------------- manifest
 
 
+#: Version of ``manifest.json`` that :meth:`ReleaseManifest.to_bytes` writes. Format 2 renamed
+#: the request list ``applies_requests`` to ``applied_request_ids`` (the project's one name for a
+#: deletion request is ``request_id``). Published manifests are signed and never rewritten, so
+#: every version in :data:`MANIFEST_REQUEST_FIELD` stays readable and verifiable.
+MANIFEST_FORMAT_VERSION = 2
+#: The name of the applied-request list in each readable manifest format.
+MANIFEST_REQUEST_FIELD: dict[int, str] = {1: "applies_requests", 2: "applied_request_ids"}
+
+
 @dataclass(frozen=True)
 class ReleaseManifest:
     """What one release contains and why it exists; signed as canonical JSON in ``manifest.json``.
 
-    ``files`` maps each file name to ``{"sha256": hex, "size": bytes}``. ``applies_requests``
+    ``files`` maps each file name to ``{"sha256": hex, "size": bytes}``. ``applied_request_ids``
     lists the deletion requests whose effect this model already includes, so an auditor can tell
     which releases may still encode forgotten audio. ``parent`` is the release it derives from.
+    ``format_version`` is the layout the bytes were (or will be) written in: a manifest read from
+    an older release keeps its version, so :meth:`to_bytes` gives back exactly the signed bytes.
     """
 
     version: int
     parent: int | None
     created_at: float
     files: dict[str, dict]
-    applies_requests: tuple[str, ...]
+    applied_request_ids: tuple[str, ...]
     metrics: dict
     notes: dict
-    format_version: int = RELEASE_FORMAT_VERSION
+    format_version: int = MANIFEST_FORMAT_VERSION
 
-    _FIELDS = frozenset(
-        {"format_version", "version", "parent", "created_at", "files", "applies_requests", "metrics", "notes"}
-    )
+    _COMMON_FIELDS = frozenset({"format_version", "version", "parent", "created_at", "files", "metrics", "notes"})
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes: the exact bytes that are signed and hashed into the index."""
+        request_field = _manifest_request_field(self.format_version, source=f"release {self.version} manifest")
         document = {
             "format_version": self.format_version,
             "version": self.version,
             "parent": self.parent,
             "created_at": self.created_at,
             "files": self.files,
-            "applies_requests": list(self.applies_requests),
+            request_field: list(self.applied_request_ids),
             "metrics": self.metrics,
             "notes": self.notes,
         }
@@ -324,10 +335,22 @@ class ReleaseManifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str) -> ReleaseManifest:
-        """Parse and strictly validate manifest bytes; ``source`` names them in errors."""
+        """Parse and strictly validate manifest bytes (format 1 or 2); ``source`` names them in errors.
+
+        Each format has exactly one name for the request list: a manifest carrying both names, the
+        other format's name, or neither is refused, never read by guessing.
+        """
         obj = _load_json_object(data, source=source)
-        _require_fields(obj, set(cls._FIELDS), source=source)
-        _require_format_version(obj, source=source)
+        format_version = obj.get("format_version")
+        request_field = _manifest_request_field(format_version, source=source)
+        other = sorted(set(MANIFEST_REQUEST_FIELD.values()) - {request_field})
+        misplaced = [name for name in other if name in obj]
+        if misplaced:
+            raise ReleaseError(
+                f"{source}: field {misplaced[0]!r} does not belong to manifest format {format_version} "
+                f"(its request list is {request_field!r})"
+            )
+        _require_fields(obj, set(cls._COMMON_FIELDS) | {request_field}, source=source)
         version = _check_version_number(obj["version"], what=f"{source}: version")
         parent = obj["parent"]
         if parent is not None:
@@ -339,10 +362,21 @@ class ReleaseManifest:
             parent=parent,
             created_at=_require_number(obj["created_at"], what=f"{source}: created_at"),
             files=_parse_file_table(obj["files"], source=source),
-            applies_requests=_parse_requests(obj["applies_requests"], what=f"{source}: applies_requests"),
+            applied_request_ids=_parse_requests(obj[request_field], what=f"{source}: {request_field}"),
             metrics=_require_mapping(obj["metrics"], what=f"{source}: metrics"),
             notes=_require_mapping(obj["notes"], what=f"{source}: notes"),
+            format_version=format_version,
         )
+
+
+def _manifest_request_field(format_version: Any, *, source: str) -> str:
+    """The request-list field of a manifest format, or :class:`ReleaseError` naming the version."""
+    if type(format_version) is not int or format_version not in MANIFEST_REQUEST_FIELD:
+        raise ReleaseError(
+            f"{source}: format_version {format_version!r} is not supported "
+            f"(this code reads manifest formats {sorted(MANIFEST_REQUEST_FIELD)})"
+        )
+    return MANIFEST_REQUEST_FIELD[format_version]
 
 
 def _require_mapping(value: Any, *, what: str) -> dict:
@@ -763,7 +797,7 @@ class ReleaseRegistry:
         files: Mapping[str, Path],
         signing_key: Ed25519PrivateKey,
         parent: int | None,
-        applies_requests: Sequence[str] = (),
+        applied_request_ids: Sequence[str] = (),
         metrics: Mapping[str, Any] = _EMPTY,
         notes: Mapping[str, Any] = _EMPTY,
         revoke_previous: bool = False,
@@ -779,7 +813,7 @@ class ReleaseRegistry:
         """
         _require_private_key(signing_key)
         sources = _check_sources(files)
-        requests = _parse_requests(list(applies_requests), what="applies_requests")
+        requests = _parse_requests(list(applied_request_ids), what="applied_request_ids")
         metrics_doc = _json_clone(metrics, what="metrics")
         notes_doc = _json_clone(notes, what="notes")
         if reason and not revoke_previous:
@@ -799,7 +833,7 @@ class ReleaseRegistry:
                     signing_key=signing_key,
                     version=version,
                     parent=parent,
-                    applies_requests=requests,
+                    applied_request_ids=requests,
                     metrics=metrics_doc,
                     notes=notes_doc,
                 )
@@ -1145,7 +1179,7 @@ def _stage_release(
     signing_key: Ed25519PrivateKey,
     version: int,
     parent: int | None,
-    applies_requests: tuple[str, ...],
+    applied_request_ids: tuple[str, ...],
     metrics: dict,
     notes: dict,
 ) -> ReleaseManifest:
@@ -1156,7 +1190,7 @@ def _stage_release(
         parent=parent,
         created_at=time.time(),
         files=table,
-        applies_requests=applies_requests,
+        applied_request_ids=applied_request_ids,
         metrics=metrics,
         notes=notes,
     )

@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
         v_unlearned = publish_release(
             model=scenario.model(outcome.merged),
             parent=v_trained.version,
-            applies_requests=outcome.applied_request_ids,
+            applied_request_ids=outcome.applied_request_ids,
             metrics=scenario.test_metrics(outcome.merged),
             revoke_previous=True,
             reason="applies deletion requests " + ", ".join(outcome.applied_request_ids),

@@ -292,13 +292,13 @@ def open_and_check(
     base_sha256: str,
     seen: set[str],
     max_delta_ratio: float,
-    applied_requests: set[str] = frozenset(),
+    applied_request_ids: set[str] = frozenset(),
     owners: Mapping[str, str] | None = None,
     round_requests: set[str] | None = None,
 ) -> DeltaVerdict:
     """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict.
 
-    ``applied_requests`` are request ids some published release already applies: a second delta
+    ``applied_request_ids`` are request ids some published release already applies: a second delta
     for them (a node that missed the announcement re-sends) is refused, so it is applied once.
     ``owners`` (request id -> node id, :meth:`ServerDir.request_owners`) refuses an envelope that
     names another node's request (``not-owner``). ``round_requests`` holds the ids accepted
@@ -331,7 +331,7 @@ def open_and_check(
         foreign = sorted(rid for rid in header.request_ids if (owners or {}).get(rid, header.node_id) != header.node_id)
         if foreign:
             raise DeltaError("not-owner", f"requests {foreign} belong to another node")
-        again = sorted(set(header.request_ids) & set(applied_requests))
+        again = sorted(set(header.request_ids) & set(applied_request_ids))
         if again:
             raise DeltaError("already-applied", f"requests {again} are applied by an earlier release")
         twice = sorted(set(header.request_ids) & (round_requests or set()))
@@ -428,7 +428,7 @@ def applied_request_ids(releases: Path) -> set[str]:
     from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(releases)
-    return {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
+    return {rid for v in registry.versions() for rid in registry.manifest(v).applied_request_ids}
 
 
 def latest_release_state(server: ServerDir):
@@ -463,7 +463,7 @@ def publish_release(
     model: torch.nn.Module,
     labels: Sequence[str],
     parent: int | None,
-    applies_requests: Sequence[str] = (),
+    applied_request_ids: Sequence[str] = (),
     metrics: Mapping[str, float] | None = None,
     onnx: bool = True,
     eval_manifest: Path | None = None,
@@ -507,7 +507,7 @@ def publish_release(
             files=files,
             signing_key=server.signing_key(),
             parent=parent,
-            applies_requests=list(applies_requests),
+            applied_request_ids=list(applied_request_ids),
             metrics=dict(metrics or {}),
             revoke_previous=revoke_previous,
             reason=reason,

@@ -194,7 +194,7 @@ def run_unlearning_round(
             base_sha256=config[BASE_SHA256],
             seen=seen,
             max_delta_ratio=cfg.max_delta_ratio,
-            applied_requests=already,
+            applied_request_ids=already,
             owners=owners,
             round_requests=round_requests,
         )
@@ -240,7 +240,7 @@ def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tup
     """
     registry = ReleaseRegistry(releases)
     wanted = set(applied)
-    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applies_requests)]
+    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applied_request_ids)]
     pairs = [(registry.path(v) / MANIFEST_NAME, registry.path(v) / SIGNATURE_NAME) for v in versions]
     return [m.read_bytes() for m, _ in pairs], [s.read_bytes() for _, s in pairs]
 

@@ -178,7 +178,7 @@ def test_training_deletion_unlearning_and_release_end_to_end(fed) -> None:
     )
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     registry, key = _registry(deployment)
-    assert registry.verify(2, public_key=key).applies_requests == (rid,)
+    assert registry.verify(2, public_key=key).applied_request_ids == (rid,)
     assert registry.latest(public_key=key).version == 2
     assert _request(devices[1], rid).state == "purged"
     assert not (devices[1].data_dir / "wav" / "spk1_happy_0.wav").exists()
@@ -224,7 +224,7 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     )
     assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
     new = max(registry.versions())
-    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applies_requests == (rid,)
+    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applied_request_ids == (rid,)
     assert _request(victim, rid).state == "purged"
 
 
@@ -270,7 +270,7 @@ def test_server_killed_before_publishing_leaves_a_consistent_registry_and_the_ro
     # delivered twice (before the crash and again now), applied once
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     new = max(registry.versions())
-    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applies_requests == (rid,)
-    assert [v for v in registry.versions() if rid in registry.manifest(v).applies_requests] == [new]
+    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applied_request_ids == (rid,)
+    assert [v for v in registry.versions() if rid in registry.manifest(v).applied_request_ids] == [new]
     assert _request(device, rid).state == "purged"
     assert len(deployment.server.seen_ids() - seen_before) == 2

@@ -37,7 +37,7 @@ def test_default_scenario_trains_unlearns_releases_and_purges(tmp_path: Path) ->
     assert report["releases"]["revoked"] == [1]
     registry = ReleaseRegistry(work / "server" / "releases")
     assert registry.latest().version == 2
-    assert sorted(registry.manifest(2).applies_requests) == sorted(report["unlearning"]["applied_request_ids"])
+    assert sorted(registry.manifest(2).applied_request_ids) == sorted(report["unlearning"]["applied_request_ids"])
     # the forget audio is gone from the devices and the ledgers say purged, with receipts
     for pid in (0, 1):
         node = work / "nodes" / f"{pid:03d}"
