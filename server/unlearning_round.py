@@ -240,7 +240,9 @@ def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tup
     """
     registry = ReleaseRegistry(releases)
     wanted = set(applied)
-    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applied_request_ids)]
+    versions = [
+        v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applied_request_ids)
+    ]
     pairs = [(registry.path(v) / MANIFEST_NAME, registry.path(v) / SIGNATURE_NAME) for v in versions]
     return [m.read_bytes() for m, _ in pairs], [s.read_bytes() for _, s in pairs]
 
