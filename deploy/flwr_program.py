@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 from serforget.common.fsutil import atomic_write_text
+from serforget.common.settings import flatten
 
 #: the environment variables Flower's CLI reads for the ports of the local SuperLink it starts for
 #: ``address = ":local:"`` (flwr/cli/constant.py; defaults 39091 and 39093 on every machine)
@@ -67,9 +68,15 @@ _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern `flwr r
 
 
 def parse_overrides(text: str) -> dict:
-    """Flower's ``k=v k2='a b'`` syntax (TOML values), parsed the way ``flwr run`` parses it."""
+    """Flower's ``k=v k2='a b'`` syntax (TOML values), parsed the way ``flwr run`` parses it.
+
+    Dotted keys (``unlearn.lr=3e-4``) are TOML dotted keys: Flower nests then flattens them back
+    to ``"unlearn.lr"``, and so does this function, so the result has the keys a ServerApp's
+    ``Context.run_config`` will hold. Which keys and values are valid is
+    :meth:`serforget.common.settings.RunSettings.from_mapping`'s to say.
+    """
     try:
-        return tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(text)))
+        return flatten(tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(text))))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"--run-config {text!r} is not valid k=v TOML pairs ({exc})") from None
 

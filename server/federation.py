@@ -23,7 +23,7 @@ Rules (also in docs/formats.md):
   disjoint, each delta removes one node's recordings, and removing all of them is the sum of
   the removals (averaging would remove only 1/k of each);
 - the elastic constraint (common.unlearning.elastic) then limits each parameter's movement by
-  the global importance map and tau before the sum touches the global model;
+  the global importance map (``constraint_tau``, ``constraint_strength``) before the sum touches the global model;
 - where the server holds a held-out set, a delta that passed those checks is still refused when
   applying it (constrained) alone lowers held-out UA by more than ``max_ua_drop`` points
   (:func:`gate_on_held_out`): the norm bound and the elastic constraint limit how far weights
@@ -358,18 +358,23 @@ def merge_deltas(
     deltas: Sequence[Mapping[str, torch.Tensor]],
     *,
     importance: Mapping[str, torch.Tensor] | None,
-    elastic: bool,
-    tau: float,
-    strength: float,
+    constraint: bool,
+    constraint_tau: float,
+    constraint_strength: float,
 ) -> dict[str, torch.Tensor]:
-    """New global weights: base + sum of (elastically constrained) deltas."""
+    """New global weights: base + sum of deltas, each under the elastic constraint when ``constraint``."""
     from serforget.common.unlearning.elastic import elastic_constraint
 
     merged = {k: v.clone() for k, v in base.items()}
     for delta in deltas:
         applied = (
-            elastic_constraint(dict(delta), dict(importance), tau=tau, strength=strength)
-            if elastic and importance is not None
+            elastic_constraint(
+                dict(delta),
+                dict(importance),
+                constraint_tau=constraint_tau,
+                constraint_strength=constraint_strength,
+            )
+            if constraint and importance is not None
             else delta
         )
         for name, step in applied.items():
@@ -384,9 +389,9 @@ def gate_on_held_out(
     score: Callable[[Mapping[str, torch.Tensor]], float],
     max_ua_drop: float,
     importance: Mapping[str, torch.Tensor] | None,
-    elastic: bool,
-    tau: float,
-    strength: float,
+    constraint: bool,
+    constraint_tau: float,
+    constraint_strength: float,
 ) -> list[DeltaVerdict]:
     """Refuse accepted deltas whose application alone costs more than ``max_ua_drop`` UA points.
 
@@ -406,7 +411,12 @@ def gate_on_held_out(
             out.append(verdict)
             continue
         candidate = merge_deltas(
-            base, [verdict.delta], importance=importance, elastic=elastic, tau=tau, strength=strength
+            base,
+            [verdict.delta],
+            importance=importance,
+            constraint=constraint,
+            constraint_tau=constraint_tau,
+            constraint_strength=constraint_strength,
         )
         drop = (base_ua - score(candidate)) * 100
         if drop > max_ua_drop:

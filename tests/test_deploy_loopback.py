@@ -49,14 +49,17 @@ APP = Path(__file__).resolve().parents[1]
 TINY = {
     "local-epochs": 1,
     "clip-seconds": 0.5,
-    "onnx-export": False,
+    "release.onnx-export": False,
     "device": "cpu",
     "batch-size": 8,
-    "model-json": json.dumps({"channels": [8, 16], "hidden": 16}),
+    "model.channels": "8,16",
+    "model.hidden": 16,
     "importance-max-utts": 8,
-    "unlearn-json": json.dumps({"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}),
+    "unlearn.max-epochs": 3,
+    "unlearn.pgd-k": 1,
+    "unlearn.pgd-steps": 2,
     "round-timeout": 120.0,
-    "unlearn-timeout": 120.0,
+    "unlearn.timeout": 120.0,
     # a tiny held-out set makes one flipped utterance worth >10 UA points: the gate is tested elsewhere
     "max-ua-drop": 100.0,
 }
@@ -195,10 +198,12 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     already = log.read_text().count("Receiving: query.unlearn")
     slow = {
         **UNLEARN_ONLY,
-        "unlearn-timeout": 30.0,
+        "unlearn.timeout": 30.0,
         "round-timeout": 45.0,
-        "unlearn-json": json.dumps({"max_epochs": 50, "pgd_k": 1, "pgd_steps": 200}),
-        "unlearn-stop": "zero",
+        "unlearn.max-epochs": 50,
+        "unlearn.pgd-k": 1,
+        "unlearn.pgd-steps": 200,
+        "unlearn.stop": "zero",
     }
     submitted = submit_run(deployment, app=APP, run_config=_config(deployment, manifest, **slow), timeout=RUN_TIMEOUT)
     try:

@@ -99,15 +99,15 @@ def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> 
     """num-rounds=0 + resume: no training, the pending request is unlearned on the published model."""
     from serforget.client.node import file_deletion_request
 
-    report, grid, work = _run(tmp_path, **{"scenario": False})
+    report, grid, work = _run(tmp_path, **{"scenario.enabled": False})
     assert report["releases"]["unlearned"] is None and report["releases"]["published"] == [1]
     node = work / "nodes" / "003"
     file_deletion_request(data_dir=node, whole_speaker=True)
-    report, grid, work = _run(tmp_path, **{"scenario": False, "num-rounds": 0, "resume": True})
+    report, grid, work = _run(tmp_path, **{"scenario.enabled": False, "num-rounds": 0, "resume": True})
     assert "train" not in grid.calls
     assert report["releases"]["trained"] == 1 and report["releases"]["unlearned"] == 2
     assert report["releases"]["revoked"] == [1]
-    assert report["unlearning"]["elastic"] and (work / "server" / "importance.safetensors").exists()
+    assert report["unlearning"]["constraint"] and (work / "server" / "importance.safetensors").exists()
 
 
 def test_held_out_gate_refuses_harmful_deltas_and_nothing_is_released_or_purged(tmp_path: Path, monkeypatch) -> None:

@@ -26,7 +26,7 @@ from serforget.server.unlearning_round import announce_release, retry_by_node, r
 
 BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
 HONEST = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
-CFG = RunSettings.from_mapping({"round-timeout": 5.0, "unlearn-timeout": 5.0})
+CFG = RunSettings.from_mapping({"round-timeout": 5.0, "unlearn.timeout": 5.0})
 ALICE_RID = "a" * 32
 
 
