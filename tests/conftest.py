@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,14 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from serforget.common.audio import save_audio
+from serforget.common.checkpoint import save_checkpoint
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import Utterance, write_manifest
+from serforget.common.models import build_model
 from serforget.common.release import ReleaseRegistry
 from serforget.server.federation import ServerDir
 from serforget.server.release_http import serve_releases
-from tests.helpers.audio import tone
+from tests.helpers.audio import tone, write_espeak_corpus
 from tests.helpers.envelopes import WORLD, World
 from tests.helpers.federation import make_server
 
@@ -37,6 +40,45 @@ def tiny_corpus(tmp_path: Path) -> Path:
                 utts.append(Utterance(utt_id, path, f"spk{s}", emotion))
     write_manifest(tmp_path / "manifest.csv", utts)
     return tmp_path / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real synthesized speech, two voices (``tests.helpers.audio.write_espeak_corpus``); read-only, shared."""
+    return write_espeak_corpus(tmp_path_factory.mktemp("espeak"))
+
+
+@dataclass(frozen=True)
+class ReleaseExport:
+    """A default log-mel CNN (seed 0), its checkpoint, and the files a release ships for it."""
+
+    model: torch.nn.Module
+    checkpoint: Path
+    files: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def release_export(espeak_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> ReleaseExport:
+    """``export_release_models`` run once per session (it is the slowest fixture: fp32 export with
+    parity, every int8 candidate, their timings): model.onnx, model.int8.onnx (published whatever
+    its speed here), onnx_report.json for release 3. Tests read it; none may modify it."""
+    from serforget.common.onnx_export import export_release_models
+
+    root = tmp_path_factory.mktemp("release-export")
+    torch.manual_seed(0)
+    model = build_model(arch="logmel_cnn", config={}, labels=FOUR_CLASS).eval()
+    checkpoint = save_checkpoint(model=model, out_dir=root / "ckpt", labels=FOUR_CLASS)
+    files = export_release_models(
+        checkpoint_dir=checkpoint,
+        out_dir=root / "onnx",
+        parity_manifest=espeak_corpus,
+        release_version=3,
+        max_ua_drop=100.0,
+        max_parity_utterances=4,
+        min_int8_speedup=1e-6,
+        calibration_manifest=espeak_corpus,
+    )
+    return ReleaseExport(model=model, checkpoint=checkpoint, files=files)
 
 
 @pytest.fixture(autouse=True)

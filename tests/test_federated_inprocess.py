@@ -87,10 +87,14 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     assert not (victim / "wav" / "spk2_happy_0.wav").exists() and (victim / "wav" / "spk2_happy_1.wav").exists()
     assert any(r.get("forget-acc-release", -1) >= 0 for r in report["node_release_reports"])
-    # a second round finds nothing pending and publishes nothing new
+    # a second unlearning round (the deployment's `deploy run --unlearn-only`: resume, no FedAvg)
+    # finds nothing pending and publishes nothing new
+    again_config = {**run_config, "resume": True, "num-rounds": 0}
+    grid.calls.clear()
     server_app(
-        grid=grid, context=Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        grid=grid, context=Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=again_config)
     )
+    assert "train" not in grid.calls
     again = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert again["unlearning"]["pending_nodes"] == 0 and again["releases"]["unlearned"] is None
 
@@ -127,7 +131,9 @@ def test_held_out_gate_refuses_harmful_deltas_and_nothing_is_released_or_purged(
         return score
 
     monkeypatch.setattr(Scenario, "held_out_score", strict_score)
-    report, grid, work = _run(tmp_path, **{"max-ua-drop": 2.0})
+    # no retrain oracle: the gate is what is tested, and the oracle would only repeat FedAvg
+    report, grid, work = _run(tmp_path, **{"max-ua-drop": 2.0, "retrain-oracle": False})
+    assert grid.calls.count("train") == TINY["num-rounds"] * 4
     verdicts = report["unlearning"]["verdicts"]
     steps = {node: metrics["steps"] for node, metrics in report["unlearning"]["node_metrics"].items()}
     assert len(verdicts) == 2 and any(steps.values())
