@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from serforget.server.release_http import serve_releases
 from tests.helpers.audio import tone, write_espeak_corpus
 from tests.helpers.envelopes import WORLD, World
 from tests.helpers.federation import make_server
+from tests.helpers.http import ThreadedServers
 
 
 @pytest.fixture
@@ -125,18 +125,6 @@ def serve_http() -> Iterator[Callable[[Path], str]]:
 
     Every server started is shut down and joined when the test ends, pass or fail.
     """
-    running: list[tuple[object, threading.Thread]] = []
-
-    def start(root: Path) -> str:
-        server = serve_releases(root=root, port=0)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        host, port = server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    servers = ThreadedServers()
+    yield lambda root: servers.start(serve_releases(root=root, port=0))
+    servers.stop_all()

@@ -34,6 +34,7 @@ from serforget.common.release import (
     parse_signed_index,
     sign_bytes,
 )
+from tests.helpers.http import ThreadedServers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NESTED = b"[" * 4096
@@ -156,22 +157,14 @@ class _Attacker(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def attacker() -> Iterator[Callable[[str], str]]:
-    servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+    servers = ThreadedServers()
 
     def start(mode: str) -> str:
         handler = type("Handler", (_Attacker,), {"mode": mode})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return servers.start(ThreadingHTTPServer(("127.0.0.1", 0), handler))
 
     yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    servers.stop_all()
 
 
 @pytest.mark.parametrize("mode", ["drip-body", "drip-headers"])
