@@ -93,13 +93,9 @@ class SettingsError(ValueError):
     """A setting that cannot be used; the message starts with the key as the user wrote it."""
 
 
-def _key(name: str, *, check: str = "") -> Any:
-    """Field metadata: the dotted run-config key, and the rule its value must meet (for errors)."""
-    return {"key": name, "check": check}
-
-
 def _run_field(default: Any, key: str, check: str = "") -> Any:
-    return field(default=default, metadata=_key(key, check=check))
+    """A RunSettings field: its default, its dotted run-config key, the rule its value must meet."""
+    return field(default=default, metadata={"key": key, "check": check})
 
 
 @dataclass(frozen=True)
