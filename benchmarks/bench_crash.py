@@ -139,7 +139,7 @@ def _release_writer(root: str, key_bytes: bytes, log: str, ready: Any) -> None:
             files=files,
             signing_key=key,
             parent=None,
-            applies_requests=[f"req-{number}"] if applies else [],
+            applied_request_ids=[f"req-{number}"] if applies else [],
             revoke_previous=applies,
         )
         _append_fsynced(Path(log), str(manifest.version))
@@ -236,7 +236,7 @@ def _check_revocations(
         result.note("corrupted", f"revocation log: {exc}")
         return {}
     for version in versions:
-        if registry.manifest(version).applies_requests:
+        if registry.manifest(version).applied_request_ids:
             live_elders = [v for v in versions if v < version and v not in revoked]
             if live_elders:
                 result.note("corrupted", f"v{version} applies deletions but {live_elders} are not revoked")

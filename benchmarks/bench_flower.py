@@ -28,15 +28,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def settings(rounds: int, speakers: int) -> dict:
     return {
-        "synth-speakers": speakers,
-        "synth-sentences": 4,
-        "synth-takes": 1,
+        "synth.speakers": speakers,
+        "synth.sentences": 4,
+        "synth.takes": 1,
         "valid-speakers": 2,
         "test-speakers": 2,
         "num-rounds": rounds,
         "local-epochs": 1,
-        "onnx-export": False,
-        "scenario-partial-n": 5,
+        "release.onnx-export": False,
+        "scenario.partial-n": 5,
     }
 
 
@@ -83,7 +83,7 @@ def run_inprocess(work: Path, cfg: dict) -> dict:
     from serforget.server.inprocess import InProcessGrid
 
     run_config = {**cfg, "work-dir": str(work)}
-    n_nodes = cfg["synth-speakers"] - cfg["valid-speakers"] - cfg["test-speakers"]
+    n_nodes = cfg["synth.speakers"] - cfg["valid-speakers"] - cfg["test-speakers"]
     grid = InProcessGrid(client_app, run_config=run_config, n_nodes=n_nodes)
     # same compute shape as the Flower path below (--cpus-per-node 2): one node at a time, 2 threads
     torch.set_num_threads(2)

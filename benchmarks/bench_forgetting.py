@@ -430,8 +430,8 @@ def method_config(name: str, *, ctx: Context, original: int, seed: int) -> tuple
             pgd_k=20,
             pgd_steps=ctx.settings.l2ul_pgd_steps,
             pgd_step=2.5 / ctx.settings.l2ul_pgd_steps,
-            ela_lambda=0.5,
-            tau=1.0,
+            penalty_lambda=0.5,
+            penalty_tau=1.0,
             importance="mas",
             max_epochs=ctx.settings.zero_max_epochs,
         )

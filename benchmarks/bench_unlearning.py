@@ -264,7 +264,7 @@ def plan_cells(settings: BenchSettings) -> list[Cell]:
         raise ValueError(f"tau_size {settings.tau_size} must be one of the main sizes {settings.sizes}")
     cells = [Cell("main", n, s, settings.rows) for n in settings.sizes for s in settings.seeds]
     cells += [
-        Cell("tau", settings.tau_size, s, ("rl_adv_ela",), (("tau", tau),))
+        Cell("tau", settings.tau_size, s, ("rl_adv_ela",), (("penalty_tau", tau),))
         for tau in settings.taus
         for s in settings.seeds
     ]
@@ -331,7 +331,7 @@ def run_cell(
         ]
         add_reference_columns(rows, reference[0])
     for row in rows:
-        row.setdefault("tau", base.tau)
+        row.setdefault("penalty_tau", base.penalty_tau)
     return rows
 
 
@@ -358,11 +358,11 @@ def write_results(rows: list[dict[str, Any]], *, out_dir: Path, meta: dict[str, 
         and r["method"] == "retrain"
         and r["n_forget"] == (tau_rows[0]["n_forget"] if tau_rows else None)
     ]
-    tau = summarize(tau_rows, keys=("method", "tau"), metrics=TABLE_METRICS)
+    tau = summarize(tau_rows, keys=("method", "penalty_tau"), metrics=TABLE_METRICS)
     if tau:
         paths["tau"] = plot_sweep(
             tau,
-            x_key="tau",
+            x_key="penalty_tau",
             series_key="method",
             path=out_dir / "unlearning_tau.png",
             log_x=True,
@@ -418,14 +418,14 @@ def _markdown(rows, main, tau, size, meta) -> str:
     if tau:
         lines += [
             "",
-            "## tau sweep (RL+Adv+Ela)",
+            "## penalty_tau sweep (RL+Adv+Ela)",
             "",
-            "| method | tau | forget acc % | test UA % | MIA AUC | epochs |",
+            "| method | penalty_tau | forget acc % | test UA % | MIA AUC | epochs |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for e in tau:
             lines.append(
-                f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['tau']} | {_pm(e, 'forget_acc', 100)} | "
+                f"| {DISPLAY_NAMES.get(e['method'], e['method'])} | {e['penalty_tau']} | {_pm(e, 'forget_acc', 100)} | "
                 f"{_pm(e, 'test_ua', 100)} | {_pm(e, 'mia_auc', 1, 3)} | {_pm(e, 'epochs', 1)} |"
             )
     if size:

@@ -65,7 +65,7 @@ from serforget.common.protocol import (
     WANT_IMPORTANCE,
 )
 from serforget.common.training import TrainConfig, evaluate_model, train_model
-from serforget.common.unlearning import UnlearnConfig, mas_importance, unlearn
+from serforget.common.unlearning import mas_importance, unlearn
 
 app = ClientApp()
 
@@ -152,15 +152,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
         raise ValueError("global model received does not match the announced base-sha256")
     requests = requests_to_unlearn(node)
     forget = load_forget_set(node, requests, labels=labels, clip_seconds=cfg.clip_seconds)
-    ucfg = UnlearnConfig.from_mapping(
-        {
-            **cfg.unlearn_overrides,
-            "stop": cfg.unlearn_stop,
-            "seed": cfg.seed,
-            "target_forget_acc": float(conf[TARGET_FORGET_ACC]),
-            "device": device,
-        }
-    )
+    ucfg = cfg.device_unlearn_config(target_forget_acc=float(conf[TARGET_FORGET_ACC]), device=device)
     result = unlearn(model_from(msg.content[ARRAYS], cfg), forget, method=cfg.unlearn_method, config=ucfg)
     start = time.perf_counter()
     sealed = seal_unlearning_delta(

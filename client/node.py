@@ -30,7 +30,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from torch import nn
 
-from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger, purge_request
+from serforget.client.ledger import APPLIED, PENDING, UNLEARNED, DeletionRequest, Ledger
+from serforget.client.purge import purge_request
 from serforget.common.checkpoint import save_checkpoint, state_dict_bytes, state_sha256
 from serforget.common.data import DEFAULT_CLIP_SECONDS, WaveformSet, load_waveforms
 from serforget.common.envelope import read_header_unverified, seal_delta
@@ -290,7 +291,7 @@ def verify_announced_release(
     weights = adopted.files.get("model.safetensors")
     if weights is None or weights["sha256"] != state_sha256(model.state_dict()):
         raise NodeError(f"announced release v{version}: the weights received do not match its signed model.safetensors")
-    applied = frozenset(rid for v, manifest in verified.items() if v <= version for rid in manifest.applies_requests)
+    applied = frozenset(rid for v, manifest in verified.items() if v <= version for rid in manifest.applied_request_ids)
     return adopted, applied
 
 
@@ -306,7 +307,7 @@ def adopt_release(
 
     Both steps act only on what :func:`verify_announced_release` proves with the pinned
     release key: the weights must be the signed release, and a request is purged only if a
-    signed manifest lists it in ``applies_requests``. Purging only after the release exists is
+    signed manifest lists it in ``applied_request_ids``. Purging only after the release exists is
     deliberate: until then a failed round can still be retried from the forget set; afterwards
     the audio has no purpose left and must go.
     """

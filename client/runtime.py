@@ -36,7 +36,7 @@ def node_dir(context: Context, cfg: RunSettings) -> NodeDir:
 
 
 def model_from(arrays: ArrayRecord, cfg: RunSettings) -> torch.nn.Module:
-    model = build_model(arch=cfg.arch, config=cfg.model_config, labels=task_labels(cfg.task))
+    model = build_model(arch=cfg.model_arch, config=cfg.model_config, labels=task_labels(cfg.task))
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 

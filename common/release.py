@@ -1,4 +1,4 @@
-"""Signed, versioned, append-only registry of model releases, and a small HTTP server for it.
+"""Signed, versioned, append-only registry of model releases (format, writer, verifier).
 
 Why: after federated training and after every unlearning round the server publishes a model
 to edge devices. A release made before an applied deletion still encodes the forgotten audio,
@@ -22,7 +22,8 @@ See docs/release-distribution.md for the freshness rules and the attacks they st
 
 This module must not import torch: edge devices use it with ONNX Runtime only.
 
-On-disk layout, format version 1, under ``root``::
+On-disk layout under ``root`` (manifest format 2, which reads format 1 too; signatures,
+revocations, rotations and HEAD format 1; index format 2)::
 
     v0001/                  one folder per release (never rewritten)
         manifest.json       canonical JSON, see ReleaseManifest
@@ -53,13 +54,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from hashlib import sha256
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -289,37 +287,47 @@ def verify_signature(data: bytes, signature_file: bytes, *, public_key: Ed25519P
 # --------------------------------------------------------------------------- manifest
 
 
+#: Version of ``manifest.json`` that :meth:`ReleaseManifest.to_bytes` writes. Format 2 renamed
+#: the request list ``applies_requests`` to ``applied_request_ids`` (the project's one name for a
+#: deletion request is ``request_id``). Published manifests are signed and never rewritten, so
+#: every version in :data:`MANIFEST_REQUEST_FIELD` stays readable and verifiable.
+MANIFEST_FORMAT_VERSION = 2
+#: The name of the applied-request list in each readable manifest format.
+MANIFEST_REQUEST_FIELD: dict[int, str] = {1: "applies_requests", 2: "applied_request_ids"}
+
+
 @dataclass(frozen=True)
 class ReleaseManifest:
     """What one release contains and why it exists; signed as canonical JSON in ``manifest.json``.
 
-    ``files`` maps each file name to ``{"sha256": hex, "size": bytes}``. ``applies_requests``
+    ``files`` maps each file name to ``{"sha256": hex, "size": bytes}``. ``applied_request_ids``
     lists the deletion requests whose effect this model already includes, so an auditor can tell
     which releases may still encode forgotten audio. ``parent`` is the release it derives from.
+    ``format_version`` is the layout the bytes were (or will be) written in: a manifest read from
+    an older release keeps its version, so :meth:`to_bytes` gives back exactly the signed bytes.
     """
 
     version: int
     parent: int | None
     created_at: float
     files: dict[str, dict]
-    applies_requests: tuple[str, ...]
+    applied_request_ids: tuple[str, ...]
     metrics: dict
     notes: dict
-    format_version: int = RELEASE_FORMAT_VERSION
+    format_version: int = MANIFEST_FORMAT_VERSION
 
-    _FIELDS = frozenset(
-        {"format_version", "version", "parent", "created_at", "files", "applies_requests", "metrics", "notes"}
-    )
+    _COMMON_FIELDS = frozenset({"format_version", "version", "parent", "created_at", "files", "metrics", "notes"})
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes: the exact bytes that are signed and hashed into the index."""
+        request_field = _manifest_request_field(self.format_version, source=f"release {self.version} manifest")
         document = {
             "format_version": self.format_version,
             "version": self.version,
             "parent": self.parent,
             "created_at": self.created_at,
             "files": self.files,
-            "applies_requests": list(self.applies_requests),
+            request_field: list(self.applied_request_ids),
             "metrics": self.metrics,
             "notes": self.notes,
         }
@@ -327,10 +335,22 @@ class ReleaseManifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str) -> ReleaseManifest:
-        """Parse and strictly validate manifest bytes; ``source`` names them in errors."""
+        """Parse and strictly validate manifest bytes (format 1 or 2); ``source`` names them in errors.
+
+        Each format has exactly one name for the request list: a manifest carrying both names, the
+        other format's name, or neither is refused, never read by guessing.
+        """
         obj = _load_json_object(data, source=source)
-        _require_fields(obj, set(cls._FIELDS), source=source)
-        _require_format_version(obj, source=source)
+        format_version = obj.get("format_version")
+        request_field = _manifest_request_field(format_version, source=source)
+        other = sorted(set(MANIFEST_REQUEST_FIELD.values()) - {request_field})
+        misplaced = [name for name in other if name in obj]
+        if misplaced:
+            raise ReleaseError(
+                f"{source}: field {misplaced[0]!r} does not belong to manifest format {format_version} "
+                f"(its request list is {request_field!r})"
+            )
+        _require_fields(obj, set(cls._COMMON_FIELDS) | {request_field}, source=source)
         version = _check_version_number(obj["version"], what=f"{source}: version")
         parent = obj["parent"]
         if parent is not None:
@@ -342,10 +362,21 @@ class ReleaseManifest:
             parent=parent,
             created_at=_require_number(obj["created_at"], what=f"{source}: created_at"),
             files=_parse_file_table(obj["files"], source=source),
-            applies_requests=_parse_requests(obj["applies_requests"], what=f"{source}: applies_requests"),
+            applied_request_ids=_parse_requests(obj[request_field], what=f"{source}: {request_field}"),
             metrics=_require_mapping(obj["metrics"], what=f"{source}: metrics"),
             notes=_require_mapping(obj["notes"], what=f"{source}: notes"),
+            format_version=format_version,
         )
+
+
+def _manifest_request_field(format_version: Any, *, source: str) -> str:
+    """The request-list field of a manifest format, or :class:`ReleaseError` naming the version."""
+    if type(format_version) is not int or format_version not in MANIFEST_REQUEST_FIELD:
+        raise ReleaseError(
+            f"{source}: format_version {format_version!r} is not supported "
+            f"(this code reads manifest formats {sorted(MANIFEST_REQUEST_FIELD)})"
+        )
+    return MANIFEST_REQUEST_FIELD[format_version]
 
 
 def _require_mapping(value: Any, *, what: str) -> dict:
@@ -766,7 +797,7 @@ class ReleaseRegistry:
         files: Mapping[str, Path],
         signing_key: Ed25519PrivateKey,
         parent: int | None,
-        applies_requests: Sequence[str] = (),
+        applied_request_ids: Sequence[str] = (),
         metrics: Mapping[str, Any] = _EMPTY,
         notes: Mapping[str, Any] = _EMPTY,
         revoke_previous: bool = False,
@@ -782,7 +813,7 @@ class ReleaseRegistry:
         """
         _require_private_key(signing_key)
         sources = _check_sources(files)
-        requests = _parse_requests(list(applies_requests), what="applies_requests")
+        requests = _parse_requests(list(applied_request_ids), what="applied_request_ids")
         metrics_doc = _json_clone(metrics, what="metrics")
         notes_doc = _json_clone(notes, what="notes")
         if reason and not revoke_previous:
@@ -802,7 +833,7 @@ class ReleaseRegistry:
                     signing_key=signing_key,
                     version=version,
                     parent=parent,
-                    applies_requests=requests,
+                    applied_request_ids=requests,
                     metrics=metrics_doc,
                     notes=notes_doc,
                 )
@@ -1148,7 +1179,7 @@ def _stage_release(
     signing_key: Ed25519PrivateKey,
     version: int,
     parent: int | None,
-    applies_requests: tuple[str, ...],
+    applied_request_ids: tuple[str, ...],
     metrics: dict,
     notes: dict,
 ) -> ReleaseManifest:
@@ -1159,7 +1190,7 @@ def _stage_release(
         parent=parent,
         created_at=time.time(),
         files=table,
-        applies_requests=applies_requests,
+        applied_request_ids=applied_request_ids,
         metrics=metrics,
         notes=notes,
     )
@@ -1176,112 +1207,3 @@ def _commit_staged_release(staging: Path, target: Path) -> None:
         raise ReleaseError(f"{target}: already exists; releases are append-only")
     os.rename(staging, target)
     fsync_dir(target.parent)
-
-
-# --------------------------------------------------------------------------- HTTP serving
-
-_RELEASE_URL_RE = re.compile(r"/(v\d{4,})/([^/]+)")
-_ROTATION_URL_RE = re.compile(r"/root/r(\d{6})\.json")
-
-
-class _ReleaseRequestHandler(BaseHTTPRequestHandler):
-    """Serves the index and the files of non-revoked releases; every other path is 404.
-
-    Paths are matched against an allow-list (the index names, and for a release its manifest,
-    signature and the files its manifest lists), never joined onto the file system as given,
-    so ``..``, encoded separators or absolute paths cannot reach anything else.
-    """
-
-    server_version = "serforget-releases/1"
-
-    def __init__(self, *args: Any, registry: ReleaseRegistry, **kwargs: Any) -> None:
-        self.registry = registry
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by http.server
-        route = self.path.split("?", 1)[0]
-        try:
-            if route in ("/" + INDEX_NAME, "/" + INDEX_SIGNATURE_NAME):
-                self._send_index_part(signature=route.endswith(".sig"))
-                return
-            rotation = _ROTATION_URL_RE.fullmatch(route)
-            if rotation is not None:
-                key_version = int(rotation.group(1))
-                data = self.registry.read_rotation(key_version) if key_version >= 2 else None
-                if data is None:
-                    self._send_text(HTTPStatus.NOT_FOUND, "no such key version")
-                else:
-                    self._send_bytes(data, content_type="application/json")
-                return
-            match = _RELEASE_URL_RE.fullmatch(route)
-            version = parse_version_dirname(match.group(1)) if match else None
-            if match is None or version is None or version not in self.registry.versions():
-                self._send_text(HTTPStatus.NOT_FOUND, "not found")
-                return
-            self._send_release_file(version, match.group(2))
-        except ReleaseError as exc:
-            logger.error("cannot serve %s: %s", route, exc)
-            self._send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "release store damaged")
-
-    def _send_index_part(self, *, signature: bool) -> None:
-        if not self.registry.has_index():
-            self._send_text(HTTPStatus.NOT_FOUND, "nothing published")
-            return
-        index_bytes, signature_bytes = self.registry.read_index_files()
-        self._send_bytes(signature_bytes if signature else index_bytes, content_type="application/json")
-
-    def _send_release_file(self, version: int, name: str) -> None:
-        revoked = self.registry.revoked()
-        if version in revoked:
-            self._send_text(HTTPStatus.GONE, f"release {version_dirname(version)} is revoked: {revoked[version]}")
-            return
-        allowed = set(self.registry.manifest(version).files) | _RESERVED_NAMES
-        if name not in allowed:
-            self._send_text(HTTPStatus.NOT_FOUND, "not found")
-            return
-        path = self.registry.path(version) / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ReleaseError(f"{path}: cannot open ({exc.strerror})") from None
-        with os.fdopen(fd, "rb") as handle:
-            self._send_stream(handle, size=os.fstat(fd).st_size)
-
-    def _send_stream(self, handle: BinaryIO, *, size: int) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
-        self.end_headers()
-        shutil.copyfileobj(handle, self.wfile, _COPY_CHUNK)
-
-    def _send_bytes(self, data: bytes, *, content_type: str) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_text(self, status: HTTPStatus, message: str) -> None:
-        body = (message + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by http.server
-        logger.info("%s - %s", self.address_string(), format % args)
-
-
-def serve_releases(*, root: Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """An HTTP server (not yet running) for the registry at ``root``; the caller runs ``serve_forever()``.
-
-    Revocation is checked on every request against the live log, so a revoked release stops
-    being served (410 Gone) immediately, even before clients see a new index. ``port=0`` binds
-    an ephemeral port (read it from ``serforget.server.server_address``).
-    """
-    handler = partial(_ReleaseRequestHandler, registry=ReleaseRegistry(Path(root)))
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server

@@ -16,10 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 from serforget.common.fsutil import atomic_write_text
+from serforget.common.settings import flatten
 
 #: the environment variables Flower's CLI reads for the ports of the local SuperLink it starts for
 #: ``address = ":local:"`` (flwr/cli/constant.py; defaults 39091 and 39093 on every machine)
@@ -67,9 +69,15 @@ _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern `flwr r
 
 
 def parse_overrides(text: str) -> dict:
-    """Flower's ``k=v k2='a b'`` syntax (TOML values), parsed the way ``flwr run`` parses it."""
+    """Flower's ``k=v k2='a b'`` syntax (TOML values), parsed the way ``flwr run`` parses it.
+
+    Dotted keys (``unlearn.lr=3e-4``) are TOML dotted keys: Flower nests then flattens them back
+    to ``"unlearn.lr"``, and so does this function, so the result has the keys a ServerApp's
+    ``Context.run_config`` will hold. Which keys and values are valid is
+    :meth:`serforget.common.settings.RunSettings.from_mapping`'s to say.
+    """
     try:
-        return tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(text)))
+        return flatten(tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(text))))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"--run-config {text!r} is not valid k=v TOML pairs ({exc})") from None
 
@@ -147,11 +155,14 @@ def is_our_local_superlink(argv: list[str], home: Path, port: str | None = None)
     return port is None or value("--port") == str(port)
 
 
-def stop_local_superlink(home: Path, *, port: str | None = None) -> list[int]:
+def stop_local_superlink(home: Path, *, port: str | None = None, timeout: float = 15.0) -> list[int]:
     """End the local SuperLink that `flwr run` spawned for this FLWR_HOME (and nothing else).
 
     Only this user's processes whose argv ``is_our_local_superlink``: another run's SuperLink,
-    even one started from a FLWR_HOME nested in this one, keeps running.
+    even one started from a FLWR_HOME nested in this one, keeps running. Returns once every one
+    of them has exited (SIGTERM, then SIGKILL after ``timeout`` seconds): a caller that exits right
+    after must not leave a SuperLink that is still shutting down, and a busy machine can take a
+    while to deliver the signal and run Flower's shutdown.
     """
     stopped = []
     for proc in Path("/proc").iterdir():
@@ -169,7 +180,30 @@ def stop_local_superlink(home: Path, *, port: str | None = None) -> list[int]:
             except ProcessLookupError:
                 continue
             stopped.append(int(proc.name))
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait_s
+        left = [pid for pid in stopped if not _exited(pid)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = [pid for pid in left if not _exited(pid)]
+        if not left:
+            break
+        if sig == signal.SIGTERM:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     return stopped
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process is gone or a zombie (exited, waiting for a parent that may never reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
 
 
 def run_config_text(values: dict) -> str:

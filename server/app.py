@@ -38,14 +38,16 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.num_rounds == 0 and base is None:
         raise ValueError("num-rounds = 0 (unlearning only) needs resume = true and a published release")
     initial = (
-        base[1] if base else build_model(arch=cfg.arch, config=cfg.model_config, labels=scenario.labels).state_dict()
+        base[1]
+        if base
+        else build_model(arch=cfg.model_arch, config=cfg.model_config, labels=scenario.labels).state_dict()
     )
     release = dict(
         server=scenario.server,
         labels=scenario.labels,
-        onnx=cfg.onnx_export,
+        onnx=cfg.release_onnx_export,
         eval_manifest=scenario.eval_manifest,
-        int8_max_ua_drop=cfg.int8_max_ua_drop,
+        int8_max_ua_drop=cfg.release_int8_max_ua_drop,
     )
     if cfg.num_rounds > 0:
         strategy = ImportanceFedAvg(
@@ -99,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
         v_unlearned = publish_release(
             model=scenario.model(outcome.merged),
             parent=v_trained.version,
-            applies_requests=outcome.applied_request_ids,
+            applied_request_ids=outcome.applied_request_ids,
             metrics=scenario.test_metrics(outcome.merged),
             revoke_previous=True,
             reason="applies deletion requests " + ", ".join(outcome.applied_request_ids),

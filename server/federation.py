@@ -23,7 +23,7 @@ Rules (also in docs/formats.md):
   disjoint, each delta removes one node's recordings, and removing all of them is the sum of
   the removals (averaging would remove only 1/k of each);
 - the elastic constraint (common.unlearning.elastic) then limits each parameter's movement by
-  the global importance map and tau before the sum touches the global model;
+  the global importance map (``constraint_tau``, ``constraint_strength``) before the sum touches the global model;
 - where the server holds a held-out set, a delta that passed those checks is still refused when
   applying it (constrained) alone lowers held-out UA by more than ``max_ua_drop`` points
   (:func:`gate_on_held_out`): the norm bound and the elastic constraint limit how far weights
@@ -292,13 +292,13 @@ def open_and_check(
     base_sha256: str,
     seen: set[str],
     max_delta_ratio: float,
-    applied_requests: set[str] = frozenset(),
+    applied_request_ids: set[str] = frozenset(),
     owners: Mapping[str, str] | None = None,
     round_requests: set[str] | None = None,
 ) -> DeltaVerdict:
     """Verify, decrypt and check one node's envelope; every failure becomes a logged verdict.
 
-    ``applied_requests`` are request ids some published release already applies: a second delta
+    ``applied_request_ids`` are request ids some published release already applies: a second delta
     for them (a node that missed the announcement re-sends) is refused, so it is applied once.
     ``owners`` (request id -> node id, :meth:`ServerDir.request_owners`) refuses an envelope that
     names another node's request (``not-owner``). ``round_requests`` holds the ids accepted
@@ -331,7 +331,7 @@ def open_and_check(
         foreign = sorted(rid for rid in header.request_ids if (owners or {}).get(rid, header.node_id) != header.node_id)
         if foreign:
             raise DeltaError("not-owner", f"requests {foreign} belong to another node")
-        again = sorted(set(header.request_ids) & set(applied_requests))
+        again = sorted(set(header.request_ids) & set(applied_request_ids))
         if again:
             raise DeltaError("already-applied", f"requests {again} are applied by an earlier release")
         twice = sorted(set(header.request_ids) & (round_requests or set()))
@@ -358,18 +358,23 @@ def merge_deltas(
     deltas: Sequence[Mapping[str, torch.Tensor]],
     *,
     importance: Mapping[str, torch.Tensor] | None,
-    elastic: bool,
-    tau: float,
-    strength: float,
+    constraint: bool,
+    constraint_tau: float,
+    constraint_strength: float,
 ) -> dict[str, torch.Tensor]:
-    """New global weights: base + sum of (elastically constrained) deltas."""
+    """New global weights: base + sum of deltas, each under the elastic constraint when ``constraint``."""
     from serforget.common.unlearning.elastic import elastic_constraint
 
     merged = {k: v.clone() for k, v in base.items()}
     for delta in deltas:
         applied = (
-            elastic_constraint(dict(delta), dict(importance), tau=tau, strength=strength)
-            if elastic and importance is not None
+            elastic_constraint(
+                dict(delta),
+                dict(importance),
+                constraint_tau=constraint_tau,
+                constraint_strength=constraint_strength,
+            )
+            if constraint and importance is not None
             else delta
         )
         for name, step in applied.items():
@@ -384,9 +389,9 @@ def gate_on_held_out(
     score: Callable[[Mapping[str, torch.Tensor]], float],
     max_ua_drop: float,
     importance: Mapping[str, torch.Tensor] | None,
-    elastic: bool,
-    tau: float,
-    strength: float,
+    constraint: bool,
+    constraint_tau: float,
+    constraint_strength: float,
 ) -> list[DeltaVerdict]:
     """Refuse accepted deltas whose application alone costs more than ``max_ua_drop`` UA points.
 
@@ -406,7 +411,12 @@ def gate_on_held_out(
             out.append(verdict)
             continue
         candidate = merge_deltas(
-            base, [verdict.delta], importance=importance, elastic=elastic, tau=tau, strength=strength
+            base,
+            [verdict.delta],
+            importance=importance,
+            constraint=constraint,
+            constraint_tau=constraint_tau,
+            constraint_strength=constraint_strength,
         )
         drop = (base_ua - score(candidate)) * 100
         if drop > max_ua_drop:
@@ -428,7 +438,7 @@ def applied_request_ids(releases: Path) -> set[str]:
     from serforget.common.release import ReleaseRegistry
 
     registry = ReleaseRegistry(releases)
-    return {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
+    return {rid for v in registry.versions() for rid in registry.manifest(v).applied_request_ids}
 
 
 def latest_release_state(server: ServerDir):
@@ -463,7 +473,7 @@ def publish_release(
     model: torch.nn.Module,
     labels: Sequence[str],
     parent: int | None,
-    applies_requests: Sequence[str] = (),
+    applied_request_ids: Sequence[str] = (),
     metrics: Mapping[str, float] | None = None,
     onnx: bool = True,
     eval_manifest: Path | None = None,
@@ -507,7 +517,7 @@ def publish_release(
             files=files,
             signing_key=server.signing_key(),
             parent=parent,
-            applies_requests=list(applies_requests),
+            applied_request_ids=list(applied_request_ids),
             metrics=dict(metrics or {}),
             revoke_previous=revoke_previous,
             reason=reason,

@@ -62,7 +62,7 @@ def build_report(
     return {
         "report_version": REPORT_VERSION,
         "finished_at": time.time(),
-        "settings": {k: getattr(scenario.cfg, k) for k in scenario.cfg.__dataclass_fields__},
+        "settings": scenario.cfg.as_run_config(),
         "mode": scenario.cfg.mode,
         "n_nodes": scenario.n_nodes,
         "labels": list(scenario.labels),
@@ -102,7 +102,7 @@ def build_report(
             "node_metrics": node_unlearn,
             "bytes_sent": outcome.bytes_sent,
             "bytes_received": outcome.bytes_received,
-            "elastic": scenario.cfg.elastic,
+            "constraint": scenario.cfg.constraint,
         },
         "node_release_reports": node_reports,
         "node_devices": {

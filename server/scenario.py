@@ -113,7 +113,7 @@ class Scenario:
         return self.cfg.work_path / "report"
 
     def model(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        model = build_model(arch=self.cfg.arch, config=self.cfg.model_config, labels=self.labels)
+        model = build_model(arch=self.cfg.model_arch, config=self.cfg.model_config, labels=self.labels)
         model.load_state_dict(dict(state))
         return model.eval()
 

@@ -194,7 +194,7 @@ def run_unlearning_round(
             base_sha256=config[BASE_SHA256],
             seen=seen,
             max_delta_ratio=cfg.max_delta_ratio,
-            applied_requests=already,
+            applied_request_ids=already,
             owners=owners,
             round_requests=round_requests,
         )
@@ -204,7 +204,12 @@ def run_unlearning_round(
         if info is not None:
             metrics.update({DEVICE: info["device"], DEVICE_NOTE: info["note"]})
         outcome.node_metrics[verdict.node_id] = metrics
-    merge = dict(importance=importance, elastic=cfg.elastic, tau=cfg.elastic_tau, strength=cfg.elastic_strength)
+    merge = dict(
+        importance=importance,
+        constraint=cfg.constraint,
+        constraint_tau=cfg.constraint_tau,
+        constraint_strength=cfg.constraint_strength,
+    )
     if score is not None:
         gated = gate_on_held_out(outcome.verdicts, base=base_state, score=score, max_ua_drop=cfg.max_ua_drop, **merge)
         for before, after in zip(outcome.verdicts, gated):
@@ -221,7 +226,7 @@ def run_unlearning_round(
         deltas = [v.delta for v in accepted]
         outcome.merged = merge_deltas(base_state, deltas, **merge)
         outcome.merged_unconstrained = merge_deltas(
-            base_state, deltas, importance=None, elastic=False, tau=0.0, strength=0.0
+            base_state, deltas, importance=None, constraint=False, constraint_tau=1.0, constraint_strength=0.0
         )
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -240,7 +245,9 @@ def signed_manifests(releases: Path, *, version: int, applied: list[str]) -> tup
     """
     registry = ReleaseRegistry(releases)
     wanted = set(applied)
-    versions = [v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applies_requests)]
+    versions = [
+        v for v in registry.versions() if v == version or wanted & set(registry.manifest(v).applied_request_ids)
+    ]
     pairs = [(registry.path(v) / MANIFEST_NAME, registry.path(v) / SIGNATURE_NAME) for v in versions]
     return [m.read_bytes() for m, _ in pairs], [s.read_bytes() for _, s in pairs]
 

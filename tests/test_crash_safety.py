@@ -108,7 +108,7 @@ def test_an_interrupted_revoking_publish_leaves_the_revocation_in_the_signed_ind
     monkeypatch.setattr(release, "_commit_staged_release", killed)
     with pytest.raises(KeyboardInterrupt):
         registry.publish(
-            files={"model.onnx": source}, signing_key=key, parent=1, applies_requests=["r1"], revoke_previous=True
+            files={"model.onnx": source}, signing_key=key, parent=1, applied_request_ids=["r1"], revoke_previous=True
         )
     assert 1 in registry.revoked()  # the log already revokes v1 ...
     assert 1 in registry.read_index(public_key=key.public_key()).revoked()  # ... the index must say so too

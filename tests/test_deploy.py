@@ -197,7 +197,7 @@ def _publish_v2_code(server_root: Path) -> str:
         torch.manual_seed(1)
         model = build_model(arch="logmel_cnn", config={{"channels": [8, 16], "hidden": 16}}, labels=FOUR_CLASS)
         publish_release(server=ServerDir(Path({str(server_root)!r})), model=model, labels=FOUR_CLASS, parent=1,
-                        applies_requests=["req-x"], revoke_previous=True, onnx=False)
+                        applied_request_ids=["req-x"], revoke_previous=True, onnx=False)
     """
 
 

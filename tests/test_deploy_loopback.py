@@ -49,14 +49,17 @@ APP = Path(__file__).resolve().parents[1]
 TINY = {
     "local-epochs": 1,
     "clip-seconds": 0.5,
-    "onnx-export": False,
+    "release.onnx-export": False,
     "device": "cpu",
     "batch-size": 8,
-    "model-json": json.dumps({"channels": [8, 16], "hidden": 16}),
+    "model.channels": "8,16",
+    "model.hidden": 16,
     "importance-max-utts": 8,
-    "unlearn-json": json.dumps({"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}),
+    "unlearn.max-epochs": 3,
+    "unlearn.pgd-k": 1,
+    "unlearn.pgd-steps": 2,
     "round-timeout": 120.0,
-    "unlearn-timeout": 120.0,
+    "unlearn.timeout": 120.0,
     # a tiny held-out set makes one flipped utterance worth >10 UA points: the gate is tested elsewhere
     "max-ua-drop": 100.0,
 }
@@ -178,7 +181,7 @@ def test_training_deletion_unlearning_and_release_end_to_end(fed) -> None:
     )
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     registry, key = _registry(deployment)
-    assert registry.verify(2, public_key=key).applies_requests == (rid,)
+    assert registry.verify(2, public_key=key).applied_request_ids == (rid,)
     assert registry.latest(public_key=key).version == 2
     assert _request(devices[1], rid).state == "purged"
     assert not (devices[1].data_dir / "wav" / "spk1_happy_0.wav").exists()
@@ -195,10 +198,12 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     already = log.read_text().count("Receiving: query.unlearn")
     slow = {
         **UNLEARN_ONLY,
-        "unlearn-timeout": 30.0,
+        "unlearn.timeout": 30.0,
         "round-timeout": 45.0,
-        "unlearn-json": json.dumps({"max_epochs": 50, "pgd_k": 1, "pgd_steps": 200}),
-        "unlearn-stop": "zero",
+        "unlearn.max-epochs": 50,
+        "unlearn.pgd-k": 1,
+        "unlearn.pgd-steps": 200,
+        "unlearn.stop": "zero",
     }
     submitted = submit_run(deployment, app=APP, run_config=_config(deployment, manifest, **slow), timeout=RUN_TIMEOUT)
     try:
@@ -224,7 +229,7 @@ def test_node_killed_during_unlearning_publishes_nothing_and_completes_after_res
     )
     assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
     new = max(registry.versions())
-    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applies_requests == (rid,)
+    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applied_request_ids == (rid,)
     assert _request(victim, rid).state == "purged"
 
 
@@ -270,7 +275,7 @@ def test_server_killed_before_publishing_leaves_a_consistent_registry_and_the_ro
     # delivered twice (before the crash and again now), applied once
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
     new = max(registry.versions())
-    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applies_requests == (rid,)
-    assert [v for v in registry.versions() if rid in registry.manifest(v).applies_requests] == [new]
+    assert new == max(versions) + 1 and registry.verify(new, public_key=key).applied_request_ids == (rid,)
+    assert [v for v in registry.versions() if rid in registry.manifest(v).applied_request_ids] == [new]
     assert _request(device, rid).state == "purged"
     assert len(deployment.server.seen_ids() - seen_before) == 2

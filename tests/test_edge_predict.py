@@ -20,16 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from serforget.cli import main
 from serforget.common.audio import fix_length, load_audio
-from serforget.common.checkpoint import save_checkpoint
 from serforget.common.edge.predict import predict_file, predict_files, resolve_model_file
 from serforget.common.edge.runtime import EdgeAudioError, EdgeModelError, OnnxModel, read_audio, resample, split_windows
 from serforget.common.keys import save_public_key
 from serforget.common.labels import FOUR_CLASS
 from serforget.common.manifest import read_manifest
-from serforget.common.models import build_model
-from serforget.common.onnx_export import export_release_models
 from serforget.common.release import ReleaseRegistry
-from tests.helpers.audio import write_espeak_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,31 +52,20 @@ def _run_without_torch(body: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_espeak_corpus(tmp_path_factory.mktemp("espeak"), speakers=("en-us",))
+def corpus(espeak_corpus: Path) -> Path:
+    return espeak_corpus
 
 
 @pytest.fixture(scope="module")
-def cnn() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(arch="logmel_cnn", config={}, labels=FOUR_CLASS).eval()
+def cnn(release_export) -> torch.nn.Module:
+    """The model the shared release was exported from."""
+    return release_export.model
 
 
 @pytest.fixture(scope="module")
-def release_files(cnn: torch.nn.Module, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def release_files(release_export) -> dict[str, Path]:
     """What the server publishes: checkpoint files plus model.onnx, model.int8.onnx, onnx_report.json."""
-    root = tmp_path_factory.mktemp("release")
-    checkpoint = save_checkpoint(model=cnn, out_dir=root / "ckpt", labels=FOUR_CLASS)
-    files = export_release_models(
-        checkpoint_dir=checkpoint,
-        out_dir=root / "onnx",
-        parity_manifest=corpus,
-        release_version=1,
-        max_ua_drop=100.0,
-        max_parity_utterances=4,
-        min_int8_speedup=1e-6,  # int8 published whatever its speed here
-    )
-    return {**{p.name: p for p in checkpoint.iterdir()}, **files}
+    return {**{p.name: p for p in release_export.checkpoint.iterdir()}, **release_export.files}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +182,7 @@ def test_int8_release_model_runs_and_reports_its_precision(release_files: dict[s
         model=release_files["model.onnx"].parent, files=[wav("a.wav", 1.0)], precision="int8", threads=1
     )
     out = run.to_dict()
-    assert out["model"]["precision"] == "int8" and out["model"]["release_version"] == 1
+    assert out["model"]["precision"] == "int8" and out["model"]["release_version"] == 3
     assert out["predictions"][0]["label"] in FOUR_CLASS
 
 

@@ -7,32 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from serforget.common.edge.pull import PullError, current_release, pull_release
-from serforget.common.release import ReleaseRegistry, serve_releases, sign_bytes
+from serforget.common.release import ReleaseRegistry, sign_bytes
+from tests.helpers.releases import write_format_one
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> ReleaseRegistry:
-    return ReleaseRegistry(tmp_path / "server" / "releases")
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    return tmp_path / "device"
 
 
 @pytest.fixture
@@ -59,30 +44,10 @@ def published(registry: ReleaseRegistry, make_files, key: Ed25519PrivateKey) -> 
     return publish
 
 
-@pytest.fixture
-def http_url() -> Iterator[Callable[[Path], str]]:
-    """Start ``serve_releases`` on 127.0.0.1:0 in a thread; shut it down at the end of the test."""
-    running: list[tuple[object, threading.Thread]] = []
-
-    def start(root: Path) -> str:
-        server = serve_releases(root=root, port=0)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        host, port = server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 @pytest.fixture(params=["dir", "http"])
-def source(request: pytest.FixtureRequest, registry: ReleaseRegistry, http_url) -> str:
+def source(request: pytest.FixtureRequest, registry: ReleaseRegistry, serve_http) -> str:
     """The same registry, reached as a folder or through the HTTP server."""
-    return str(registry.root) if request.param == "dir" else http_url(registry.root)
+    return str(registry.root) if request.param == "dir" else serve_http(registry.root)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -94,6 +59,21 @@ def _no_leftovers(dest: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- happy paths
+
+
+def test_pull_accepts_a_release_published_with_manifest_format_1(
+    source: str, dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, monkeypatch
+) -> None:
+    """Devices keep installing releases published before the manifest rename (format 1)."""
+    write_format_one(monkeypatch)
+    published("old", applied_request_ids=["del-0"])
+    monkeypatch.undo()
+    assert json.loads((registry.path(1) / "manifest.json").read_bytes())["format_version"] == 1
+    result = pull_release(source=source, dest=dest, server_public_key=key.public_key())
+    assert (result.version, result.changed) == (1, True)
+    assert _snapshot(result.path) == _snapshot(registry.path(1))
+    published("new", revoke_previous=True, applied_request_ids=["del-1"])
+    assert pull_release(source=source, dest=dest, server_public_key=key.public_key()).version == 2
 
 
 def test_pull_installs_newest_and_is_idempotent(
@@ -225,7 +205,7 @@ def test_replayed_older_index_is_refused(
     published("a")
     stale_mirror = tmp_path / "stale-mirror"
     shutil.copytree(registry.root, stale_mirror)
-    published("b", revoke_previous=True, applies_requests=["del-1"])
+    published("b", revoke_previous=True, applied_request_ids=["del-1"])
     pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
 
     with pytest.raises(PullError, match="replayed index"):
@@ -243,7 +223,7 @@ def test_revoked_local_copies_are_deleted(source: str, dest: Path, published, ke
     pull_release(source=source, dest=dest, server_public_key=key.public_key())
     # Keep an older non-revoked copy around too, to check only revoked ones are deleted.
     assert (dest / "releases" / "v0002").is_dir()
-    published("c", revoke_previous=True, applies_requests=["del-7"])
+    published("c", revoke_previous=True, applied_request_ids=["del-7"])
     result = pull_release(source=source, dest=dest, server_public_key=key.public_key())
     assert (result.version, result.removed_revoked, result.changed) == (3, [2], True)
     assert sorted(p.name for p in (dest / "releases").iterdir()) == ["v0003"]
@@ -280,7 +260,7 @@ def test_revoked_current_is_deleted_even_when_the_replacement_is_tampered(
     """Privacy over availability: an authentic revocation applies even if the new download fails."""
     published("a")
     pull_release(source=source, dest=dest, server_public_key=key.public_key())
-    published("b", revoke_previous=True, applies_requests=["del-2"])
+    published("b", revoke_previous=True, applied_request_ids=["del-2"])
     _flip_byte(registry.path(2) / "model.safetensors")
     with pytest.raises(PullError, match="SHA-256"):
         pull_release(source=source, dest=dest, server_public_key=key.public_key())
@@ -289,11 +269,11 @@ def test_revoked_current_is_deleted_even_when_the_replacement_is_tampered(
 
 
 def test_revoked_release_files_are_refused_over_http_even_with_a_stale_index(
-    dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, http_url
+    dest: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, serve_http
 ) -> None:
     """The server checks the live revocation log, so a not-yet-reindexed revocation still blocks downloads."""
     published("a")
-    url = http_url(registry.root)
+    url = serve_http(registry.root)
     index_before = registry.read_index_files()
     registry.revoke(versions=[1], reason="withdrawn", signing_key=key)
     # Simulate a crash that left the old index generation current.

@@ -82,11 +82,15 @@ def test_check_delta_ignores_integer_buffers_and_bounds_norm() -> None:
 def test_merge_sums_deltas_and_elastic_rule_limits_important_weights() -> None:
     d1 = {"w": torch.full((3, 2), 0.1), "b": torch.zeros(2)}
     d2 = {"w": torch.full((3, 2), 0.2), "b": torch.full((2,), 0.1)}
-    merged = merge_deltas(BASE, [d1, d2], importance=None, elastic=False, tau=0.1, strength=1.0)
+    merged = merge_deltas(
+        BASE, [d1, d2], importance=None, constraint=False, constraint_tau=0.1, constraint_strength=1.0
+    )
     assert torch.allclose(merged["w"], torch.full((3, 2), 1.3)) and torch.allclose(merged["b"], torch.full((2,), 0.1))
     assert torch.equal(merged["steps"], BASE["steps"])
     importance = {"w": torch.tensor([[1.0, 0.0]] * 3), "b": torch.zeros(2)}
-    constrained = merge_deltas(BASE, [d1], importance=importance, elastic=True, tau=1.0, strength=1.0)
+    constrained = merge_deltas(
+        BASE, [d1], importance=importance, constraint=True, constraint_tau=1.0, constraint_strength=1.0
+    )
     moved = (constrained["w"] - BASE["w"]).abs()
     assert (moved[:, 0] < moved[:, 1]).all()  # the important column moves less
 
@@ -105,9 +109,9 @@ def test_held_out_gate_refuses_only_the_delta_that_costs_too_much_ua() -> None:
         score=score,
         max_ua_drop=2.0,
         importance=None,
-        elastic=False,
-        tau=0.05,
-        strength=1.0,
+        constraint=False,
+        constraint_tau=0.05,
+        constraint_strength=1.0,
     )
     assert [v.node_id for v in gated] == ["node-a", "node-b", "node-c"]
     assert gated[0].accepted and gated[0].ua_drop == pytest.approx(0.4)
@@ -122,13 +126,22 @@ def test_held_out_gate_refuses_only_the_delta_that_costs_too_much_ua() -> None:
         "node-b", True, "accepted", delta={"w": torch.zeros(3, 2), "b": torch.tensor([0.05, 0.0])}
     )
     importance = {"w": torch.zeros(3, 2), "b": torch.tensor([1.0, 0.0])}
-    gate = dict(base=BASE, score=score, max_ua_drop=2.0, importance=importance, tau=0.05, strength=1.0)
-    assert not gate_on_held_out([on_important], elastic=False, **gate)[0].accepted
-    constrained = gate_on_held_out([on_important], elastic=True, **gate)[0]
+    gate = dict(
+        base=BASE, score=score, max_ua_drop=2.0, importance=importance, constraint_tau=0.05, constraint_strength=1.0
+    )
+    assert not gate_on_held_out([on_important], constraint=False, **gate)[0].accepted
+    constrained = gate_on_held_out([on_important], constraint=True, **gate)[0]
     assert constrained.accepted and constrained.ua_drop == pytest.approx(0.0)
     with pytest.raises(ValueError, match="max_ua_drop"):
         gate_on_held_out(
-            [honest], base=BASE, score=score, max_ua_drop=-1.0, importance=None, elastic=False, tau=0.05, strength=1.0
+            [honest],
+            base=BASE,
+            score=score,
+            max_ua_drop=-1.0,
+            importance=None,
+            constraint=False,
+            constraint_tau=0.05,
+            constraint_strength=1.0,
         )
 
 

@@ -221,14 +221,20 @@ def test_delta_payload_parser_on_mutated_safetensors(position: int, value: int, 
 # --------------------------------------------------------------------------- release documents
 
 MANIFEST = {
-    "format_version": 1,
+    "format_version": 2,
     "version": 2,
     "parent": 1,
     "created_at": 1.5,
-    "applies_requests": ["r1"],
+    "applied_request_ids": ["r1"],
     "files": {"model.onnx": {"sha256": "0" * 64, "size": 3}},
     "metrics": {},
     "notes": {},
+}
+#: the same manifest as an earlier serforget wrote it (format 1: the request list was ``applies_requests``)
+MANIFEST_FORMAT_1 = {
+    **{k: v for k, v in MANIFEST.items() if k != "applied_request_ids"},
+    "format_version": 1,
+    "applies_requests": ["r1"],
 }
 INDEX = {
     "format_version": 2,
@@ -241,8 +247,12 @@ INDEX = {
 
 @pytest.mark.parametrize(
     ("document", "parse"),
-    [(MANIFEST, ReleaseManifest.from_bytes), (INDEX, ReleaseIndex.from_bytes)],
-    ids=["manifest", "index"],
+    [
+        (MANIFEST, ReleaseManifest.from_bytes),
+        (MANIFEST_FORMAT_1, ReleaseManifest.from_bytes),
+        (INDEX, ReleaseIndex.from_bytes),
+    ],
+    ids=["manifest", "manifest-format-1", "index"],
 )
 def test_release_documents_parse_when_unchanged(document: dict, parse: Any) -> None:
     parse(json.dumps(document).encode(), source="doc")
@@ -250,15 +260,17 @@ def test_release_documents_parse_when_unchanged(document: dict, parse: Any) -> N
 
 @FUZZ
 @given(
-    which=st.sampled_from(["manifest", "index"]),
+    which=st.sampled_from(["manifest", "manifest-format-1", "index"]),
     pick=st.integers(min_value=0, max_value=7),
     value=JSON_VALUES,
     drop=st.booleans(),
 )
 def test_release_documents_with_arbitrary_field_values(which: str, pick: int, value: Any, drop: bool) -> None:
-    document, parse = (
-        (MANIFEST, ReleaseManifest.from_bytes) if which == "manifest" else (INDEX, ReleaseIndex.from_bytes)
-    )
+    document, parse = {
+        "manifest": (MANIFEST, ReleaseManifest.from_bytes),
+        "manifest-format-1": (MANIFEST_FORMAT_1, ReleaseManifest.from_bytes),
+        "index": (INDEX, ReleaseIndex.from_bytes),
+    }[which]
     keys = sorted(document)
     name = keys[pick % len(keys)]
     changed = {k: v for k, v in document.items() if not (drop and k == name)}

@@ -81,7 +81,7 @@ def test_release_refuses_padded_request_ids(tmp_path: Path) -> None:
             files={"model.onnx": tmp_path / "m.onnx"},
             signing_key=Ed25519PrivateKey.generate(),
             parent=None,
-            applies_requests=["req-1 "],
+            applied_request_ids=["req-1 "],
         )
     assert registry.versions() == []
 

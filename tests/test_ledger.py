@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import serforget.client.ledger as ledger_module
+import serforget.client.purge as purge_module
 from serforget.client.ledger import (
     APPLIED,
     PENDING,
     PURGED,
-    RECEIPT_VERSION,
     SCHEMA_VERSION,
     UNLEARNED,
     Ledger,
     LedgerError,
-    purge_request,
 )
+from serforget.client.purge import RECEIPT_VERSION, purge_request
 from serforget.common.fsutil import sha256_bytes
 from serforget.common.manifest import Utterance, read_manifest, write_manifest
 from tests.helpers.ledger import KNOWN, applied_request, make_node
@@ -435,7 +434,7 @@ def test_purge_rerun_after_a_crash_midway_completes_with_the_original_hashes(
         def crash(*args: object, **kwargs: object) -> None:
             raise KeyboardInterrupt("simulated crash after the audio deletion")
 
-        monkeypatch.setattr(ledger_module, "_remove_cache_dir", crash)
+        monkeypatch.setattr(purge_module, "_remove_cache_dir", crash)
         with pytest.raises(KeyboardInterrupt):
             purge_request(data_dir=data, ledger=ledger, request_id=request.request_id)
         monkeypatch.undo()

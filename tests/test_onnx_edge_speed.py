@@ -29,12 +29,11 @@ from serforget.common.onnx_export import (
 )
 from serforget.common.onnx_graph import FoldedDftLogMel, use_folded_dft
 from serforget.common.onnx_quant import CANDIDATES, Candidate, Timing, choose_int8, front_end_nodes, interleaved_timings
-from tests.helpers.audio import write_espeak_corpus
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_espeak_corpus(tmp_path_factory.mktemp("espeak"))
+def corpus(espeak_corpus: Path) -> Path:
+    return espeak_corpus
 
 
 @pytest.fixture(scope="module")

@@ -32,17 +32,15 @@ from serforget.common.onnx_export import (
     _StableGroupNorm,
     eval_set_from_manifest,
     export_onnx,
-    export_release_models,
     parity_waves_from_manifest,
     probe_waves,
     quantize_int8,
 )
-from tests.helpers.audio import write_espeak_corpus
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_espeak_corpus(tmp_path_factory.mktemp("espeak"))
+def corpus(espeak_corpus: Path) -> Path:
+    return espeak_corpus
 
 
 @pytest.fixture(scope="module")
@@ -281,18 +279,8 @@ def test_quantizing_an_int8_model_or_a_negative_bound_is_refused(cnn_export, tmp
         quantize_int8(fp32_path=first, out_path=tmp_path / "again.onnx", eval_set=data)
 
 
-def test_export_release_models_writes_reported_files(cnn: LogMelCNN, corpus: Path, tmp_path: Path) -> None:
-    checkpoint = save_checkpoint(model=cnn, out_dir=tmp_path / "ckpt", labels=FOUR_CLASS)
-    files = export_release_models(
-        checkpoint_dir=checkpoint,
-        out_dir=tmp_path / "onnx",
-        parity_manifest=corpus,
-        release_version=3,
-        max_ua_drop=100.0,
-        max_parity_utterances=4,
-        min_int8_speedup=1e-6,
-        calibration_manifest=corpus,
-    )
+def test_export_release_models_writes_reported_files(release_export) -> None:
+    checkpoint, files = release_export.checkpoint, release_export.files
     assert set(files) == {"model.onnx", INT8_FILE, REPORT_FILE}
     report = json.loads(files[REPORT_FILE].read_text())
     assert (report["format"], report["format_version"], report["release_version"]) == ("serforget-onnx-report", 1, 3)

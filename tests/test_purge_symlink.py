@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import serforget.client.ledger as ledger_module
-from serforget.client.ledger import APPLIED, PURGED, Ledger, LedgerError, purge_request
+import serforget.client.purge as purge_module
+from serforget.client.ledger import APPLIED, PURGED, Ledger, LedgerError
+from serforget.client.purge import purge_request
 from tests.helpers.ledger import applied_request, make_node
 
 
@@ -39,7 +40,7 @@ def test_symlink_wav_swapped_after_a_crash_deletes_nothing_outside_and_retry_com
         def crash(*args: object, **kwargs: object) -> None:
             raise KeyboardInterrupt("simulated crash after the plan was stored")
 
-        monkeypatch.setattr(ledger_module, "_delete_audio", crash)
+        monkeypatch.setattr(purge_module, "_delete_audio", crash)
         with pytest.raises(KeyboardInterrupt):
             purge_request(data_dir=data, ledger=ledger, request_id=request.request_id)
         monkeypatch.undo()
@@ -97,8 +98,8 @@ def test_symlink_free_escape_through_a_tampered_plan_is_refused(tmp_path: Path, 
     planted = str(outside / "spk1_001.wav") if planted == "ABSOLUTE" else planted
     with Ledger(data / "ledger.sqlite") as ledger:
         request = applied_request(ledger, ["spk1_001"])
-        plan = ledger._stage_purge_plan(
-            request.request_id, plan=ledger_module._survey(request, root=data.resolve(), manifest=data / "manifest.csv")
+        plan = ledger.stage_purge_plan(
+            request.request_id, plan=purge_module._survey(request, root=data.resolve(), manifest=data / "manifest.csv")
         )
         plan["files"][0]["path"] = planted
         ledger._conn.execute(

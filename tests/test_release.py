@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,19 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from serforget.common import release as release_mod
 from serforget.common.release import (
-    RELEASE_FORMAT_VERSION,
+    MANIFEST_FORMAT_VERSION,
     ReleaseError,
     ReleaseManifest,
     ReleaseRegistry,
-    serve_releases,
+    sign_bytes,
 )
+from tests.helpers.releases import write_format_one
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 @pytest.fixture
@@ -41,34 +37,10 @@ def checkpoint(tmp_path: Path) -> dict[str, Path]:
     return {"model.safetensors": folder / "model.safetensors", "model.json": folder / "model.json"}
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> ReleaseRegistry:
-    return ReleaseRegistry(tmp_path / "releases")
-
-
-@pytest.fixture
-def http_base() -> Iterator[Callable[[Path], tuple[str, int]]]:
-    """Start ``serve_releases`` on an ephemeral port in a thread; shut everything down afterwards."""
-    running: list[tuple[object, threading.Thread]] = []
-
-    def start(root: Path) -> tuple[str, int]:
-        server = serve_releases(root=root, port=0)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        host, port = server.server_address[:2]
-        return host, port
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def _get(address: tuple[str, int], raw_path: str) -> tuple[int, bytes]:
+def _get(url: str, raw_path: str) -> tuple[int, bytes]:
     """GET with the path sent byte-for-byte (no client-side normalisation of '..')."""
-    connection = http.client.HTTPConnection(*address, timeout=10)
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
     try:
         connection.request("GET", raw_path)
         response = connection.getresponse()
@@ -85,7 +57,7 @@ def test_publish_verify_round_trip(
 ) -> None:
     first = registry.publish(files=checkpoint, signing_key=key, parent=None, metrics={"uar": 0.61}, notes={"round": 3})
     second = registry.publish(
-        files=checkpoint, signing_key=key, parent=1, applies_requests=["req-1"], revoke_previous=True
+        files=checkpoint, signing_key=key, parent=1, applied_request_ids=["req-1"], revoke_previous=True
     )
 
     assert registry.versions() == [1, 2]
@@ -93,9 +65,9 @@ def test_publish_verify_round_trip(
     assert registry.verify(1, public_key=key.public_key()) == first
     assert registry.verify(2, public_key=key.public_key()) == second
     assert registry.manifest(2) == second
-    assert second.parent == 1 and second.applies_requests == ("req-1",)
+    assert second.parent == 1 and second.applied_request_ids == ("req-1",)
     assert first.metrics == {"uar": 0.61} and first.notes == {"round": 3}
-    assert first.format_version == RELEASE_FORMAT_VERSION
+    assert first.format_version == second.format_version == MANIFEST_FORMAT_VERSION == 2
     for name, source in checkpoint.items():
         assert (registry.path(2) / name).read_bytes() == source.read_bytes()
         assert first.files[name]["size"] == source.stat().st_size
@@ -122,6 +94,72 @@ def test_manifest_rejects_traversal_names_and_unknown_fields(
         ReleaseManifest.from_bytes(json.dumps(doc).encode(), source="crafted")
 
 
+def test_releases_of_manifest_format_1_still_verify_and_new_ones_are_format_2(
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release published before the rename (``applies_requests``) is never lost: it verifies,
+    its request ids are read, and re-serialising it gives back its signed bytes; the writer
+    writes format 2 (``applied_request_ids``) only."""
+    write_format_one(monkeypatch)
+    registry.publish(files=checkpoint, signing_key=key, parent=None, applied_request_ids=["req-old"])
+    monkeypatch.undo()
+    old_doc = json.loads((registry.path(1) / "manifest.json").read_bytes())
+    assert old_doc["format_version"] == 1 and old_doc["applies_requests"] == ["req-old"]
+    assert "applied_request_ids" not in old_doc
+
+    new = registry.publish(files=checkpoint, signing_key=key, parent=1, applied_request_ids=["req-new"])
+    new_doc = json.loads((registry.path(2) / "manifest.json").read_bytes())
+    assert new_doc["format_version"] == 2 and new_doc["applied_request_ids"] == ["req-new"]
+    assert "applies_requests" not in new_doc
+
+    old = registry.verify(1, public_key=key.public_key())
+    assert (old.format_version, old.applied_request_ids) == (1, ("req-old",))
+    assert old.to_bytes() == (registry.path(1) / "manifest.json").read_bytes()
+    assert registry.verify(2, public_key=key.public_key()) == new
+    assert registry.read_index(public_key=key.public_key()).sequence >= 2
+
+
+@pytest.mark.parametrize(
+    ("format_version", "fields", "message"),
+    [
+        (
+            2,
+            {"applied_request_ids": ["r1"], "applies_requests": ["r2"]},
+            "'applies_requests' does not belong to manifest format 2",
+        ),
+        (
+            1,
+            {"applied_request_ids": ["r1"], "applies_requests": ["r2"]},
+            "'applied_request_ids' does not belong to manifest format 1",
+        ),
+        (2, {}, r"missing fields \['applied_request_ids'\]"),
+        (1, {}, r"missing fields \['applies_requests'\]"),
+        (2, {"applies_requests": ["r1"]}, "'applies_requests' does not belong to manifest format 2"),
+        (1, {"applied_request_ids": ["r1"]}, "'applied_request_ids' does not belong to manifest format 1"),
+        (True, {"applied_request_ids": ["r1"]}, "format_version True is not supported"),
+    ],
+)
+def test_hostile_manifest_with_both_or_neither_request_field_is_refused_even_when_signed(
+    registry: ReleaseRegistry,
+    checkpoint: dict[str, Path],
+    key: Ed25519PrivateKey,
+    format_version: object,
+    fields: dict,
+    message: str,
+) -> None:
+    manifest = registry.publish(files=checkpoint, signing_key=key, parent=None)
+    doc = json.loads(manifest.to_bytes())
+    del doc["applied_request_ids"]
+    data = json.dumps({**doc, "format_version": format_version, **fields}).encode()
+    with pytest.raises(ReleaseError, match=message):
+        ReleaseManifest.from_bytes(data, source="crafted")
+    # signed with the real key and put in place, it is still refused, naming the file
+    (registry.path(1) / "manifest.json").write_bytes(data)
+    (registry.path(1) / "manifest.sig").write_bytes(sign_bytes(data, signing_key=key))
+    with pytest.raises(ReleaseError, match=message):
+        registry.verify(1, public_key=key.public_key())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -133,7 +171,7 @@ def test_manifest_rejects_traversal_names_and_unknown_fields(
         ({"reason": "why"}, "revoke_previous"),
         ({"metrics": {"uar": float("nan")}}, "metrics"),
         ({"metrics": {"uar": object()}}, "metrics"),
-        ({"applies_requests": ["a", "a"]}, "duplicate"),
+        ({"applied_request_ids": ["a", "a"]}, "duplicate"),
         ({"files": {}}, "at least one"),
     ],
 )
@@ -304,7 +342,7 @@ def test_revocation_hides_release_and_is_logged(
     assert index.newest_available().version == 1
 
     third = registry.publish(
-        files=checkpoint, signing_key=key, parent=1, applies_requests=["del-9"], revoke_previous=True
+        files=checkpoint, signing_key=key, parent=1, applied_request_ids=["del-9"], revoke_previous=True
     )
     assert set(registry.revoked()) == {1, 2}
     assert "del-9" in registry.revoked()[1]
@@ -369,10 +407,10 @@ def test_tampered_index_is_refused(
 
 
 def test_serves_index_and_release_files(
-    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, serve_http
 ) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
-    address = http_base(registry.root)
+    address = serve_http(registry.root)
     index_bytes, signature = registry.read_index_files()
     assert _get(address, "/index.json") == (200, index_bytes)
     assert _get(address, "/index.sig") == (200, signature)
@@ -380,17 +418,17 @@ def test_serves_index_and_release_files(
     assert _get(address, "/v0001/manifest.json") == (200, (registry.path(1) / "manifest.json").read_bytes())
 
 
-def test_index_is_404_before_first_publish(registry: ReleaseRegistry, http_base) -> None:
-    registry.root.mkdir()
-    assert _get(http_base(registry.root), "/index.json")[0] == 404
+def test_index_is_404_before_first_publish(registry: ReleaseRegistry, serve_http) -> None:
+    registry.root.mkdir(parents=True)
+    assert _get(serve_http(registry.root), "/index.json")[0] == 404
 
 
 def test_revoked_release_is_gone(
-    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, http_base
+    registry: ReleaseRegistry, checkpoint: dict[str, Path], key: Ed25519PrivateKey, serve_http
 ) -> None:
     registry.publish(files=checkpoint, signing_key=key, parent=None)
     registry.publish(files=checkpoint, signing_key=key, parent=1)
-    address = http_base(registry.root)
+    address = serve_http(registry.root)
     assert _get(address, "/v0001/model.json")[0] == 200
     registry.revoke(versions=[1], reason="forgotten speaker", signing_key=key)
     for name in ("model.json", "model.safetensors", "manifest.json", "manifest.sig"):
@@ -425,7 +463,7 @@ def test_no_listing_or_path_traversal(
     registry: ReleaseRegistry,
     checkpoint: dict[str, Path],
     key: Ed25519PrivateKey,
-    http_base,
+    serve_http,
     raw_path: str,
     tmp_path: Path,
 ) -> None:
@@ -434,7 +472,7 @@ def test_no_listing_or_path_traversal(
     (tmp_path / "secret.txt").write_bytes(secret)
     (registry.root / "secret.txt").write_bytes(secret)
     (registry.path(1) / "notes.txt").write_bytes(secret)  # present on disk but not in the manifest
-    status, body = _get(http_base(registry.root), raw_path)
+    status, body = _get(serve_http(registry.root), raw_path)
     assert status == 404
     assert secret not in body and b"model" not in body
 

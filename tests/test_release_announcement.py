@@ -96,7 +96,7 @@ def test_unsigned_weights_with_a_genuine_manifest_are_refused(world) -> None:
         model=_model(1),
         labels=FOUR_CLASS,
         parent=1,
-        applies_requests=[rid],
+        applied_request_ids=[rid],
         onnx=False,
         revoke_previous=True,
     )
@@ -115,7 +115,7 @@ def test_signed_release_that_applies_the_request_is_adopted_and_purges(world) ->
         model=_model(1),
         labels=FOUR_CLASS,
         parent=1,
-        applies_requests=[rid],
+        applied_request_ids=[rid],
         onnx=False,
         revoke_previous=True,
     )

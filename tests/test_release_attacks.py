@@ -34,24 +34,10 @@ from serforget.common.release import (
     parse_signed_index,
     sign_bytes,
 )
+from tests.helpers.http import ThreadedServers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NESTED = b"[" * 4096
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> ReleaseRegistry:
-    return ReleaseRegistry(tmp_path / "server" / "releases")
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    return tmp_path / "device"
 
 
 @pytest.fixture
@@ -171,22 +157,14 @@ class _Attacker(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def attacker() -> Iterator[Callable[[str], str]]:
-    servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+    servers = ThreadedServers()
 
     def start(mode: str) -> str:
         handler = type("Handler", (_Attacker,), {"mode": mode})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return servers.start(ThreadingHTTPServer(("127.0.0.1", 0), handler))
 
     yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    servers.stop_all()
 
 
 @pytest.mark.parametrize("mode", ["drip-body", "drip-headers"])
@@ -293,7 +271,7 @@ def test_rollback_a_fresh_device_refuses_an_old_index_below_its_trust_anchor(
     published()
     stale_mirror = tmp_path / "stale-mirror"
     shutil.copytree(registry.root, stale_mirror)  # still lists v1 as live
-    published(revoke_previous=True, applies_requests=["del-1"])
+    published(revoke_previous=True, applied_request_ids=["del-1"])
     anchor = registry.read_index(public_key=key.public_key()).sequence  # shipped in the device image
 
     with pytest.raises(PullError, match="rollback"):
@@ -313,7 +291,7 @@ def test_rollback_the_seen_sequence_is_persisted_even_when_the_download_fails(
     published()
     stale_mirror = tmp_path / "stale-mirror"
     shutil.copytree(registry.root, stale_mirror)
-    published(revoke_previous=True, applies_requests=["del-1"])
+    published(revoke_previous=True, applied_request_ids=["del-1"])
     (registry.path(2) / "model.onnx").write_bytes(b"truncated")  # the new release cannot be installed
     with pytest.raises(PullError):
         pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
@@ -326,7 +304,7 @@ def test_rollback_a_different_index_under_an_accepted_sequence_is_refused(
     registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
 ) -> None:
     published()
-    published(revoke_previous=True, applies_requests=["del-1"])
+    published(revoke_previous=True, applied_request_ids=["del-1"])
     pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
     # the byte-identical index again is fine (nothing changed on the server)
     assert pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key()).changed is False
@@ -391,7 +369,7 @@ def test_tombstone_revoked_release_files_are_deleted_and_its_signed_manifest_kep
 ) -> None:
     published()
     manifest_before = (registry.path(1) / "manifest.json").read_bytes()
-    published(revoke_previous=True, applies_requests=["del-1"])
+    published(revoke_previous=True, applied_request_ids=["del-1"])
     assert sorted(p.name for p in registry.path(1).iterdir()) == ["manifest.json", "manifest.sig"]
     assert (registry.path(1) / "manifest.json").read_bytes() == manifest_before
     tombstone = registry.verify(1, public_key=key.public_key())  # the hashes still verify as a signed record
@@ -417,28 +395,19 @@ def test_tombstone_a_burial_cut_short_is_finished_by_the_next_writer(
 
 
 def test_tombstone_revoked_release_is_not_served_over_http(
-    registry: ReleaseRegistry, published, key: Ed25519PrivateKey
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, serve_http
 ) -> None:
     import urllib.error
     import urllib.request
 
-    from serforget.common.release import serve_releases
-
     published()
-    published(revoke_previous=True, applies_requests=["del-1"])
-    server = serve_releases(root=registry.root, port=0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        for name in ("model.onnx", "manifest.json"):
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/v0001/{name}", timeout=5)
-            assert refused.value.code == 410
-            refused.value.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    published(revoke_previous=True, applied_request_ids=["del-1"])
+    url = serve_http(registry.root)
+    for name in ("model.onnx", "manifest.json"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/v0001/{name}", timeout=5)
+        assert refused.value.code == 410
+        refused.value.close()
 
 
 # --------------------------------------------------------------------------- key compromise and rotation
@@ -448,7 +417,7 @@ def test_key_rotation_devices_follow_it_and_then_refuse_the_compromised_key(
     tmp_path: Path, registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
 ) -> None:
     published()
-    published(revoke_previous=True, applies_requests=["del-1"])
+    published(revoke_previous=True, applied_request_ids=["del-1"])
     pull_release(source=str(registry.root), dest=dest, server_public_key=key.public_key())
     stolen = key  # the old key leaked: the operator rotates to a new one
     new_key = Ed25519PrivateKey.generate()
@@ -507,21 +476,10 @@ def test_key_rotation_forged_rotations_are_refused(
 
 
 def test_key_rotation_is_served_over_http(
-    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path
+    registry: ReleaseRegistry, published, key: Ed25519PrivateKey, dest: Path, serve_http
 ) -> None:
-    from serforget.common.release import serve_releases
-
     published()
     new_key = Ed25519PrivateKey.generate()
     registry.rotate_key(pinned=key.public_key(), old_signing_key=key, new_signing_key=new_key)
-    server = serve_releases(root=registry.root, port=0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert pull_release(source=url, dest=dest, server_public_key=key.public_key()).version == 1
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    assert pull_release(source=serve_http(registry.root), dest=dest, server_public_key=key.public_key()).version == 1
     assert json.loads((dest / "current.json").read_text())["key_version"] == 2

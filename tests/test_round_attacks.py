@@ -26,7 +26,7 @@ from serforget.server.unlearning_round import announce_release, retry_by_node, r
 
 BASE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "steps": torch.tensor(3)}
 HONEST = {"w": torch.full((3, 2), 0.01), "b": torch.full((2,), 0.01)}
-CFG = RunSettings.from_mapping({"round-timeout": 5.0, "unlearn-timeout": 5.0})
+CFG = RunSettings.from_mapping({"round-timeout": 5.0, "unlearn.timeout": 5.0})
 ALICE_RID = "a" * 32
 
 
@@ -113,11 +113,11 @@ def _round(server: ServerDir, grid: InProcessGrid, *, version: int):
             files={"model.safetensors": weights},
             signing_key=server.signing_key(),
             parent=None,
-            applies_requests=outcome.applied_request_ids,
+            applied_request_ids=outcome.applied_request_ids,
             revoke_previous=True,
             reason="test",
         )
-    applied = {rid for v in registry.versions() for rid in registry.manifest(v).applies_requests}
+    applied = {rid for v in registry.versions() for rid in registry.manifest(v).applied_request_ids}
     announce_release(
         grid,
         cfg=CFG,
@@ -135,7 +135,7 @@ def _reasons(outcome) -> dict[str, str]:
 
 
 def _published(registry: ReleaseRegistry) -> list[tuple[str, ...]]:
-    return [registry.manifest(v).applies_requests for v in registry.versions()]
+    return [registry.manifest(v).applied_request_ids for v in registry.versions()]
 
 
 # ---------------------------------------------------------------- float8: one node cannot abort the round

@@ -14,9 +14,9 @@ from serforget.client.node import NodeDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
-    "synth-speakers=7 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
-    "local-epochs=1 clip-seconds=2.0 scenario-partial-n=3 importance-max-utts=8 max-ua-drop=100.0 "
-    'unlearn-json=\'{"max_epochs": 5, "pgd_k": 1, "pgd_steps": 3}\''
+    "synth.speakers=7 synth.sentences=2 synth.takes=1 valid-speakers=1 test-speakers=2 num-rounds=2 "
+    "local-epochs=1 clip-seconds=2.0 scenario.partial-n=3 importance-max-utts=8 max-ua-drop=100.0 "
+    "unlearn.max-epochs=5 unlearn.pgd-k=1 unlearn.pgd-steps=3"
 )
 
 
@@ -60,6 +60,6 @@ def test_flwr_run_end_to_end_and_failure_is_reported(tmp_path: Path) -> None:
     again = _simulate(tmp_path)
     assert again.returncode == 0 and "already ran" in again.stdout
     # a ServerApp failure (flwr run itself exits 0) must make the wrapper fail
-    failed = _simulate(tmp_path, "scenario-whole-node=99", "--fresh")
+    failed = _simulate(tmp_path, "scenario.whole-node=99", "--fresh")
     assert failed.returncode == 1
     assert "finished:failed" in failed.stderr and "partition-id 99" in failed.stderr

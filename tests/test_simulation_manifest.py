@@ -65,7 +65,7 @@ def test_training_speakers_are_the_train_split_and_held_out_speakers_are_not(
     )
     assert simulation_nodes(cfg) == 9
     assert (
-        simulation_nodes(RunSettings.from_mapping({"synth-speakers": 10, "valid-speakers": 1, "test-speakers": 2})) == 7
+        simulation_nodes(RunSettings.from_mapping({"synth.speakers": 10, "valid-speakers": 1, "test-speakers": 2})) == 7
     )
 
 
@@ -293,10 +293,9 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     assert indexed.returncode == 0, indexed.stderr
     assert "96 utterances from 12 speakers" in indexed.stdout
     tiny = (
-        "valid-speakers=1 test-speakers=2 num-rounds=2 local-epochs=1 clip-seconds=1.0 scenario-partial-n=3 "
-        "importance-max-utts=8 max-ua-drop=100.0 onnx-export=false "
-        'model-json=\'{"channels": [8, 16], "hidden": 16}\' '
-        'unlearn-json=\'{"max_epochs": 5, "pgd_k": 1, "pgd_steps": 3}\''
+        "valid-speakers=1 test-speakers=2 num-rounds=2 local-epochs=1 clip-seconds=1.0 scenario.partial-n=3 "
+        "importance-max-utts=8 max-ua-drop=100.0 release.onnx-export=false model.channels='8,16' model.hidden=16 "
+        "unlearn.max-epochs=5 unlearn.pgd-k=1 unlearn.pgd-steps=3"
     )
     done = subprocess.run(
         [
@@ -321,7 +320,7 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(9 SuperNodes)" in done.stdout
     report = json.loads((tmp_path / "sim" / "report" / "report.json").read_text())
-    assert report["n_nodes"] == 9 and report["settings"]["data_manifest"] == str(manifest.resolve())
+    assert report["n_nodes"] == 9 and report["settings"]["data-manifest"] == str(manifest.resolve())
     assert report["releases"]["unlearned"] == 2
     assert len(report["node_devices"]["train"]) == 9
     assert not (tmp_path / "sim" / "corpus").exists()  # nothing synthesized
@@ -331,10 +330,10 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
 def test_two_simulations_at_once_each_start_and_stop_their_own_superlink(tmp_path: Path) -> None:
     """Two `serforget simulate` runs in parallel: each its own local SuperLink (own ports), both complete."""
     tiny = (
-        "synth-speakers=6 synth-sentences=2 synth-takes=1 valid-speakers=1 test-speakers=1 num-rounds=1 local-epochs=1 "
-        "clip-seconds=1.0 scenario-partial-n=3 scenario-partial-node=0 scenario-whole-node=1 importance-max-utts=8 "
-        'max-ua-drop=100.0 onnx-export=false retrain-oracle=false model-json=\'{"channels": [8, 16], "hidden": 16}\' '
-        'unlearn-json=\'{"max_epochs": 3, "pgd_k": 1, "pgd_steps": 2}\''
+        "synth.speakers=6 synth.sentences=2 synth.takes=1 valid-speakers=1 test-speakers=1 num-rounds=1 local-epochs=1 "
+        "clip-seconds=1.0 scenario.partial-n=3 scenario.partial-node=0 scenario.whole-node=1 importance-max-utts=8 "
+        "max-ua-drop=100.0 release.onnx-export=false retrain-oracle=false model.channels='8,16' model.hidden=16 "
+        "unlearn.max-epochs=3 unlearn.pgd-k=1 unlearn.pgd-steps=2"
     )
     runs = {
         name: subprocess.Popen(

@@ -106,12 +106,12 @@ def test_unlearn_rejects_baselines_and_writing_over_the_source(corpus, tmp_path,
                 "--out",
                 str(tmp_path / "y"),
                 "--set",
-                "tau=7",
+                "penalty_tau=7",
             ]
         )
         == 2
     )
-    assert "UnlearnConfig.tau" in capsys.readouterr().err
+    assert "penalty_tau: must lie in (0, 1], got 7.0" in capsys.readouterr().err
 
 
 def test_unlearn_eval_writes_json_markdown_and_plots(corpus, tmp_path, capsys):

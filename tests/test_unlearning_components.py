@@ -181,7 +181,7 @@ def test_elastic_penalty_is_zero_at_the_original_weights_and_frees_important_wei
     torch.manual_seed(0)
     model = _Linear()
     raw = {"fc.weight": torch.linspace(0, 1, 18).reshape(3, 6), "fc.bias": torch.tensor([0.0, 1.0, 0.5])}
-    weights = penalty_weights(raw, tau=0.5, strength=4.0)
+    weights = penalty_weights(raw, penalty_tau=0.5, penalty_lambda=4.0)
     torch.testing.assert_close(weights["fc.bias"], torch.tensor([4.0, 0.0, 0.0]))
     penalty = ElasticPenalty(model, weights)
     assert float(penalty(model).detach()) == 0.0
@@ -204,25 +204,28 @@ def test_elastic_penalty_rejects_a_map_of_another_model():
 def test_elastic_constraint_scales_movement_by_global_importance():
     delta = {"w": torch.ones(4), "b": torch.full((2,), 2.0), "steps": torch.tensor(3)}
     importance = {"w": torch.tensor([0.0, 1.0, 2.0, 4.0]), "b": torch.tensor([5.0, 5.0])}
-    out = elastic_constraint(delta, importance, tau=0.5, strength=0.8)
+    out = elastic_constraint(delta, importance, constraint_tau=0.5, constraint_strength=0.8)
     # minmax(w) = [0, .25, .5, 1] -> clipped at tau .5 -> [0, .5, 1, 1] -> scale 1 - .8 * imp
     torch.testing.assert_close(out["w"], torch.tensor([1.0, 0.6, 0.2, 0.2]))
     torch.testing.assert_close(out["b"], delta["b"])  # constant map: nothing stands out, all free
     assert torch.equal(out["steps"], delta["steps"])
-    assert torch.equal(elastic_constraint(delta, importance, tau=1.0, strength=0.0)["w"], delta["w"])
+    assert torch.equal(
+        elastic_constraint(delta, importance, constraint_tau=1.0, constraint_strength=0.0)["w"], delta["w"]
+    )
     torch.testing.assert_close(
-        elastic_constraint(delta, importance, tau=0.25, strength=1.0)["w"], torch.tensor([1.0, 0, 0, 0])
+        elastic_constraint(delta, importance, constraint_tau=0.25, constraint_strength=1.0)["w"],
+        torch.tensor([1.0, 0, 0, 0]),
     )
     assert torch.equal(delta["w"], torch.ones(4))  # input untouched
 
 
 def test_elastic_constraint_rejects_mismatched_maps():
     with pytest.raises(ValueError, match="absent"):
-        elastic_constraint({"w": torch.ones(2)}, {"v": torch.ones(2)}, tau=1.0, strength=1.0)
+        elastic_constraint({"w": torch.ones(2)}, {"v": torch.ones(2)}, constraint_tau=1.0, constraint_strength=1.0)
     with pytest.raises(ValueError, match="shape"):
-        elastic_constraint({"w": torch.ones(2)}, {"w": torch.ones(3)}, tau=1.0, strength=1.0)
-    with pytest.raises(ValueError, match="strength"):
-        elastic_constraint({"w": torch.ones(2)}, {"w": torch.ones(2)}, tau=1.0, strength=-1.0)
+        elastic_constraint({"w": torch.ones(2)}, {"w": torch.ones(3)}, constraint_tau=1.0, constraint_strength=1.0)
+    with pytest.raises(ValueError, match="constraint_strength"):
+        elastic_constraint({"w": torch.ones(2)}, {"w": torch.ones(2)}, constraint_tau=1.0, constraint_strength=-1.0)
 
 
 # ----------------------------------------------------------------------------- stop rule

@@ -1,4 +1,4 @@
-"""UnlearnConfig: validation and reading from Flower run config / CLI mappings."""
+"""UnlearnConfig: validation and reading from CLI mappings (the run config's unlearn.* table: test_settings.py)."""
 
 from __future__ import annotations
 
@@ -30,19 +30,26 @@ def test_from_mapping_coerces_strings_and_accepts_hyphens():
     assert config.remain_steps_per_epoch is None and config.pgd_k == 3
 
 
-def test_from_mapping_with_prefix_reads_only_its_keys():
-    config = UnlearnConfig.from_mapping({"unlearn-tau": 0.25, "num-server-rounds": 3}, prefix="unlearn-")
-    assert config.tau == 0.25
+def test_renamed_penalty_settings_are_refused_naming_the_new_name():
+    """``ela_lambda``/``tau`` became ``penalty_lambda``/``penalty_tau`` (the server's constraint has its own
+    ``constraint.*``): an old key is an error that says the new name, never silently dropped or aliased."""
+    with pytest.raises(ValueError, match="^tau: renamed penalty_tau$"):
+        UnlearnConfig.from_mapping({"tau": "0.25"})
+    with pytest.raises(ValueError, match="^ela_lambda: renamed penalty_lambda$"):
+        UnlearnConfig.from_mapping({"ela_lambda": 2.0})
+    assert UnlearnConfig.from_mapping({"penalty-tau": "0.25", "penalty_lambda": 2}).penalty_tau == 0.25
 
 
 @pytest.mark.parametrize(
     ("mapping", "message"),
     [
-        ({"learning_rate": 1.0}, "unknown unlearning setting 'learning_rate'"),
-        ({"max_epochs": "two"}, "'max_epochs': cannot read 'two' as int"),
-        ({"pgd_k": 2.5}, "'pgd_k': cannot read 2.5 as int"),
-        ({"pgd_rand_init": "maybe"}, "'pgd_rand_init'"),
-        ({"lr": True}, "'lr'"),
+        ({"learning_rate": 1.0}, "^learning_rate: unknown unlearning setting"),
+        ({"lrr": 1.0}, r"^lrr: unknown unlearning setting \(did you mean lr\?\)"),
+        ({"max_epochs": "two"}, "^max_epochs: cannot read 'two' as int"),
+        ({"pgd_k": 2.5}, "^pgd_k: cannot read 2.5 as int"),
+        ({"pgd_rand_init": "maybe"}, "^pgd_rand_init: cannot read"),
+        ({"lr": True}, "^lr: cannot read True as float"),
+        ({"pgd-eps": "-1"}, r"^pgd_eps: must be > 0, got -1\.0"),
     ],
 )
 def test_from_mapping_names_the_bad_key(mapping, message):
@@ -58,8 +65,9 @@ def test_from_mapping_names_the_bad_key(mapping, message):
         ({"stop": "retrain-level"}, "target_forget_acc"),
         ({"target_forget_acc": 1.5}, "target_forget_acc"),
         ({"pgd_norm": "l1"}, "pgd_norm"),
-        ({"tau": 0.0}, "tau"),
-        ({"tau": 1.5}, "tau"),
+        ({"penalty_tau": 0.0}, "penalty_tau"),
+        ({"penalty_tau": 1.5}, "penalty_tau"),
+        ({"penalty_lambda": -1.0}, "penalty_lambda"),
         ({"importance": "ewc"}, "importance"),
         ({"pgd_k": 0}, "pgd_k"),
         ({"neggrad_plus_alpha": 2.0}, "neggrad_plus_alpha"),

@@ -74,8 +74,8 @@ def test_l2ul_recipe_runs_to_its_stop_rule():
         adv_drop_unflipped=False,
         pgd_k=3,
         pgd_steps=2,
-        ela_lambda=0.5,
-        tau=1.0,
+        penalty_lambda=0.5,
+        penalty_tau=1.0,
         max_epochs=50,
     )
     result = unlearn(model, forget, method="neggrad_adv_ela", config=config)

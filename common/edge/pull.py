@@ -218,7 +218,7 @@ class _DirectorySource:
 
 
 class _HttpSource:
-    """A server started with :func:`serforget.common.release.serve_releases`.
+    """A server started with :func:`serforget.server.release_http.serve_releases`.
 
     Why not ``urlopen``: its timeout bounds each socket read, not a download, so a server that
     sends one byte just before every timeout holds a pull forever (slow retrieval). Here every
@@ -655,7 +655,7 @@ def pull_release(
 ) -> PullResult:
     """Install the newest non-revoked release from ``source`` into ``dest`` and make it current.
 
-    ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serve_releases`;
+    ``source`` is a registry folder or the ``http(s)://`` URL of :func:`serforget.server.release_http.serve_releases`;
     ``server_public_key`` is the pinned key (key version 1); every index and manifest must be
     signed with it or with the key a chain of verified rotations (``root/rNNNNNN.json``) leads
     to, which the device then trusts instead.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from serforget.common.models.frontend import LogMel
+from serforget.common.validation import FieldError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,17 @@ class CNNConfig:
     hidden: int = 64
     dropout: float = 0.2
     groups: int = 4
+
+    def __post_init__(self) -> None:
+        """Refuse a shape no model can have, naming the field (the run config names the key)."""
+        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "hidden", "groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FieldError("CNNConfig", name, "must be a positive integer")
+        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
+            raise FieldError("CNNConfig", "channels", "must be one or more positive integers")
+        if isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+            raise FieldError("CNNConfig", "dropout", "must lie in [0, 1)")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CNNConfig":

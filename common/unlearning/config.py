@@ -15,17 +15,22 @@ the rule stops close to its target; a cheap PGD budget (2 examples x 5 steps per
 keeps a call far cheaper than retraining.
 
 What the seed paper leaves open (its full text could not be read) is a setting here, with the
-choice documented on the field: the loss weights, what ``tau`` clips, the PGD budget.
+choice documented on the field: the loss weights, what ``penalty_tau`` clips, the PGD budget.
+
+Names: the device's importance-weighted penalty is ``penalty_lambda`` / ``penalty_tau``; the
+server's elastic constraint on deltas is a different setting (``constraint.*`` in the run
+config, :mod:`serforget.common.settings`). Until the split they were ``ela_lambda`` / ``tau``;
+:data:`RENAMED` makes the old names an error that names the new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from serforget.common.validation import FieldError
 
 #: Forget-set-only methods (never see remaining data) and the remaining-data baselines.
 FORGET_ONLY_METHODS: tuple[str, ...] = ("rl_adv_ela", "rl", "rl_adv", "rl_ela", "neggrad", "neggrad_adv_ela")
@@ -133,17 +138,17 @@ class UnlearnConfig:
     #: (squared gradient of the log-likelihood of the label).
     importance: str = "mas"
     #: Strength lambda of ``sum_i lambda * (1 - imp_i) * (theta_i - theta0_i)^2``.
-    ela_lambda: float = 10.0
+    penalty_lambda: float = 10.0
     #: Where importance is measured: on the whole ``forget`` set (the papers), or only on the
     #: utterances the forgetting term ``trained`` on, recomputed whenever that set grows. Under a
     #: partial relabel scope the untrained utterances are ones the model should keep getting
     #: right, so freeing the weights they depend on is the opposite of what is wanted.
     importance_scope: str = "forget"
-    #: Clipping value: normalised importance is clipped at ``tau`` and rescaled,
+    #: Clipping value tau: normalised importance is clipped at tau and rescaled,
     #: ``imp_i = min(minmax(I)_i / tau, 1)``. tau = 1 is Cha et al.'s plain min-max; smaller tau
     #: frees every weight whose importance reaches tau of its tensor's maximum (MAS maps are
     #: heavy-tailed, so without clipping nearly every weight is held by the full lambda).
-    tau: float = 0.5
+    penalty_tau: float = 0.5
 
     # ---------------------------------------------------------------- anchoring (off by default)
     #: Weight of a KL term that keeps the original model's output distribution on noisy copies of
@@ -224,8 +229,8 @@ class UnlearnConfig:
         _check(self.pgd_k >= 1, "pgd_k", "must be >= 1")
         _check(self.adv_weight >= 0, "adv_weight", "must be >= 0")
         _check(self.importance in IMPORTANCE_KINDS, "importance", f"must be one of {IMPORTANCE_KINDS}")
-        _check(self.ela_lambda >= 0, "ela_lambda", "must be >= 0")
-        _check(0 < self.tau <= 1, "tau", "must lie in (0, 1]")
+        _check(self.penalty_lambda >= 0, "penalty_lambda", "must be >= 0")
+        _check(0 < self.penalty_tau <= 1, "penalty_tau", "must lie in (0, 1]")
         _check(self.remain_lr > 0, "remain_lr", "must be > 0")
         _check(self.remain_epochs >= 1, "remain_epochs", "must be >= 1")
         if self.remain_steps_per_epoch is not None:
@@ -251,67 +256,25 @@ class UnlearnConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, prefix: str = "") -> "UnlearnConfig":
-        """Build from a flat mapping such as Flower's run config or ``--set key=value`` pairs.
+    def from_mapping(cls, values: Mapping[str, Any]) -> "UnlearnConfig":
+        """Build from a flat mapping: ``--set key=value`` pairs, or a stored :meth:`to_dict`.
 
-        Keys may use ``-`` for ``_`` (``pgd-eps``); with ``prefix`` (e.g. ``"unlearn-"``) only
-        keys that start with it are read and the rest are ignored, so a whole run config can be
-        passed. Values are coerced to the field's type (Flower and the CLI deliver strings,
-        ints and floats); ``None``/``"none"``/``""`` clear an optional field. An unknown key or an
-        unconvertible value raises ``ValueError`` naming the key.
+        Keys may use ``-`` for ``_`` (``pgd-eps``). Values are coerced to the field's type (the CLI
+        delivers strings); ``None``/``"none"``/``""`` clear an optional field. An unknown key, a
+        renamed one (:data:`RENAMED`) or an unconvertible value raises ``ValueError`` naming it.
+        The run config's ``unlearn.*`` table is read by :mod:`serforget.common.settings` (the
+        one parser; this method delegates to it).
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        changes: dict[str, Any] = {}
-        for raw_key, raw_value in values.items():
-            if prefix:
-                if not raw_key.startswith(prefix):
-                    continue
-                raw_key = raw_key[len(prefix) :]
-            key = raw_key.replace("-", "_")
-            if key not in fields:
-                raise ValueError(f"unknown unlearning setting {prefix + raw_key!r}; known: {', '.join(sorted(fields))}")
-            changes[key] = _coerce(raw_value, hints[key], key=prefix + raw_key)
-        return cls(**changes)
+        from serforget.common.settings import dataclass_from_mapping
+
+        return dataclass_from_mapping(cls, values, what="unlearning setting", renamed=RENAMED, coerce_strings=True)
+
+
+#: Former names of settings, kept only to say what they are called now (never read as aliases:
+#: nothing stored reads an UnlearnConfig back, so a stale key is the user's to fix).
+RENAMED: dict[str, str] = {"ela_lambda": "penalty_lambda", "tau": "penalty_tau"}
 
 
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"UnlearnConfig.{field} {message}")
-
-
-def _coerce(value: Any, annotation: Any, *, key: str) -> Any:
-    """Convert a run-config / CLI value to ``annotation`` (bool, int, float, str, or X | None)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-            return None
-        (annotation,) = [a for a in args if a is not type(None)]
-    try:
-        if annotation is bool:
-            return _to_bool(value)
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "." in value else int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if annotation is str:
-            if not isinstance(value, str):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        raise ValueError(f"unlearning setting {key!r}: cannot read {value!r} as {annotation.__name__}") from None
-    raise TypeError(f"unlearning setting {key!r}: unsupported field type {annotation!r}")
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise ValueError(value)
+        raise FieldError("UnlearnConfig", field, message)

@@ -16,7 +16,11 @@ remaining knowledge. That is the sensitivity the seed paper reports.
 
 Server side (:func:`elastic_constraint`): before applying a node's delta, the server scales each
 parameter's movement down by the *global* (task) importance, so weights important to the task move
-little. Same normalisation and same τ, so one setting means the same on both sides.
+little. It clips importance the same way, but it is a different setting with its own scale and
+defaults, so the two never share a name: the device's penalty is ``penalty_lambda`` (λ >= 0) and
+``penalty_tau`` (:class:`~serforget.common.unlearning.config.UnlearnConfig`), the server's
+constraint is ``constraint_strength`` (in [0, 1]) and ``constraint_tau`` (run config
+``constraint.*``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from torch import nn
 from serforget.common.unlearning.importance import ImportanceMap, clip_importance, minmax_normalize
 
 
-def penalty_weights(importance: ImportanceMap, *, tau: float, strength: float) -> ImportanceMap:
-    """Per-parameter penalty weights ``strength * (1 - min(minmax(I) / tau, 1))`` from a raw map."""
-    if strength < 0:
-        raise ValueError(f"elastic strength (lambda) must be >= 0, got {strength}")
-    clipped = clip_importance(minmax_normalize(importance), tau=tau)
-    return {name: strength * (1.0 - value) for name, value in clipped.items()}
+def penalty_weights(importance: ImportanceMap, *, penalty_tau: float, penalty_lambda: float) -> ImportanceMap:
+    """Per-parameter penalty weights ``lambda * (1 - min(minmax(I) / tau, 1))`` from a raw map."""
+    if penalty_lambda < 0:
+        raise ValueError(f"penalty_lambda must be >= 0, got {penalty_lambda}")
+    clipped = clip_importance(minmax_normalize(importance), tau=penalty_tau)
+    return {name: penalty_lambda * (1.0 - value) for name, value in clipped.items()}
 
 
 class ElasticPenalty:
@@ -72,26 +76,26 @@ def elastic_constraint(
     delta: Mapping[str, torch.Tensor],
     importance: Mapping[str, torch.Tensor],
     *,
-    tau: float,
-    strength: float,
+    constraint_tau: float,
+    constraint_strength: float,
 ) -> dict[str, torch.Tensor]:
     """Scale a node's update by the global importance map before the server applies it.
 
     Rule, per parameter entry ``i`` of every tensor named in ``importance``:
 
-        imp_i   = min(minmax(I)_i / tau, 1)          (per tensor; raw or normalised maps alike)
-        scale_i = clip(1 - strength * imp_i, 0, 1)
+        imp_i   = min(minmax(I)_i / constraint_tau, 1)    (per tensor; raw or normalised maps alike)
+        scale_i = clip(1 - constraint_strength * imp_i, 0, 1)
         delta'_i = scale_i * delta_i
 
-    ``strength`` in [0, 1] keeps a fraction ``1 - strength`` of the movement of fully important
-    weights (``strength = 1`` freezes them; 0 disables the constraint); unimportant weights
+    ``constraint_strength`` in [0, 1] keeps a fraction ``1 - constraint_strength`` of the movement
+    of fully important weights (1 freezes them; 0 disables the constraint); unimportant weights
     (imp 0) always move freely. Scaling, not norm clipping, keeps the update's direction for every
     weight and never enlarges it. Entries of ``delta`` without importance (buffers, integer
     counters) pass through unchanged; an importance entry with no matching delta, or a shape
     mismatch, is a ``ValueError`` naming the tensor (the map belongs to another model).
     """
-    if strength < 0:
-        raise ValueError(f"elastic constraint strength must be >= 0, got {strength}")
+    if constraint_strength < 0:
+        raise ValueError(f"constraint_strength must be >= 0, got {constraint_strength}")
     missing = sorted(set(importance) - set(delta))
     if missing:
         raise ValueError(f"importance map names tensors absent from the delta: {missing[:5]}")
@@ -100,12 +104,16 @@ def elastic_constraint(
             raise ValueError(
                 f"importance {name!r} has shape {tuple(value.shape)}, delta has {tuple(delta[name].shape)}"
             )
-    clipped = clip_importance(minmax_normalize({k: v.detach().float().cpu() for k, v in importance.items()}), tau=tau)
+    clipped = clip_importance(
+        minmax_normalize({k: v.detach().float().cpu() for k, v in importance.items()}), tau=constraint_tau
+    )
     out: dict[str, torch.Tensor] = {}
     for name, value in delta.items():
         if name not in clipped or not value.is_floating_point():
             out[name] = value.clone()
             continue
-        scale = torch.clamp(1.0 - strength * clipped[name], 0.0, 1.0).to(device=value.device, dtype=value.dtype)
+        scale = torch.clamp(1.0 - constraint_strength * clipped[name], 0.0, 1.0).to(
+            device=value.device, dtype=value.dtype
+        )
         out[name] = value * scale
     return out

@@ -246,7 +246,7 @@ def _run_forget_only(
         data = forget if rows is None else forget.subset(rows.cpu())
         raw = compute_importance(source, data, kind=config.importance, device=device)
         importance = minmax_normalize(raw)
-        weights = penalty_weights(raw, tau=config.tau, strength=config.ela_lambda)
+        weights = penalty_weights(raw, penalty_tau=config.penalty_tau, penalty_lambda=config.penalty_lambda)
         penalty = ElasticPenalty(source, weights) if reference is not None else ElasticPenalty(work, weights)
         phases["importance"] = phases.get("importance", 0.0) + time.perf_counter() - start
 

@@ -246,7 +246,7 @@ def _unlearn_row(original: nn.Module, sets: EvalSets, run: MethodRun, *, device:
         "stop": run.config.stop,
         "stop_reason": result.stop_reason,
         "target_forget_acc": run.config.target_forget_acc,
-        "tau": run.config.tau,
+        "penalty_tau": run.config.penalty_tau,
         "n_adversarial": result.n_adversarial,
         "phase_seconds": result.phase_seconds,
         "forget_acc_trajectory": result.forget_acc_trajectory,

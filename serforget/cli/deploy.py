@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = dsub.add_parser("run", help="`flwr run . serforget --stream` on the deployment, status checked")
     run.add_argument("--run-dir", type=Path, required=True)
     run.add_argument("--app", type=Path, default=Path("."))
-    run.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5"')
+    run.add_argument("--run-config", default="", help='run-config overrides, e.g. "num-rounds=5 unlearn.max-epochs=10"')
     run.add_argument("--unlearn-only", action="store_true", help="resume from the newest release, no training")
     run.add_argument("--timeout", type=float, default=3600.0)
     run.set_defaults(handler=_run)
@@ -94,6 +94,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from serforget.common.settings import RunSettings
     from serforget.deploy.flwr_program import parse_overrides
     from serforget.deploy.local import deployment_run_config, run_app
 
@@ -102,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.unlearn_only:
         overrides.update({"resume": True, "num-rounds": 0})
     config = deployment_run_config(deployment, min_nodes=len(state["devices"]), overrides=overrides)
+    RunSettings.from_mapping(config)  # a bad key or value: one line naming it, before anything is submitted
     outcome = run_app(deployment, app=args.app.resolve(), run_config=config, timeout=args.timeout)
     report = deployment.work_dir / "report" / "report.md"
     if outcome.status != "finished:completed":

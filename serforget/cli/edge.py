@@ -209,7 +209,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serforget.common.release import serve_releases
+    from serforget.server.release_http import serve_releases
 
     if not args.root.is_dir():
         raise FileNotFoundError(f"{args.root}: release registry folder not found")

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 from serforget.common.pipeline import training_speakers
-from serforget.common.settings import RunSettings
+from serforget.common.settings import RunSettings, flatten
 from serforget.deploy.flwr_program import (
     LOCAL_HTTP_PORT_ENV,
     flwr_env,
@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--app", type=Path, default=Path("."), help="the Flower app folder (pyproject.toml)")
     sim.add_argument("--work-dir", type=Path, default=Path("runs/sim"), help="devices, server, releases and report")
     sim.add_argument("--flwr-home", type=Path, default=Path(".flwr"), help="Flower CLI home for this project")
-    sim.add_argument("--run-config", default="", help='extra overrides, e.g. "num-rounds=5 elastic=false"')
+    sim.add_argument(
+        "--run-config",
+        default="",
+        help='extra run-config overrides, e.g. "num-rounds=5 constraint.enabled=false unlearn.lr=3e-4"',
+    )
     sim.add_argument("--fresh", action="store_true", help="discard devices/server/report (keeps the corpus) and rerun")
     sim.add_argument(
         "--manifest",
@@ -59,7 +63,7 @@ def app_settings(app: Path, overrides: dict) -> RunSettings:
             config = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
     except (tomllib.TOMLDecodeError, KeyError) as exc:
         raise ValueError(f"{pyproject}: not a Flower app ([tool.flwr.app.config] missing or invalid: {exc})") from None
-    return RunSettings.from_mapping({**config, **overrides})
+    return RunSettings.from_mapping({**flatten(config), **overrides})
 
 
 def simulation_nodes(cfg: RunSettings) -> int:
@@ -123,7 +127,7 @@ def _simulate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     report_path = work / "report" / "report.json"
-    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    settings = cfg.as_run_config()
     if args.fresh:
         for name in ("nodes", "server", "report"):
             shutil.rmtree(work / name, ignore_errors=True)

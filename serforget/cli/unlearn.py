@@ -72,7 +72,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override an UnlearnConfig setting, e.g. --set tau=0.25 (repeatable)",
+        help="override an UnlearnConfig setting, e.g. --set penalty_tau=0.25 (repeatable)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress(parser)
