@@ -99,6 +99,8 @@ def build_report(
                 for v in outcome.verdicts
             ],
             "applied_request_ids": outcome.applied_request_ids,
+            "target": dict(scenario.target),
+            "held_out_gate": scenario.valid is not None,
             "node_metrics": node_unlearn,
             "bytes_sent": outcome.bytes_sent,
             "bytes_received": outcome.bytes_received,

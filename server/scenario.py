@@ -8,6 +8,7 @@ nodes report forget accuracy themselves (``query.release`` replies, also in the 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from serforget.common.training import evaluate_model, predict_logits
 from serforget.server.federation import ServerDir
 from serforget.server.simulation import SimulationLayout, provision_simulation
 
+log = logging.getLogger("serforget.server")
+
 
 @dataclass
 class Scenario:
@@ -42,6 +45,8 @@ class Scenario:
     timings: dict[str, float] = field(default_factory=dict)
     #: node name -> {"device", "note"} of its FedAvg training (from the replies' node-info)
     train_devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: the retrain-level target and where it came from (:meth:`held_out_accuracy`), shown in the report
+    target: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def provision(cls, cfg: RunSettings) -> "Scenario":
@@ -54,6 +59,12 @@ class Scenario:
                 if cfg.eval_manifest
                 else None
             )
+            if held_out is None:
+                log.warning(
+                    "deployment without eval-manifest: no held-out gate on deltas (only signatures, the norm bound "
+                    "and the elastic constraint check them) and the retrain-level target falls back to the nodes' "
+                    "own evaluation of their training recordings"
+                )
             return cls(cfg, server, None, labels, held_out, held_out)
         synth = SynthConfig(
             n_speakers=cfg.synth_speakers,
@@ -95,18 +106,31 @@ class Scenario:
 
         In order of preference: central validation UA of the last round; the nodes' federated
         evaluation accuracy of the last round; the held-out UA stored with the release resumed
-        from; chance level (1 / number of classes) when nothing was measured.
+        from; chance level (1 / number of classes) when nothing was measured. Every fallback is
+        logged as a warning and named in the report (``unlearning.target``): the nodes' own
+        evaluation scores the recordings they trained on, so on a memorising model it sits near
+        1.0 and asks the devices to forget almost nothing.
         """
+        value, source = self._target(federated, release)
+        self.target = {"forget_acc": value, "source": source}
+        if not self.rounds:
+            log.warning("retrain-level target %.3f comes from %s", value, source)
+        return value
+
+    def _target(self, federated: Any, release: Any) -> tuple[float, str]:
         if self.rounds:
-            return float(self.rounds[-1]["valid_ua"])
+            return float(self.rounds[-1]["valid_ua"]), "held-out validation UA of the last FedAvg round"
         if federated is not None and federated.evaluate_metrics_clientapp:
             last = max(federated.evaluate_metrics_clientapp)
-            return float(federated.evaluate_metrics_clientapp[last]["eval-acc"])
+            return (
+                float(federated.evaluate_metrics_clientapp[last]["eval-acc"]),
+                "the nodes' own federated evaluation (eval-acc on their training recordings; no eval-manifest)",
+            )
         if release is not None:
             for key in ("valid_ua", "test_ua"):
                 if key in release.metrics:
-                    return float(release.metrics[key])
-        return 1.0 / len(self.labels)
+                    return float(release.metrics[key]), f"{key} stored with release v{release.version}"
+        return 1.0 / len(self.labels), "chance level (nothing held out was measured)"
 
     @property
     def report_dir(self) -> Path:

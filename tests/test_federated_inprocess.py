@@ -50,9 +50,8 @@ def test_default_scenario_trains_unlearns_releases_and_purges(tmp_path: Path) ->
     assert (work / "report" / "report.png").exists() and (work / "report" / "report.md").exists()
 
 
-def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path, tmp_path: Path) -> None:
-    """Deployment: devices bring their own data dirs; a speaker files a request with the CLI."""
-
+def _deployment(tiny_corpus: Path, tmp_path: Path, **overrides) -> tuple[dict, InProcessGrid, dict, Path]:
+    """A deployment-mode run: devices bring their own data dirs; spk2 files a request with the CLI."""
     from serforget.cli import main as cli
     from serforget.client.node import pin_server_keys, prepare_node_dir
     from serforget.common.manifest import by_speaker, read_manifest
@@ -77,14 +76,22 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
         "min-nodes": 4,
         "eval-manifest": str(tiny_corpus),
         "clip-seconds": 0.5,
+        **overrides,
     }
     grid = InProcessGrid(client_app, run_config=run_config, n_nodes=4, node_configs=node_configs)
     server_app(
         grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     )
-    report = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
+    return json.loads((tmp_path / "work" / "report" / "report.json").read_text()), grid, run_config, victim
+
+
+def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Deployment: devices bring their own data dirs; a speaker files a request with the CLI."""
+    report, grid, run_config, victim = _deployment(tiny_corpus, tmp_path)
     assert report["mode"] == "deployment" and report["releases"]["unlearned"] == 2
     assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
+    assert report["unlearning"]["held_out_gate"] is True
+    assert report["unlearning"]["target"]["source"].startswith("held-out validation UA")
     assert not (victim / "wav" / "spk2_happy_0.wav").exists() and (victim / "wav" / "spk2_happy_1.wav").exists()
     assert any(r.get("forget-acc-release", -1) >= 0 for r in report["node_release_reports"])
     # a second unlearning round (the deployment's `deploy run --unlearn-only`: resume, no FedAvg)
@@ -97,6 +104,20 @@ def test_deployment_mode_uses_node_data_dirs_and_cli_requests(tiny_corpus: Path,
     assert "train" not in grid.calls
     again = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert again["unlearning"]["pending_nodes"] == 0 and again["releases"]["unlearned"] is None
+    assert "stored with release v2" in again["unlearning"]["target"]["source"]  # the latest release
+
+
+def test_deployment_without_eval_manifest_says_what_it_falls_back_to(
+    tiny_corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No held-out set: the gate is off and the target is the nodes' own evaluation, both said, never silent."""
+    with caplog.at_level("WARNING", logger="serforget.server"):
+        report, *_ = _deployment(tiny_corpus, tmp_path, **{"eval-manifest": "", "fraction-evaluate": 1.0})
+    assert report["unlearning"]["held_out_gate"] is False
+    target = report["unlearning"]["target"]
+    assert "eval-acc on their training recordings" in target["source"] and 0.0 <= target["forget_acc"] <= 1.0
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "without eval-manifest: no held-out gate" in warnings and "retrain-level target" in warnings
 
 
 def test_unlearning_only_run_resumes_from_the_latest_release(tmp_path: Path) -> None:
