@@ -55,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,10 @@ from serforget.common.unlearning.measure import ResourceMeter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FORMAT_VERSION = 1
+
+
+#: ``UnlearnConfig`` fields renamed since cells were first cached (new name -> old name)
+UNLEARN_FIELDS_RENAMED: dict[str, str] = {"penalty_lambda": "ela_lambda", "penalty_tau": "tau"}
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,20 @@ class Settings:
     def synth_config(self, regime: str) -> SynthConfig:
         return dataclasses.replace(REGIMES[regime], **dict(self.synth_overrides))
 
-    def fingerprint(self) -> str:
-        payload = {**asdict(self), "default": UnlearnConfig().to_dict()}
+    def fingerprint(self, *, renamed: Mapping[str, str] | None = None) -> str:
+        default = UnlearnConfig().to_dict()
+        for new, old in (renamed or {}).items():
+            default[old] = default.pop(new)
+        payload = {**asdict(self), "default": default}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def accepted_fingerprints(self) -> tuple[str, ...]:
+        """This configuration's fingerprint and the one it had before ``UnlearnConfig`` fields were renamed.
+
+        The rename (issue 13) changed names only, not one value or computation, so cells cached
+        under the old names are this configuration's cells (new cells are written under the new one).
+        """
+        return self.fingerprint(), self.fingerprint(renamed=UNLEARN_FIELDS_RENAMED)
 
     def model_fingerprint(self) -> str:
         """What a trained model depends on (not the unlearning settings, so those can change freely)."""
@@ -879,10 +894,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 class CellCache:
     """Finished cells, one JSON file each (written atomically), so several processes can share the
-    work of one regime and a crash loses at most the cells in progress (resumable)."""
+    work of one regime and a crash loses at most the cells in progress (resumable).
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.folder, self.fingerprint = folder, fingerprint
+    ``fingerprint`` is written with new cells; ``also`` are older fingerprints of the very same
+    computation (:meth:`Settings.accepted_fingerprints`) whose cells are read as well.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str, *, also: Sequence[str] = ()) -> None:
+        self.folder, self.fingerprint, self.accepted = folder, fingerprint, {fingerprint, *also}
         folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -893,7 +912,7 @@ class CellCache:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        if raw.get("fingerprint") != self.fingerprint or raw.get("format_version") != FORMAT_VERSION:
+        if raw.get("fingerprint") not in self.accepted or raw.get("format_version") != FORMAT_VERSION:
             return None
         return raw["value"]
 
@@ -1014,10 +1033,10 @@ BASE_METHODS = ("original", "retrain", "default", "tuned")
 FIDELITY_METHODS = ("rl_adv_ela_zero", "l2ul")
 
 
-def _wait_for_tuning(cache_path: Path, fingerprint: str, *, poll_s: float = 15.0) -> dict[str, Any]:
+def _wait_for_tuning(cache_path: Path, fingerprints: Sequence[str], *, poll_s: float = 15.0) -> dict[str, Any]:
     """The frozen tuning result written by the memorising regime's process (polls until it exists)."""
     while True:
-        tuning = CellCache(cache_path, fingerprint).get("tuning")
+        tuning = CellCache(cache_path, fingerprints[0], also=fingerprints[1:]).get("tuning")
         if tuning is not None:
             return tuning
         time.sleep(poll_s)
@@ -1043,8 +1062,8 @@ def run(
     torch.set_num_threads(1)
     start = time.perf_counter()
     work_root.mkdir(parents=True, exist_ok=True)
-    fingerprint = settings.fingerprint()
-    tuning_cache = CellCache(work_root / "memorising" / "cells", fingerprint)
+    fingerprint, *older = settings.accepted_fingerprints()
+    tuning_cache = CellCache(work_root / "memorising" / "cells", fingerprint, also=older)
     tuning = tuning_cache.get("tuning")
     contexts: dict[str, Context] = {}
     if tuning is None and only_regime in (None, "memorising") and not report_only and tuning_cache.claim("tuning"):
@@ -1061,7 +1080,7 @@ def run(
     for regime in settings.regimes:
         if only_regime is not None and regime != only_regime:
             continue
-        cache = CellCache(work_root / regime / "cells", fingerprint)
+        cache = CellCache(work_root / regime / "cells", fingerprint, also=older)
         try:
             ctx = contexts.get(regime) or build_context(
                 regime,
@@ -1076,7 +1095,7 @@ def run(
         if tuning is None:
             if report_only:
                 raise NotCached("no tuning result yet")
-            tuning = _wait_for_tuning(work_root / "memorising" / "cells", fingerprint)
+            tuning = _wait_for_tuning(work_root / "memorising" / "cells", (fingerprint, *older))
         ctx.tuned = tuning["chosen"]
         sizes = settings.sizes if regime == "memorising" else settings.generalising_sizes
         # Base rows of every forget set first, then the (costly) fidelity rows: an interrupted run
