@@ -82,9 +82,7 @@ def load_corpus(cfg: RunSettings, work: Path) -> tuple[list[WaveformSet], Wavefo
         manifest=manifest,
         out_dir=work / "splits",
         task=cfg.task,
-        n_valid=cfg.valid_speakers,
-        n_test=cfg.test_speakers,
-        seed=cfg.seed,
+        split=cfg.split_spec,
     )
     labels = task_labels(cfg.task)
     load = lambda utts: load_waveforms(utts, labels=labels, clip_seconds=cfg.clip_seconds)  # noqa: E731

@@ -65,7 +65,7 @@ from serforget.common.corpora.synth import LABELS_NAME, REGIMES, SynthConfig, re
 from serforget.common.data import WaveformSet, load_waveforms
 from serforget.common.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from serforget.common.labels import FOUR_CLASS
-from serforget.common.manifest import read_manifest
+from serforget.common.manifest import SplitSpec, read_manifest
 from serforget.common.metrics import classification_report
 from serforget.common.models.cnn import CNNConfig, LogMelCNN
 from serforget.common.pipeline import make_splits
@@ -254,7 +254,9 @@ def load_regime(regime: str, data_root: Path, settings: Settings) -> RegimeData:
     if settings.synth_overrides:
         out = out.with_name(out.name + "_" + hashlib.sha256(repr(settings.synth_overrides).encode()).hexdigest()[:8])
     manifest = synthesize_corpus(out_dir=out, config=settings.synth_config(regime), progress=False)
-    splits = make_splits(manifest=manifest, out_dir=out / "splits", n_valid=settings.n_valid, n_test=settings.n_test)
+    splits = make_splits(
+        manifest=manifest, out_dir=out / "splits", split=SplitSpec(n_valid=settings.n_valid, n_test=settings.n_test)
+    )
     sets = {name: load_waveforms(read_manifest(path), labels=FOUR_CLASS) for name, path in splits.items()}
     train = sets["train"]
     rng = random.Random(f"holdout-{regime}")

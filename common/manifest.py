@@ -170,14 +170,74 @@ class SpeakerSplit:
         return sorted({u.speaker for u in getattr(self, part)})
 
 
-def speaker_split(utterances: Sequence[Utterance], *, n_valid: int, n_test: int, seed: int = 0) -> SpeakerSplit:
-    """Split by speaker, deterministic in ``seed``; whole speakers go to valid and test."""
-    speakers = sorted({u.speaker for u in utterances})
-    if n_valid < 0 or n_test < 0 or n_valid + n_test >= len(speakers):
-        raise ValueError(f"cannot hold out {n_valid} valid + {n_test} test speakers from {len(speakers)} speakers")
-    random.Random(seed).shuffle(speakers)
-    test = set(speakers[:n_test])
-    valid = set(speakers[n_test : n_test + n_valid])
+#: how whole speakers are held out (run config ``split.protocol``)
+SPLIT_PROTOCOLS = ("random", "speakers", "iemocap-loso")
+_IEMOCAP_SPEAKER = re.compile(r"iemocap_S([1-5])([FM])")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which speakers validate and test; everyone else trains (one Flower node each).
+
+    * ``random``: ``n_valid`` + ``n_test`` speakers drawn with ``seed`` (the default).
+    * ``speakers``: the fixed lists ``valid`` and ``test`` (a published protocol's speaker lists).
+    * ``iemocap-loso``: IEMOCAP's leave-one-session-out, fold ``fold`` (1-5): Session ``fold`` is
+      held out; its female speaker validates (the retrain-level target, the held-out gate) and its
+      male speaker tests, so validation is never a training speaker and test stays unseen.
+    """
+
+    protocol: str = "random"
+    n_valid: int = 3
+    n_test: int = 5
+    seed: int = 0
+    valid: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    fold: int = 1
+
+    def held_out(self, speakers: Sequence[str]) -> tuple[set[str], set[str]]:
+        """``(valid, test)`` speakers of a corpus with ``speakers``; ValueError says what does not fit."""
+        speakers = sorted(set(speakers))
+        if self.protocol == "random":
+            if self.n_valid < 0 or self.n_test < 0 or self.n_valid + self.n_test >= len(speakers):
+                raise ValueError(
+                    f"cannot hold out {self.n_valid} valid + {self.n_test} test speakers from {len(speakers)} speakers"
+                )
+            shuffled = list(speakers)
+            random.Random(self.seed).shuffle(shuffled)
+            return set(shuffled[self.n_test : self.n_test + self.n_valid]), set(shuffled[: self.n_test])
+        if self.protocol == "speakers":
+            valid, test = set(self.valid), set(self.test)
+            for key, chosen in (("split.valid-list", valid), ("split.test-list", test)):
+                if not chosen:
+                    raise ValueError(f"{key}: split.protocol = 'speakers' needs at least one speaker")
+                missing = sorted(chosen - set(speakers))
+                if missing:
+                    raise ValueError(f"{key}: speaker(s) {', '.join(missing)} not in the corpus")
+            if valid & test:
+                raise ValueError(f"split.valid-list and split.test-list share {', '.join(sorted(valid & test))}")
+        elif self.protocol == "iemocap-loso":
+            if not 1 <= self.fold <= 5:
+                raise ValueError(f"split.fold: IEMOCAP has sessions 1-5, got {self.fold}")
+            foreign = [s for s in speakers if not _IEMOCAP_SPEAKER.fullmatch(s)]
+            if foreign:
+                raise ValueError(
+                    "split.protocol = 'iemocap-loso' needs IEMOCAP speakers (iemocap_S<1-5><F|M>, from "
+                    f"`serforget corpus index --format iemocap`); got {', '.join(foreign[:3])}"
+                )
+            valid, test = {f"iemocap_S{self.fold}F"}, {f"iemocap_S{self.fold}M"}
+            missing = sorted((valid | test) - set(speakers))
+            if missing:
+                raise ValueError(f"split.fold = {self.fold}: speaker(s) {', '.join(missing)} not in the corpus")
+        else:
+            raise ValueError(f"split.protocol: must be one of {', '.join(SPLIT_PROTOCOLS)}, got {self.protocol!r}")
+        if not set(speakers) - valid - test:
+            raise ValueError("the split leaves no training speaker")
+        return valid, test
+
+
+def speaker_split(utterances: Sequence[Utterance], spec: SplitSpec = SplitSpec()) -> SpeakerSplit:
+    """Split by speaker as ``spec`` says, deterministically; whole speakers go to valid and test."""
+    valid, test = spec.held_out([u.speaker for u in utterances])
     return SpeakerSplit(
         train=[u for u in utterances if u.speaker not in test and u.speaker not in valid],
         valid=[u for u in utterances if u.speaker in valid],

@@ -17,7 +17,7 @@ from serforget.common.checkpoint import load_checkpoint, read_checkpoint_meta, s
 from serforget.common.data import DEFAULT_CLIP_SECONDS, load_waveforms
 from serforget.common.fsutil import atomic_write_json, check_output_dir
 from serforget.common.labels import task_labels
-from serforget.common.manifest import filter_labels, read_manifest, speaker_split, write_manifest
+from serforget.common.manifest import SplitSpec, filter_labels, read_manifest, speaker_split, write_manifest
 from serforget.common.metrics import plot_confusion
 from serforget.common.models import build_model
 from serforget.common.training import TrainConfig, evaluate_model, train_model
@@ -33,32 +33,32 @@ def _stamp_matches(path: Path, settings: dict[str, Any]) -> bool:
 
 
 def make_splits(
-    *, manifest: Path, out_dir: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0
+    *, manifest: Path, out_dir: Path, task: str = "4class", split: SplitSpec = SplitSpec()
 ) -> dict[str, Path]:
     """Write speaker-independent ``train/valid/test.csv`` (task labels only) and a stamp."""
     out = Path(out_dir)
-    settings = {
-        "manifest": str(Path(manifest).resolve()),
-        "task": task,
-        "n_valid": n_valid,
-        "n_test": n_test,
-        "seed": seed,
-    }
+    settings = {"manifest": str(Path(manifest).resolve()), "task": task, **_stamp_fields(split)}
     paths = {name: out / f"{name}.csv" for name in SPLITS}
     stamp = out / "split.json"
     if _stamp_matches(stamp, settings) and all(p.exists() for p in paths.values()):
         return paths
     utts = filter_labels(read_manifest(manifest), task_labels(task))
-    split = speaker_split(utts, n_valid=n_valid, n_test=n_test, seed=seed)
+    parts = speaker_split(utts, split)
     for name in SPLITS:
-        write_manifest(paths[name], getattr(split, name))
+        write_manifest(paths[name], getattr(parts, name))
     atomic_write_json(stamp, settings)
     return paths
 
 
-def training_speakers(
-    *, manifest: Path, task: str = "4class", n_valid: int = 3, n_test: int = 5, seed: int = 0
-) -> list[str]:
+def _stamp_fields(split: SplitSpec) -> dict[str, Any]:
+    """The split's settings as the stamp stores them (the random split's keep their original names)."""
+    fields = {"n_valid": split.n_valid, "n_test": split.n_test, "seed": split.seed}
+    if split.protocol != "random":
+        fields.update(protocol=split.protocol, valid=list(split.valid), test=list(split.test), fold=split.fold)
+    return fields
+
+
+def training_speakers(*, manifest: Path, task: str = "4class", split: SplitSpec = SplitSpec()) -> list[str]:
     """The training speakers (sorted) that ``make_splits`` with the same arguments keeps: one node each.
 
     Why apart from ``make_splits``: ``serforget simulate`` must size Flower's simulation
@@ -71,10 +71,13 @@ def training_speakers(
             f"data-manifest {manifest}: no utterance carries a label of task {task!r} ({', '.join(task_labels(task))})"
         )
     try:
-        split = speaker_split(utts, n_valid=n_valid, n_test=n_test, seed=seed)
+        parts = speaker_split(utts, split)
     except ValueError as exc:
-        raise ValueError(f"data-manifest {manifest}: {exc} (valid-speakers / test-speakers)") from None
-    return sorted({u.speaker for u in split.train})
+        where = (
+            "valid-speakers / test-speakers" if split.protocol == "random" else f"split.protocol = {split.protocol!r}"
+        )
+        raise ValueError(f"data-manifest {manifest}: {exc} ({where})") from None
+    return sorted({u.speaker for u in parts.train})
 
 
 def train_checkpoint(

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from serforget.common.labels import TASKS
+from serforget.common.manifest import SPLIT_PROTOCOLS, SplitSpec
 from serforget.common.models import ARCHS
 from serforget.common.models.cnn import CNNConfig
 from serforget.common.unlearning.config import FORGET_ONLY_METHODS, STOP_RULES, UnlearnConfig
@@ -140,6 +141,14 @@ class RunSettings:
     # held-out speakers of the speaker split (synthetic or indexed corpus)
     valid_speakers: int = _run_field(3, "valid-speakers", ">=1")
     test_speakers: int = _run_field(5, "test-speakers", ">=1")
+    # ------------------------------------------------------------------ split.*
+    # which speakers are held out (common.manifest.SplitSpec): "random" (valid-speakers /
+    # test-speakers drawn with seed), "speakers" (the fixed comma-separated lists below) or
+    # "iemocap-loso" (fold = the held-out session: its female speaker validates, its male tests)
+    split_protocol: str = _run_field("random", "split.protocol", "split-protocol")
+    split_valid_list: str = _run_field("", "split.valid-list")
+    split_test_list: str = _run_field("", "split.test-list")
+    split_fold: int = _run_field(1, "split.fold", ">=1")
     # simulation on an indexed corpus (``serforget corpus index``) instead of the synthetic one:
     # its speakers are split by the same random speaker split (valid/test held out for central
     # evaluation, the retrain-level target and the utility gate); every training speaker is a node
@@ -227,6 +236,16 @@ class RunSettings:
             problem = _rule_problem(rule, value)
             if problem:
                 raise SettingsError(f"{f.metadata['key']}: {problem}, got {value!r}")
+        lists = {"split.valid-list": self.split_valid_list, "split.test-list": self.split_test_list}
+        for key, value in lists.items():
+            if value and self.split_protocol != "speakers":
+                raise SettingsError(
+                    f"{key}: set, but split.protocol = {self.split_protocol!r} (lists are for 'speakers')"
+                )
+        if self.split_fold != 1 and self.split_protocol != "iemocap-loso":
+            raise SettingsError(
+                f"split.fold: set, but split.protocol = {self.split_protocol!r} (folds are for 'iemocap-loso')"
+            )
         if self.model_arch == "logmel_cnn":
             for name, default in (("model_pretrained_dir", ""), ("model_freeze_feature_encoder", True)):
                 if getattr(self, name) != default:
@@ -283,6 +302,20 @@ class RunSettings:
     @property
     def server_path(self) -> Path:
         return Path(self.server_dir).expanduser().resolve() if self.server_dir else self.work_path / "server"
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        """The speaker split of a simulation (synthetic or indexed corpus)."""
+        names = lambda text: tuple(n.strip() for n in text.split(",") if n.strip())  # noqa: E731
+        return SplitSpec(
+            protocol=self.split_protocol,
+            n_valid=self.valid_speakers,
+            n_test=self.test_speakers,
+            seed=self.seed,
+            valid=names(self.split_valid_list),
+            test=names(self.split_test_list),
+            fold=self.split_fold,
+        )
 
     @property
     def data_manifest_path(self) -> Path | None:
@@ -456,6 +489,7 @@ def _rule_problem(rule: str, value: Any) -> str:
             f"must be a forget-set-only method ({', '.join(FORGET_ONLY_METHODS)}): a device holds no remaining data",
         ),
         "stop-rule": (lambda v: v in STOP_RULES, f"must be one of {', '.join(STOP_RULES)}"),
+        "split-protocol": (lambda v: v in SPLIT_PROTOCOLS, f"must be one of {', '.join(SPLIT_PROTOCOLS)}"),
     }
     ok, message = checks[rule]
     return "" if ok(value) else message

@@ -80,9 +80,7 @@ class Scenario:
             synth=synth,
             manifest=cfg.data_manifest_path,
             task=cfg.task,
-            n_valid=cfg.valid_speakers,
-            n_test=cfg.test_speakers,
-            seed=cfg.seed,
+            split=cfg.split_spec,
         )
         load = lambda name: load_waveforms(
             read_manifest(layout.splits[name]), labels=labels, clip_seconds=cfg.clip_seconds

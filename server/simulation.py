@@ -16,7 +16,7 @@ from typing import Iterable, Protocol
 
 from serforget.client.node import NodeDir, pin_server_keys, prepare_node_dir
 from serforget.common.corpora.synth import SynthConfig, synthesize_corpus
-from serforget.common.manifest import by_speaker, read_manifest
+from serforget.common.manifest import SplitSpec, by_speaker, read_manifest
 from serforget.common.pipeline import make_splits, training_speakers
 from serforget.server.federation import ServerDir
 
@@ -54,9 +54,7 @@ def provision_simulation(
     root: Path,
     synth: SynthConfig = SynthConfig(),
     task: str = "4class",
-    n_valid: int = 3,
-    n_test: int = 5,
-    seed: int = 0,
+    split: SplitSpec = SplitSpec(),
     progress: bool = True,
     manifest: Path | None = None,
 ) -> SimulationLayout:
@@ -70,10 +68,8 @@ def provision_simulation(
     if manifest is None:
         manifest = synthesize_corpus(out_dir=root / "corpus", config=synth, progress=progress)
     else:
-        training_speakers(manifest=manifest, task=task, n_valid=n_valid, n_test=n_test, seed=seed)  # clear errors first
-    splits = make_splits(
-        manifest=manifest, out_dir=root / "splits", task=task, n_valid=n_valid, n_test=n_test, seed=seed
-    )
+        training_speakers(manifest=manifest, task=task, split=split)  # clear errors first
+    splits = make_splits(manifest=manifest, out_dir=root / "splits", task=task, split=split)
     server = ServerDir(root / "server").init()
     partitions = by_speaker(read_manifest(splits["train"]))
     layout = SimulationLayout(root, splits, tuple(partitions), server)

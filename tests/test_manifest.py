@@ -4,6 +4,7 @@ import pytest
 
 from serforget.common.manifest import (
     ManifestError,
+    SplitSpec,
     Utterance,
     by_speaker,
     filter_labels,
@@ -58,16 +59,16 @@ def test_paths_outside_root_rejected(tmp_path: Path) -> None:
 
 def test_speaker_split_is_speaker_independent_and_deterministic(tmp_path: Path) -> None:
     utts = [Utterance(f"u{i}", tmp_path / f"{i}.wav", f"s{i % 10}", "neutral") for i in range(100)]
-    a = speaker_split(utts, n_valid=2, n_test=3, seed=7)
-    b = speaker_split(utts, n_valid=2, n_test=3, seed=7)
+    a = speaker_split(utts, SplitSpec(n_valid=2, n_test=3, seed=7))
+    b = speaker_split(utts, SplitSpec(n_valid=2, n_test=3, seed=7))
     assert a == b
     parts = [set(a.speakers(p)) for p in ("train", "valid", "test")]
     assert [len(p) for p in parts] == [5, 2, 3]
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
     assert len(a.train) + len(a.valid) + len(a.test) == 100
-    assert speaker_split(utts, n_valid=2, n_test=3, seed=8) != a
+    assert speaker_split(utts, SplitSpec(n_valid=2, n_test=3, seed=8)) != a
     with pytest.raises(ValueError, match="cannot hold out"):
-        speaker_split(utts, n_valid=5, n_test=5)
+        speaker_split(utts, SplitSpec(n_valid=5, n_test=5))
 
 
 def test_filter_labels(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from serforget.cli.simulate import gpu_mismatch, simulation_nodes
 from serforget.client.app import app as client_app
 from serforget.client.runtime import node_device as client_device
 from serforget.common.corpora import index_corpus
-from serforget.common.manifest import read_manifest, write_manifest
+from serforget.common.manifest import SplitSpec, read_manifest, write_manifest
 from serforget.common.pipeline import make_splits, training_speakers
 from serforget.common.settings import RunSettings
 from serforget.deploy.flwr_program import (
@@ -55,8 +55,9 @@ def ravdess_manifest(tmp_path: Path) -> Path:
 def test_training_speakers_are_the_train_split_and_held_out_speakers_are_not(
     ravdess_manifest: Path, tmp_path: Path
 ) -> None:
-    speakers = training_speakers(manifest=ravdess_manifest, n_valid=1, n_test=2, seed=3)
-    splits = make_splits(manifest=ravdess_manifest, out_dir=tmp_path / "splits", n_valid=1, n_test=2, seed=3)
+    split = SplitSpec(n_valid=1, n_test=2, seed=3)
+    speakers = training_speakers(manifest=ravdess_manifest, split=split)
+    splits = make_splits(manifest=ravdess_manifest, out_dir=tmp_path / "splits", split=split)
     assert speakers == sorted({u.speaker for u in read_manifest(splits["train"])})
     held_out = {u.speaker for name in ("valid", "test") for u in read_manifest(splits[name])}
     assert len(speakers) == 9 and len(held_out) == 3 and not held_out & set(speakers)
@@ -73,7 +74,7 @@ def test_a_manifest_that_cannot_be_split_names_itself(ravdess_manifest: Path, tm
     with pytest.raises(
         ValueError, match=r"data-manifest .*ravdess.csv: cannot hold out 6 valid \+ 6 test speakers from 12"
     ):
-        training_speakers(manifest=ravdess_manifest, n_valid=6, n_test=6)
+        training_speakers(manifest=ravdess_manifest, split=SplitSpec(n_valid=6, n_test=6))
     with pytest.raises(ValueError, match="missing.csv"):
         training_speakers(manifest=tmp_path / "missing.csv")
 

@@ -4,7 +4,7 @@ import torch
 
 from serforget.common.data import load_waveforms
 from serforget.common.labels import FOUR_CLASS
-from serforget.common.manifest import read_manifest, speaker_split
+from serforget.common.manifest import SplitSpec, read_manifest, speaker_split
 from serforget.common.models import build_model
 from serforget.common.pipeline import evaluate_checkpoint, make_splits, train_checkpoint
 from serforget.common.training import TrainConfig, evaluate_model, train_model
@@ -13,7 +13,7 @@ SMALL = {"channels": [8, 16], "hidden": 16, "dropout": 0.0}
 
 
 def test_training_learns_a_separable_task(tiny_corpus: Path) -> None:
-    split = speaker_split(read_manifest(tiny_corpus), n_valid=1, n_test=1, seed=0)
+    split = speaker_split(read_manifest(tiny_corpus), SplitSpec(n_valid=1, n_test=1, seed=0))
     train = load_waveforms(split.train, labels=FOUR_CLASS, clip_seconds=0.5)
     test = load_waveforms(split.test, labels=FOUR_CLASS, clip_seconds=0.5)
     model = build_model(arch="logmel_cnn", config=SMALL, labels=FOUR_CLASS)
@@ -43,9 +43,11 @@ def test_training_is_deterministic_in_seed(tiny_corpus: Path) -> None:
 
 
 def test_pipeline_steps_are_idempotent(tiny_corpus: Path, tmp_path: Path) -> None:
-    splits = make_splits(manifest=tiny_corpus, out_dir=tmp_path / "splits", n_valid=1, n_test=1)
+    splits = make_splits(manifest=tiny_corpus, out_dir=tmp_path / "splits", split=SplitSpec(n_valid=1, n_test=1))
     mtime = splits["train"].stat().st_mtime_ns
-    assert make_splits(manifest=tiny_corpus, out_dir=tmp_path / "splits", n_valid=1, n_test=1) == splits
+    assert (
+        make_splits(manifest=tiny_corpus, out_dir=tmp_path / "splits", split=SplitSpec(n_valid=1, n_test=1)) == splits
+    )
     assert splits["train"].stat().st_mtime_ns == mtime
     cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
     ckpt = train_checkpoint(

@@ -72,7 +72,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from serforget.common.manifest import read_manifest
+    from serforget.common.manifest import SplitSpec, read_manifest
     from serforget.common.pipeline import make_splits
 
     check_output_dir(args.out_dir, what="--out-dir")
@@ -80,9 +80,7 @@ def _split(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         out_dir=args.out_dir,
         task=args.task,
-        n_valid=args.n_valid,
-        n_test=args.n_test,
-        seed=args.seed,
+        split=SplitSpec(n_valid=args.n_valid, n_test=args.n_test, seed=args.seed),
     )
     for name, path in paths.items():
         rows = read_manifest(path)

@@ -69,16 +69,11 @@ def app_settings(app: Path, overrides: dict) -> RunSettings:
 def simulation_nodes(cfg: RunSettings) -> int:
     """SuperNodes the run needs: one per training speaker of the corpus the ServerApp will split."""
     if cfg.data_manifest_path is not None:
-        return len(
-            training_speakers(
-                manifest=cfg.data_manifest_path,
-                task=cfg.task,
-                n_valid=cfg.valid_speakers,
-                n_test=cfg.test_speakers,
-                seed=cfg.seed,
-            )
-        )
-    return cfg.synth_speakers - cfg.valid_speakers - cfg.test_speakers
+        return len(training_speakers(manifest=cfg.data_manifest_path, task=cfg.task, split=cfg.split_spec))
+    # the synthetic corpus's speakers are synth_000, synth_001, ... (common.corpora.synth)
+    speakers = [f"synth_{k:03d}" for k in range(cfg.synth_speakers)]
+    valid, test = cfg.split_spec.held_out(speakers)
+    return len(speakers) - len(valid) - len(test)
 
 
 def _cuda_visible() -> bool:

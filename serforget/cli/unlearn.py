@@ -163,16 +163,14 @@ def _read_forget_ids(path: Path) -> list[str]:
 
 def _load_splits(args: argparse.Namespace, labels: Sequence[str], clip_seconds: float):
     from serforget.common.data import load_waveforms
-    from serforget.common.manifest import filter_labels, read_manifest, speaker_split
+    from serforget.common.manifest import SplitSpec, filter_labels, read_manifest, speaker_split
 
     if args.manifest is not None:
         if any(p is not None for p in (args.train, args.valid, args.test)):
             raise ValueError("give either --manifest or --train/--valid/--test, not both")
         split = speaker_split(
             filter_labels(read_manifest(args.manifest), labels),
-            n_valid=args.n_valid,
-            n_test=args.n_test,
-            seed=args.split_seed,
+            SplitSpec(n_valid=args.n_valid, n_test=args.n_test, seed=args.split_seed),
         )
         parts = {"train": split.train, "valid": split.valid, "test": split.test}
     else:
