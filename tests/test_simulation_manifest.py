@@ -380,3 +380,23 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_server_app_splits_by_the_fixed_speaker_lists(ravdess_manifest: Path, tmp_path: Path) -> None:
+    """split.protocol = speakers reaches the ServerApp's provisioning: those speakers are held out, the rest are nodes."""
+    speakers = sorted({u.speaker for u in read_manifest(ravdess_manifest)})
+    config = {
+        **_manifest_config(tmp_path / "sim", ravdess_manifest),
+        "valid-speakers": 3,  # unused by the fixed lists
+        "split.protocol": "speakers",
+        "split.valid-list": ",".join(speakers[:2]),
+        "split.test-list": speakers[-1],
+    }
+    grid = InProcessGrid(client_app, run_config=config, n_nodes=10)
+    with pytest.raises(ValueError, match=r"10 SuperNodes connected .* 9 training-speaker partitions"):
+        server_app(
+            grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+        )
+    splits = tmp_path / "sim" / "splits"
+    assert {u.speaker for u in read_manifest(splits / "valid.csv")} == set(speakers[:2])
+    assert {u.speaker for u in read_manifest(splits / "test.csv")} == {speakers[-1]}
