@@ -64,6 +64,7 @@ from serforget.common.protocol import (
     TARGET_FORGET_ACC,
     WANT_IMPORTANCE,
 )
+from serforget.common.traffic import travelling
 from serforget.common.training import TrainConfig, evaluate_model, train_model
 from serforget.common.unlearning import mas_importance, unlearn
 
@@ -74,7 +75,8 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     cfg = settings(context)
     device, note = node_device(cfg)
-    labels, node, model = task_labels(cfg.task), node_dir(context, cfg), model_from(msg.content[ARRAYS], cfg)
+    labels, node = task_labels(cfg.task), node_dir(context, cfg)
+    model, keys = model_from(msg.content[ARRAYS], cfg, msg.content[CONFIG])
     data = load_training_set(node, labels=labels, clip_seconds=cfg.clip_seconds)
     loss = float("nan")
     if len(data):
@@ -91,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         loss = train_model(model, data, config=tc, progress=False).epochs[-1]["train_loss"]
     reply = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.cpu().state_dict()),
+            ARRAYS: ArrayRecord(travelling(model.cpu().state_dict(), keys)),
             METRICS: MetricRecord({NUM_EXAMPLES: len(data), "train-loss": loss}),
             NODE_INFO: node_info(node, device, note),
         }
@@ -101,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         importance = (
             mas_importance(model, sample, device=device)
             if len(sample)
-            else {k: v.detach().cpu() * 0 for k, v in model.named_parameters()}
+            else {k: v.detach().cpu() * 0 for k, v in model.named_parameters() if v.requires_grad}
         )
         reply[IMPORTANCE] = ArrayRecord({k: v.detach().cpu() for k, v in importance.items()})
     return Message(reply, reply_to=msg)
@@ -113,7 +115,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     labels = task_labels(cfg.task)
     data = load_training_set(node_dir(context, cfg), labels=labels, clip_seconds=cfg.clip_seconds)
     report = (
-        evaluate_model(model_from(msg.content[ARRAYS], cfg), data, labels=labels, device=cfg.device)
+        evaluate_model(
+            model_from(msg.content[ARRAYS], cfg, msg.content[CONFIG])[0], data, labels=labels, device=cfg.device
+        )
         if len(data)
         else {"wa": 0.0}
     )
@@ -153,7 +157,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
     requests = requests_to_unlearn(node)
     forget = load_forget_set(node, requests, labels=labels, clip_seconds=cfg.clip_seconds)
     ucfg = cfg.device_unlearn_config(target_forget_acc=float(conf[TARGET_FORGET_ACC]), device=device)
-    result = unlearn(model_from(msg.content[ARRAYS], cfg), forget, method=cfg.unlearn_method, config=ucfg)
+    result = unlearn(model_from(msg.content[ARRAYS], cfg, conf)[0], forget, method=cfg.unlearn_method, config=ucfg)
     start = time.perf_counter()
     sealed = seal_unlearning_delta(
         node=node,
@@ -191,7 +195,7 @@ def unlearn_pending(msg: Message, context: Context) -> Message:
 def adopt(msg: Message, context: Context) -> Message:
     cfg, conf = settings(context), msg.content[CONFIG]
     labels, node = task_labels(cfg.task), node_dir(context, cfg)
-    version, model = int(conf[RELEASE_VERSION]), model_from(msg.content[ARRAYS], cfg)
+    version, (model, _) = int(conf[RELEASE_VERSION]), model_from(msg.content[ARRAYS], cfg, conf)
     signed = list(zip(conf[RELEASE_MANIFESTS], conf[RELEASE_SIGNATURES]))
     # what counts as applied comes from the signed manifests, never from the unsigned id list
     _, signed_applied = verify_announced_release(

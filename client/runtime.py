@@ -16,8 +16,9 @@ from serforget.common.device import resolve_device
 from serforget.common.keys import load_hpke_public
 from serforget.common.labels import task_labels
 from serforget.common.models import build_model
-from serforget.common.protocol import DEVICE, DEVICE_NOTE, NODE_ID, SERVER_HPKE_PIN
+from serforget.common.protocol import DEVICE, DEVICE_NOTE, FROZEN_SHA256, NODE_ID, SERVER_HPKE_PIN
 from serforget.common.settings import RunSettings
+from serforget.common.traffic import complete, frozen_sha256, set_trainable
 
 
 def settings(context: Context) -> RunSettings:
@@ -35,10 +36,23 @@ def node_dir(context: Context, cfg: RunSettings) -> NodeDir:
     return NodeDir(root)
 
 
-def model_from(arrays: ArrayRecord, cfg: RunSettings) -> torch.nn.Module:
+def model_from(arrays: ArrayRecord, cfg: RunSettings, conf: ConfigRecord) -> tuple[torch.nn.Module, list[str]]:
+    """The model the server sent and the keys that travel (``model.trainable``, common.traffic).
+
+    The message carries only the travelling tensors; the rest is this device's own copy (its
+    pre-trained checkpoint), which must hash as the server's does (``frozen-sha256``): a device
+    with another checkpoint refuses instead of training a different model.
+    """
     model = build_model(arch=cfg.model_arch, config=cfg.model_config, labels=task_labels(cfg.task))
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    return model
+    keys = set_trainable(model, cfg.model_trainable)
+    own = model.state_dict()
+    if len(keys) < len(own) and conf.get(FROZEN_SHA256) != frozen_sha256(own, keys):
+        raise ValueError(
+            "this device's pre-trained checkpoint (model.pretrained-dir) differs from the server's: "
+            "the tensors that stay on the devices do not hash the same (frozen-sha256)"
+        )
+    model.load_state_dict(complete(own, arrays.to_torch_state_dict(), keys), strict=True)
+    return model, keys
 
 
 def pinned_server_key(node: NodeDir):

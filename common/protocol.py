@@ -40,6 +40,8 @@ REQUEST_IDS = "request-ids"
 N_UTTS = "n-utts"
 BASE_VERSION = "base-version"
 BASE_SHA256 = "base-sha256"
+#: hash of the tensors that stay on the devices (common.traffic): both sides must hold the same frozen rest
+FROZEN_SHA256 = "frozen-sha256"
 TARGET_FORGET_ACC = "target-forget-acc"
 RELEASE_VERSION = "version"
 APPLIED_REQUEST_IDS = "applied-request-ids"

@@ -46,6 +46,7 @@ from serforget.common.labels import TASKS
 from serforget.common.manifest import SPLIT_PROTOCOLS, SplitSpec
 from serforget.common.models import ARCHS
 from serforget.common.models.cnn import CNNConfig
+from serforget.common.traffic import check_trainable
 from serforget.common.unlearning.config import FORGET_ONLY_METHODS, STOP_RULES, UnlearnConfig
 from serforget.common.validation import FieldError
 
@@ -128,6 +129,9 @@ class RunSettings:
     #: downloaded), and whether the convolutional feature encoder stays frozen
     model_pretrained_dir: str = _run_field("", "model.pretrained-dir")
     model_freeze_feature_encoder: bool = _run_field(True, "model.freeze-feature-encoder")
+    #: what trains and travels (common.traffic): "all" trainable tensors, the "head", or "top-N"
+    #: transformer layers and the head; the rest stays on every device (its pre-trained checkpoint)
+    model_trainable: str = _run_field("all", "model.trainable", "trainable")
     # ------------------------------------------------------------------ synth.* (simulation)
     # the synthetic corpus, one node per training speaker
     synth_speakers: int = _run_field(24, "synth.speakers", ">=1")
@@ -247,7 +251,11 @@ class RunSettings:
                 f"split.fold: set, but split.protocol = {self.split_protocol!r} (folds are for 'iemocap-loso')"
             )
         if self.model_arch == "logmel_cnn":
-            for name, default in (("model_pretrained_dir", ""), ("model_freeze_feature_encoder", True)):
+            for name, default in (
+                ("model_pretrained_dir", ""),
+                ("model_freeze_feature_encoder", True),
+                ("model_trainable", "all"),
+            ):
                 if getattr(self, name) != default:
                     raise SettingsError(
                         f"{_FIELD_KEYS[name]}: set, but model.arch = 'logmel_cnn' has no pre-trained backbone "
@@ -489,10 +497,19 @@ def _rule_problem(rule: str, value: Any) -> str:
             f"must be a forget-set-only method ({', '.join(FORGET_ONLY_METHODS)}): a device holds no remaining data",
         ),
         "stop-rule": (lambda v: v in STOP_RULES, f"must be one of {', '.join(STOP_RULES)}"),
+        "trainable": (lambda v: _trainable_ok(v), "must be 'all', 'head' or 'top-N' (N >= 1)"),
         "split-protocol": (lambda v: v in SPLIT_PROTOCOLS, f"must be one of {', '.join(SPLIT_PROTOCOLS)}"),
     }
     ok, message = checks[rule]
     return "" if ok(value) else message
+
+
+def _trainable_ok(value: Any) -> bool:
+    try:
+        check_trainable(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _scalar(value: Any) -> bool | int | float | str:

@@ -14,7 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from serforget.common.models import build_model
+from serforget.common.protocol import FROZEN_SHA256
 from serforget.common.settings import RunSettings
+from serforget.common.traffic import Traffic
 from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
 from serforget.server.oracle import run_retrain_oracle
 from serforget.server.report import build_report
@@ -37,11 +39,11 @@ def main(grid: Grid, context: Context) -> None:
     base = latest_release_state(scenario.server) if cfg.resume else None
     if cfg.num_rounds == 0 and base is None:
         raise ValueError("num-rounds = 0 (unlearning only) needs resume = true and a published release")
-    initial = (
-        base[1]
-        if base
-        else build_model(arch=cfg.model_arch, config=cfg.model_config, labels=scenario.labels).state_dict()
-    )
+    model = build_model(arch=cfg.model_arch, config=cfg.model_config, labels=scenario.labels)
+    initial = base[1] if base else model.state_dict()
+    traffic = Traffic.of(model, cfg.model_trainable, initial)  # what travels (model.trainable)
+    scenario.traffic = traffic.summary(n_nodes=scenario.n_nodes)
+    frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
     release = dict(
         server=scenario.server,
         labels=scenario.labels,
@@ -59,16 +61,19 @@ def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(initial),
+            initial_arrays=ArrayRecord(traffic.send(initial)),
             num_rounds=cfg.num_rounds,
             timeout=cfg.round_timeout,
-            train_config=ConfigRecord({}),
-            evaluate_fn=scenario.central_evaluate,
+            train_config=frozen,
+            evaluate_config=frozen,
+            evaluate_fn=lambda r, a: scenario.central_evaluate(
+                r, ArrayRecord(traffic.complete(initial, a.to_torch_state_dict()))
+            ),
         )
         scenario.timings["fedavg_s"] = time.perf_counter() - start
         require_training(strategy, num_rounds=cfg.num_rounds)
         scenario.train_devices = dict(strategy.devices)
-        trained, importance = result.arrays.to_torch_state_dict(), strategy.importance
+        trained, importance = traffic.complete(initial, result.arrays.to_torch_state_dict()), strategy.importance
         fedavg_examples = dict(strategy.examples_per_round)
         if importance is not None:
             scenario.server.save_importance(importance)
@@ -94,6 +99,7 @@ def main(grid: Grid, context: Context) -> None:
         importance=importance,
         n_nodes=scenario.n_nodes,
         score=scenario.held_out_score(),
+        traffic=traffic,
     )
     scenario.timings["unlearning_round_s"] = outcome.seconds
     v_unlearned = None
@@ -115,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         requests=requests,
         n_nodes=scenario.n_nodes,
         evaluate=scenario.held_out_evaluate if scenario.test is not None else None,
+        traffic=traffic,
     )
     final_state = outcome.merged if outcome.merged is not None else trained
     applied = sorted(applied_request_ids(scenario.server.releases))
@@ -127,6 +134,7 @@ def main(grid: Grid, context: Context) -> None:
         applied=applied,
         retry=retry,
         releases=scenario.server.releases,
+        traffic=traffic,
     )
     report = build_report(
         scenario=scenario,

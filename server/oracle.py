@@ -23,7 +23,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from serforget.common.protocol import FROZEN_SHA256
 from serforget.common.settings import RunSettings
+from serforget.common.traffic import Traffic
 from serforget.server.strategy import ImportanceFedAvg
 
 log = logging.getLogger("serforget.server")
@@ -71,6 +73,7 @@ def run_retrain_oracle(
     requests: list[dict],
     n_nodes: int,
     evaluate: Callable[[int, ArrayRecord], MetricRecord] | None,
+    traffic: Traffic,
 ) -> OracleOutcome:
     """FedAvg from ``initial`` again, now that the nodes leave their requested recordings out.
 
@@ -85,7 +88,7 @@ def run_retrain_oracle(
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
-        metrics = evaluate(server_round, arrays)
+        metrics = evaluate(server_round, ArrayRecord(traffic.complete(initial, arrays.to_torch_state_dict())))
         outcome.rounds.append({"round": server_round, **{k.replace("-", "_"): float(v) for k, v in metrics.items()}})
         outcome.eval_seconds += time.perf_counter() - start
         return metrics
@@ -105,13 +108,13 @@ def run_retrain_oracle(
     start = time.perf_counter()
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(dict(initial)),
+        initial_arrays=ArrayRecord(traffic.send(initial)),
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord({}),
+        train_config=ConfigRecord({FROZEN_SHA256: traffic.frozen}),
         evaluate_fn=timed_evaluate if evaluate is not None else None,
     )
     outcome.seconds = time.perf_counter() - start
-    outcome.state = result.arrays.to_torch_state_dict()
+    outcome.state = traffic.complete(initial, result.arrays.to_torch_state_dict())
     outcome.examples_per_round = dict(strategy.examples_per_round)
     return outcome

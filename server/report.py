@@ -85,6 +85,7 @@ def build_report(
             "fedavg_examples_per_round": {str(k): v for k, v in sorted(fedavg_examples_per_round.items())},
         },
         "deleted_recordings": deleted_recordings(before, after, oracle_metrics, groups),
+        "traffic": dict(scenario.traffic),
         "unlearning": {
             "pending_nodes": len(outcome.pending),
             "verdicts": [

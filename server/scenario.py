@@ -47,6 +47,8 @@ class Scenario:
     train_devices: dict[str, dict[str, str]] = field(default_factory=dict)
     #: the retrain-level target and where it came from (:meth:`held_out_accuracy`), shown in the report
     target: dict[str, Any] = field(default_factory=dict)
+    #: what trains and travels and its bytes (common.traffic.Traffic.summary), shown in the report
+    traffic: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def provision(cls, cfg: RunSettings) -> "Scenario":

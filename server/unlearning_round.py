@@ -27,6 +27,7 @@ from serforget.common.protocol import (
     DEVICE,
     DEVICE_NOTE,
     ENVELOPE,
+    FROZEN_SHA256,
     METRICS,
     NODE_ID,
     PENDING,
@@ -42,6 +43,7 @@ from serforget.common.protocol import (
 )
 from serforget.common.release import MANIFEST_NAME, SIGNATURE_NAME, ReleaseRegistry
 from serforget.common.settings import RunSettings
+from serforget.common.traffic import Traffic
 from serforget.server.federation import (
     DeltaVerdict,
     ServerDir,
@@ -147,11 +149,15 @@ def run_unlearning_round(
     importance: Mapping[str, torch.Tensor] | None,
     n_nodes: int,
     score: Callable[[Mapping[str, torch.Tensor]], float] | None = None,
+    traffic: Traffic | None = None,
 ) -> RoundOutcome:
     """Ask nodes with pending deletions to unlearn; accept only verifiable, well-formed, harmless deltas.
 
     ``score`` (held-out UA of given weights) enables the utility gate; without it the gate is off.
+    ``traffic`` (``model.trainable``): nodes get and return only the travelling tensors; deltas are
+    checked against those and merged into the full ``base_state`` (default: everything travels).
     """
+    traffic = traffic or Traffic.everything(base_state)
     start = time.perf_counter()
     wait_for_nodes(grid, n_nodes=n_nodes, timeout=cfg.round_timeout)
     pending, names = find_pending(grid, timeout=cfg.round_timeout)
@@ -159,14 +165,20 @@ def run_unlearning_round(
     if not outcome.pending:
         return outcome
     owners = bind_pending(server, pending, names)
-    arrays = ArrayRecord(dict(base_state))
+    sent = traffic.send(base_state)
+    arrays = ArrayRecord(sent)
     config = ConfigRecord(
-        {BASE_VERSION: base_version, BASE_SHA256: state_sha256(base_state), TARGET_FORGET_ACC: float(target_forget_acc)}
+        {
+            BASE_VERSION: base_version,
+            BASE_SHA256: state_sha256(sent),
+            FROZEN_SHA256: traffic.frozen,
+            TARGET_FORGET_ACC: float(target_forget_acc),
+        }
     )
     replies = _query(
         grid, list(outcome.pending), QUERY_UNLEARN, RecordDict({ARRAYS: arrays, CONFIG: config}), cfg.unlearn_timeout
     )
-    outcome.bytes_sent = len(outcome.pending) * sum(t.numel() * t.element_size() for t in base_state.values())
+    outcome.bytes_sent = len(outcome.pending) * traffic.travelling_bytes
     seen = server.seen_ids()
     already = applied_request_ids(server.releases)
     round_requests: set[str] = set()
@@ -189,7 +201,7 @@ def run_unlearning_round(
             envelope=envelope,
             claimed_node=names.get(src, ""),
             server=server,
-            base_state=base_state,
+            base_state=sent,
             base_version=base_version,
             base_sha256=config[BASE_SHA256],
             seen=seen,
@@ -261,6 +273,7 @@ def announce_release(
     applied: list[str],
     retry: Mapping[int, list[str]],
     releases: Path,
+    traffic: Traffic | None = None,
 ) -> list[Message]:
     """``query.release`` to every node: adopt ``version``; purge applied requests, retry rejected ones.
 
@@ -269,7 +282,8 @@ def announce_release(
     weights and the applied ids against the release key it pinned before it adopts or purges.
     """
     manifests, signatures = signed_manifests(releases, version=version, applied=applied)
-    arrays = ArrayRecord(dict(state))
+    traffic = traffic or Traffic.everything(state)
+    arrays = ArrayRecord(traffic.send(state))  # a node completes and verifies the whole model against the manifest
     messages = [
         Message(
             content=RecordDict(
@@ -282,6 +296,7 @@ def announce_release(
                             RETRY_REQUEST_IDS: list(retry.get(node, [])) or [""],
                             RELEASE_MANIFESTS: manifests,
                             RELEASE_SIGNATURES: signatures,
+                            FROZEN_SHA256: traffic.frozen,
                         }
                     ),
                 }
