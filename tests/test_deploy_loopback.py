@@ -279,3 +279,27 @@ def test_server_killed_before_publishing_leaves_a_consistent_registry_and_the_ro
     assert [v for v in registry.versions() if rid in registry.manifest(v).applied_request_ids] == [new]
     assert _request(device, rid).state == "purged"
     assert len(deployment.server.seen_ids() - seen_before) == 2
+
+
+def test_a_tiny_wav2vec2_federation_sends_only_its_head(fed, tmp_path: Path) -> None:
+    """Deployment with a transformers backbone: every host has the checkpoint, only the head crosses the network."""
+    import torch
+
+    from serforget.common.models.hf import build_hf_model, tiny_hf_config
+
+    deployment, devices, ids, manifest = fed
+    torch.manual_seed(0)
+    hf_config = {"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=len(FOUR_CLASS))}
+    build_hf_model(arch="wav2vec2", labels=FOUR_CLASS, config=hf_config).backbone.save_pretrained(tmp_path / "w2v2")
+    rid = _forget(devices[0], "spk0_sad_1")
+    cnn_only = {"model.channels", "model.hidden"}
+    config = {k: v for k, v in _config(deployment, manifest, **{"num-rounds": 1}).items() if k not in cnn_only}
+    config.update({"model.arch": "wav2vec2", "model.pretrained-dir": str(tmp_path / "w2v2"), "model.trainable": "head"})
+    outcome = run_app(deployment, app=APP, run_config=config, timeout=RUN_TIMEOUT)
+    assert outcome.ok, (outcome.status, outcome.details, outcome.log[-3000:])
+    report = _report(deployment)
+    assert report["traffic"]["trainable"] == "head" and report["traffic"]["tensors"] == 4
+    assert [v["accepted"] for v in report["unlearning"]["verdicts"]] == [True]
+    registry, key = _registry(deployment)
+    assert rid in registry.verify(report["releases"]["unlearned"], public_key=key).applied_request_ids
+    assert _request(devices[0], rid).state == "purged"

@@ -277,9 +277,8 @@ def test_stop_local_superlink_ends_only_its_own(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- acceptance
 
 
-@pytest.mark.slow
-def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
-    """Issue 12's acceptance: `corpus index --format ravdess` then `simulate --manifest` writes the report."""
+def _index_then_simulate(tmp_path: Path, run_config: str) -> tuple[dict, Path, str]:
+    """`corpus index --format ravdess` on a 12-actor tree, then `simulate --manifest` through `flwr run`."""
     root = write_ravdess_tree(tmp_path / "RAVDESS", actors=12)
     manifest = tmp_path / "ravdess.csv"
     cli = [sys.executable, "-m", "serforget"]
@@ -295,24 +294,11 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     assert "96 utterances from 12 speakers" in indexed.stdout
     tiny = (
         "valid-speakers=1 test-speakers=2 num-rounds=2 local-epochs=1 clip-seconds=1.0 scenario.partial-n=3 "
-        "importance-max-utts=8 max-ua-drop=100.0 release.onnx-export=false model.channels='8,16' model.hidden=16 "
-        "unlearn.max-epochs=5 unlearn.pgd-k=1 unlearn.pgd-steps=3"
+        "importance-max-utts=8 max-ua-drop=100.0 unlearn.max-epochs=5 unlearn.pgd-k=1 unlearn.pgd-steps=3 "
     )
+    sim = [*cli, "simulate", "--app", str(ROOT), "--work-dir", str(tmp_path / "sim"), "--flwr-home"]
     done = subprocess.run(
-        [
-            *cli,
-            "simulate",
-            "--app",
-            str(ROOT),
-            "--work-dir",
-            str(tmp_path / "sim"),
-            "--flwr-home",
-            str(tmp_path / "flwr"),
-            "--manifest",
-            str(manifest),
-            "--run-config",
-            tiny,
-        ],
+        [*sim, str(tmp_path / "flwr"), "--manifest", str(manifest), "--run-config", tiny + run_config],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -320,11 +306,39 @@ def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(9 SuperNodes)" in done.stdout
-    report = json.loads((tmp_path / "sim" / "report" / "report.json").read_text())
+    return json.loads((tmp_path / "sim" / "report" / "report.json").read_text()), manifest, done.stdout
+
+
+@pytest.mark.slow
+def test_corpus_index_then_simulate_on_a_ravdess_tree(tmp_path: Path) -> None:
+    """Issue 12's acceptance: `corpus index --format ravdess` then `simulate --manifest` writes the report."""
+    report, manifest, _ = _index_then_simulate(
+        tmp_path, "release.onnx-export=false model.channels='8,16' model.hidden=16"
+    )
     assert report["n_nodes"] == 9 and report["settings"]["data-manifest"] == str(manifest.resolve())
     assert report["releases"]["unlearned"] == 2
     assert len(report["node_devices"]["train"]) == 9
     assert not (tmp_path / "sim" / "corpus").exists()  # nothing synthesized
+
+
+@pytest.mark.slow
+def test_corpus_index_then_simulate_with_a_tiny_wav2vec2_training_its_head(tmp_path: Path) -> None:
+    """The same through `flwr run` with a transformers backbone: a local checkpoint, only the head travels."""
+    from serforget.common.labels import FOUR_CLASS
+    from serforget.common.models.hf import build_hf_model, tiny_hf_config
+
+    torch.manual_seed(0)
+    hf_config = {"hf_config": tiny_hf_config(arch="wav2vec2", n_labels=len(FOUR_CLASS))}
+    build_hf_model(arch="wav2vec2", labels=FOUR_CLASS, config=hf_config).backbone.save_pretrained(tmp_path / "w2v2")
+    report, _, _ = _index_then_simulate(
+        tmp_path,
+        f"release.onnx-export=true model.arch='wav2vec2' model.pretrained-dir='{tmp_path / 'w2v2'}' "
+        "model.trainable='head'",
+    )
+    assert report["n_nodes"] == 9 and report["releases"]["unlearned"] == 2
+    assert report["traffic"]["trainable"] == "head" and report["traffic"]["tensors"] == 4
+    assert len(report["node_release_reports"]) == 9  # every device verified the completed model
+    assert "model.onnx" in report["releases"]["files"]
 
 
 @pytest.mark.slow
