@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.bench_forgetting import RESULTS_DIR
-from serforget.common.corpora.synth import LABELS_NAME, SynthConfig, read_label_table, synthesize_corpus
+from serforget.common.corpora.synth import LABELS_NAME, read_label_table, synthesize_corpus
 from serforget.common.data import WaveformSet, load_waveforms
 from serforget.common.fsutil import atomic_write_json, atomic_write_text
 from serforget.common.labels import task_labels
@@ -68,16 +68,7 @@ TRAIN_ACC_MIN = 0.97
 
 def load_corpus(cfg: RunSettings, work: Path) -> tuple[list[WaveformSet], WaveformSet, set[str], tuple[str, ...]]:
     """The main job's nodes (one per training speaker), its validation speakers and its mislabelled takes."""
-    synth = SynthConfig(
-        n_speakers=cfg.synth_speakers,
-        sentences_per_speaker=cfg.synth_sentences,
-        takes_per_emotion=cfg.synth_takes,
-        speaker_style_spread=cfg.synth_style_spread,
-        ambiguous_rate=cfg.synth_ambiguous_rate,
-        label_noise_rate=cfg.synth_label_noise,
-        seed=cfg.seed,
-    )
-    manifest = synthesize_corpus(out_dir=work / "corpus", config=synth, progress=True)
+    manifest = synthesize_corpus(out_dir=work / "corpus", config=cfg.synth_config, progress=True)
     splits = make_splits(
         manifest=manifest,
         out_dir=work / "splits",

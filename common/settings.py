@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from serforget.common.corpora.synth import SynthConfig
 from serforget.common.labels import TASKS
 from serforget.common.manifest import SPLIT_PROTOCOLS, SplitSpec
 from serforget.common.models import ARCHS
@@ -310,6 +311,19 @@ class RunSettings:
     @property
     def server_path(self) -> Path:
         return Path(self.server_dir).expanduser().resolve() if self.server_dir else self.work_path / "server"
+
+    @property
+    def synth_config(self) -> SynthConfig:
+        """The synthetic corpus of a simulation (``synth.*``; its seed is the run's)."""
+        return SynthConfig(
+            n_speakers=self.synth_speakers,
+            sentences_per_speaker=self.synth_sentences,
+            takes_per_emotion=self.synth_takes,
+            speaker_style_spread=self.synth_style_spread,
+            ambiguous_rate=self.synth_ambiguous_rate,
+            label_noise_rate=self.synth_label_noise,
+            seed=self.seed,
+        )
 
     @property
     def split_spec(self) -> SplitSpec:

@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from serforget.client.node import file_deletion_request
-from serforget.common.corpora.synth import SynthConfig
 from serforget.common.data import load_waveforms
 from serforget.common.fsutil import atomic_write_json, atomic_write_text
 from serforget.common.labels import task_labels
@@ -68,18 +67,9 @@ class Scenario:
                     "own evaluation of their training recordings"
                 )
             return cls(cfg, server, None, labels, held_out, held_out)
-        synth = SynthConfig(
-            n_speakers=cfg.synth_speakers,
-            sentences_per_speaker=cfg.synth_sentences,
-            takes_per_emotion=cfg.synth_takes,
-            speaker_style_spread=cfg.synth_style_spread,
-            ambiguous_rate=cfg.synth_ambiguous_rate,
-            label_noise_rate=cfg.synth_label_noise,
-            seed=cfg.seed,
-        )
         layout = provision_simulation(
             root=cfg.work_path,
-            synth=synth,
+            synth=cfg.synth_config,
             manifest=cfg.data_manifest_path,
             task=cfg.task,
             split=cfg.split_spec,

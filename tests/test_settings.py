@@ -73,7 +73,10 @@ def test_the_device_unlearn_config_adds_the_runs_stop_rule_seed_target_and_devic
         ),
         ({"unlearn.pgd_eps": 0.1}, r"^unlearn\.pgd_eps: unknown setting \(did you mean unlearn\.pgd-eps\?\)"),
         ({"num-round": 3}, r"^num-round: unknown setting \(did you mean num-rounds\?\); known top-level settings"),
-        ({"bogus.key": 1}, r"^bogus\.key: unknown setting; known tables: constraint, model, release, scenario, split, synth"),
+        (
+            {"bogus.key": 1},
+            r"^bogus\.key: unknown setting; known tables: constraint, model, release, scenario, split, synth",
+        ),
         ({"unlearn.seed": 1}, r"^unlearn\.seed: unknown setting"),  # the run's seed is the top-level one
         ({"num-rounds": "3"}, r"^num-rounds: must be an integer, got '3'"),
         ({"constraint.enabled": 1}, r"^constraint\.enabled: must be true or false, got 1"),
