@@ -17,6 +17,7 @@ The log-mel CNN has no pre-trained base on the devices: its whole state always t
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -26,6 +27,7 @@ from torch import nn
 
 from serforget.common.checkpoint import state_sha256
 
+log = logging.getLogger("serforget.traffic")
 _SCOPE = re.compile(r"all|head|top-([1-9]\d*)")
 _HEAD = re.compile(r"backbone\.(projector|classifier)\.|backbone\.layer_weights$")
 _LAYER = re.compile(r"backbone\.\w+\.encoder\.layers\.(\d+)\.")
@@ -135,6 +137,20 @@ class Traffic:
 
     def complete(self, full: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict:
         return complete(full, received, self.keys)
+
+    def restrict(self, importance: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """A stored importance map cut to the travelling tensors.
+
+        A map saved by a FedAvg run under a wider ``model.trainable`` names tensors no delta of
+        this run carries; the elastic constraint would refuse the whole merge over them.
+        """
+        if importance is None:
+            return None
+        moving = set(self.keys)
+        dropped = sorted(set(importance) - moving)
+        if dropped:
+            log.warning("importance map: %d tensors outside model.trainable = %s left out", len(dropped), self.scope)
+        return {k: v for k, v in importance.items() if k in moving}
 
     def summary(self, *, n_nodes: int) -> dict[str, Any]:
         """The report's ``traffic``: tensors and bytes per model, and per FedAvg round (down and up)."""

@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         target = scenario.held_out_accuracy(result)
     else:
-        (v_trained, trained), importance = base, scenario.server.load_importance()
+        (v_trained, trained), importance = base, traffic.restrict(scenario.server.load_importance())
         fedavg_examples = {}
         target = scenario.held_out_accuracy(None, release=v_trained)
     requests = scenario.file_requests() if cfg.scenario and scenario.layout is not None else []

@@ -142,3 +142,11 @@ def test_tiny_wav2vec2_head_only_through_fedavg_unlearning_release_and_edge(
     wav = sorted((work / "corpus").rglob("*.wav"))[0]
     run = predict_files(model=release, files=[wav], threads=1).to_dict()
     assert run["model"]["release_version"] == 2 and run["predictions"][0]["label"] in FOUR_CLASS
+
+
+def test_a_stored_importance_map_is_cut_to_what_travels() -> None:
+    model = _tiny_w2v2()
+    traffic = Traffic.of(model, "head", model.state_dict())
+    wide = {k: torch.ones_like(p) for k, p in _tiny_w2v2().named_parameters() if p.requires_grad}
+    assert set(traffic.restrict(wide)) == set(traffic.keys)
+    assert traffic.restrict(None) is None
