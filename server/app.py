@@ -7,14 +7,12 @@ of ``common`` (no ML or crypto lives here).
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from serforget.common.models import build_model
-from serforget.common.protocol import FROZEN_SHA256
 from serforget.common.settings import RunSettings
 from serforget.common.traffic import Traffic
 from serforget.server.federation import applied_request_ids, latest_release_state, publish_release
@@ -22,7 +20,7 @@ from serforget.server.oracle import run_retrain_oracle
 from serforget.server.report import build_report
 from serforget.server.scenario import Scenario
 from serforget.server.simulation import require_partition_nodes
-from serforget.server.strategy import ImportanceFedAvg, require_training
+from serforget.server.strategy import run_fedavg
 from serforget.server.unlearning_round import announce_release, retry_by_node, run_unlearning_round
 
 app = ServerApp()
@@ -43,7 +41,6 @@ def main(grid: Grid, context: Context) -> None:
     initial = base[1] if base else model.state_dict()
     traffic = Traffic.of(model, cfg.model_trainable, initial)  # what travels (model.trainable)
     scenario.traffic = traffic.summary(n_nodes=scenario.n_nodes)
-    frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
     release = dict(
         server=scenario.server,
         labels=scenario.labels,
@@ -52,29 +49,8 @@ def main(grid: Grid, context: Context) -> None:
         int8_max_ua_drop=cfg.release_int8_max_ua_drop,
     )
     if cfg.num_rounds > 0:
-        strategy = ImportanceFedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_available_nodes=scenario.n_nodes,
-            min_train_nodes=scenario.n_nodes,
-        )
-        start = time.perf_counter()
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(traffic.send(initial)),
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.round_timeout,
-            train_config=frozen,
-            evaluate_config=frozen,
-            evaluate_fn=lambda r, a: scenario.central_evaluate(
-                r, ArrayRecord(traffic.complete(initial, a.to_torch_state_dict()))
-            ),
-        )
-        scenario.timings["fedavg_s"] = time.perf_counter() - start
-        require_training(strategy, num_rounds=cfg.num_rounds)
-        scenario.train_devices = dict(strategy.devices)
-        trained, importance = traffic.complete(initial, result.arrays.to_torch_state_dict()), strategy.importance
-        fedavg_examples = dict(strategy.examples_per_round)
+        fed = run_fedavg(grid, cfg=cfg, scenario=scenario, initial=initial, traffic=traffic)
+        trained, importance, fedavg_examples = fed.state, fed.importance, fed.examples_per_round
         if importance is not None:
             scenario.server.save_importance(importance)
         v_trained = publish_release(
@@ -83,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
             metrics=scenario.rounds[-1] if scenario.rounds else {},
             **release,
         )
-        target = scenario.held_out_accuracy(result)
+        target = scenario.held_out_accuracy(fed.result)
     else:
         (v_trained, trained), importance = base, traffic.restrict(scenario.server.load_importance())
         fedavg_examples = {}

@@ -1,17 +1,33 @@
-"""FedAvg that also keeps the global importance map the nodes send with their updates."""
+"""FedAvg that also keeps the global importance map the nodes send with their updates, and the run that uses it."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from serforget.common.protocol import DEVICE, DEVICE_NOTE, IMPORTANCE, NODE_ID, NODE_INFO, SERVER_ROUND, WANT_IMPORTANCE
+from serforget.common.protocol import (
+    DEVICE,
+    DEVICE_NOTE,
+    FROZEN_SHA256,
+    IMPORTANCE,
+    NODE_ID,
+    NODE_INFO,
+    SERVER_ROUND,
+    WANT_IMPORTANCE,
+)
+from serforget.common.settings import RunSettings
+from serforget.common.traffic import Traffic
 from serforget.server.federation import weighted_average
+
+if TYPE_CHECKING:
+    from serforget.server.scenario import Scenario
 
 _INFO_MAX_CHARS = 200
 
@@ -112,3 +128,50 @@ def require_training(strategy: ImportanceFedAvg, *, num_rounds: int) -> None:
             errors = strategy.node_errors.get(server_round, [])
             detail = f"; node errors: {sorted(set(errors))}" if errors else ""
             raise RuntimeError(f"FedAvg round {server_round}: no node trained on any recording{detail}")
+
+
+@dataclass
+class FedAvgOutcome:
+    #: the full trained global model (the travelling tensors completed with the frozen rest)
+    state: dict[str, torch.Tensor]
+    importance: dict[str, torch.Tensor] | None
+    examples_per_round: dict[int, int]
+    result: Result
+
+
+def run_fedavg(
+    grid: Grid, *, cfg: RunSettings, scenario: "Scenario", initial: Mapping[str, torch.Tensor], traffic: Traffic
+) -> FedAvgOutcome:
+    """FedAvg over every speaker node from ``initial``; only ``traffic``'s tensors travel.
+
+    The central evaluation of each round sees the completed model; the scenario keeps the
+    timing and the devices the nodes trained on.
+    """
+    strategy = ImportanceFedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_available_nodes=scenario.n_nodes,
+        min_train_nodes=scenario.n_nodes,
+    )
+    frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
+    start = time.perf_counter()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(traffic.send(initial)),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=frozen,
+        evaluate_config=frozen,
+        evaluate_fn=lambda r, a: scenario.central_evaluate(
+            r, ArrayRecord(traffic.complete(initial, a.to_torch_state_dict()))
+        ),
+    )
+    scenario.timings["fedavg_s"] = time.perf_counter() - start
+    require_training(strategy, num_rounds=cfg.num_rounds)
+    scenario.train_devices = dict(strategy.devices)
+    return FedAvgOutcome(
+        state=traffic.complete(initial, result.arrays.to_torch_state_dict()),
+        importance=strategy.importance,
+        examples_per_round=dict(strategy.examples_per_round),
+        result=result,
+    )
