@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from serforget.common.protocol import FROZEN_SHA256
 from serforget.common.settings import RunSettings
 from serforget.common.traffic import Traffic
 from serforget.server.strategy import ImportanceFedAvg
@@ -88,7 +87,7 @@ def run_retrain_oracle(
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
-        metrics = evaluate(server_round, ArrayRecord(traffic.complete(initial, arrays.to_torch_state_dict())))
+        metrics = evaluate(server_round, arrays)
         outcome.rounds.append({"round": server_round, **{k.replace("-", "_"): float(v) for k, v in metrics.items()}})
         outcome.eval_seconds += time.perf_counter() - start
         return metrics
@@ -106,15 +105,14 @@ def run_retrain_oracle(
         sum(len(r["utt_ids"]) for r in requests),
     )
     start = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(traffic.send(initial)),
+    outcome.state, _ = strategy.run(
+        grid,
+        initial=initial,
+        traffic=traffic,
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord({FROZEN_SHA256: traffic.frozen}),
-        evaluate_fn=timed_evaluate if evaluate is not None else None,
+        evaluate=timed_evaluate if evaluate is not None else None,
     )
     outcome.seconds = time.perf_counter() - start
-    outcome.state = traffic.complete(initial, result.arrays.to_torch_state_dict())
     outcome.examples_per_round = dict(strategy.examples_per_round)
     return outcome

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -78,6 +78,30 @@ class ImportanceFedAvg(FedAvg):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs) -> Result:
         self._last_round = num_rounds
         return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
+    def run(
+        self,
+        grid: Grid,
+        *,
+        initial: Mapping[str, torch.Tensor],
+        traffic: Traffic,
+        num_rounds: int,
+        timeout: float,
+        evaluate: Callable[[int, ArrayRecord], MetricRecord] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], Result]:
+        """:meth:`start` with only ``traffic``'s tensors travelling; ``evaluate`` and the state returned see the whole model."""
+        frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
+        whole = lambda arrays: traffic.complete(initial, arrays.to_torch_state_dict())  # noqa: E731
+        result = self.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(traffic.send(initial)),
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=frozen,
+            evaluate_config=frozen,
+            evaluate_fn=(lambda r, a: evaluate(r, ArrayRecord(whole(a)))) if evaluate is not None else None,
+        )
+        return whole(result.arrays), result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -153,24 +177,20 @@ def run_fedavg(
         min_available_nodes=scenario.n_nodes,
         min_train_nodes=scenario.n_nodes,
     )
-    frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
     start = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(traffic.send(initial)),
+    state, result = strategy.run(
+        grid,
+        initial=initial,
+        traffic=traffic,
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
-        train_config=frozen,
-        evaluate_config=frozen,
-        evaluate_fn=lambda r, a: scenario.central_evaluate(
-            r, ArrayRecord(traffic.complete(initial, a.to_torch_state_dict()))
-        ),
+        evaluate=scenario.central_evaluate,
     )
     scenario.timings["fedavg_s"] = time.perf_counter() - start
     require_training(strategy, num_rounds=cfg.num_rounds)
     scenario.train_devices = dict(strategy.devices)
     return FedAvgOutcome(
-        state=traffic.complete(initial, result.arrays.to_torch_state_dict()),
+        state=state,
         importance=strategy.importance,
         examples_per_round=dict(strategy.examples_per_round),
         result=result,
