@@ -105,14 +105,18 @@ def run_retrain_oracle(
         sum(len(r["utt_ids"]) for r in requests),
     )
     start = time.perf_counter()
-    outcome.state, _ = strategy.run(
-        grid,
-        initial=initial,
-        traffic=traffic,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        evaluate=timed_evaluate if evaluate is not None else None,
-    )
+    try:
+        outcome.state, _ = strategy.run(
+            grid,
+            initial=initial,
+            traffic=traffic,
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout,
+            evaluate=timed_evaluate if evaluate is not None else None,
+        )
+    except RuntimeError as exc:  # a round no node trained in: the report says so, the release still goes out
+        log.warning("retrain oracle failed: %s", exc)
+        return OracleOutcome(skipped=f"failed: {exc}")
     outcome.seconds = time.perf_counter() - start
     outcome.examples_per_round = dict(strategy.examples_per_round)
     return outcome

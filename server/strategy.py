@@ -89,7 +89,10 @@ class ImportanceFedAvg(FedAvg):
         timeout: float,
         evaluate: Callable[[int, ArrayRecord], MetricRecord] | None = None,
     ) -> tuple[dict[str, torch.Tensor], Result]:
-        """:meth:`start` with only ``traffic``'s tensors travelling; ``evaluate`` and the state returned see the whole model."""
+        """:meth:`start` with only ``traffic``'s tensors travelling; ``evaluate`` and the state returned see the whole model.
+
+        Raises (:func:`require_training`) when a round had no node that trained.
+        """
         frozen = ConfigRecord({FROZEN_SHA256: traffic.frozen})
         whole = lambda arrays: traffic.complete(initial, arrays.to_torch_state_dict())  # noqa: E731
         result = self.start(
@@ -101,6 +104,7 @@ class ImportanceFedAvg(FedAvg):
             evaluate_config=frozen,
             evaluate_fn=(lambda r, a: evaluate(r, ArrayRecord(whole(a)))) if evaluate is not None else None,
         )
+        require_training(self, num_rounds=num_rounds)
         return whole(result.arrays), result
 
     def configure_train(
@@ -187,7 +191,6 @@ def run_fedavg(
         evaluate=scenario.central_evaluate,
     )
     scenario.timings["fedavg_s"] = time.perf_counter() - start
-    require_training(strategy, num_rounds=cfg.num_rounds)
     scenario.train_devices = dict(strategy.devices)
     return FedAvgOutcome(
         state=state,

@@ -159,3 +159,25 @@ def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None
     with pytest.raises(InconsistentMessageReplies):
         strategy.aggregate_train(2, good + [reply(RecordDict({"arrays": arrays}))])
     assert strategy.examples_per_round[2] == 5
+
+
+def test_an_oracle_no_node_trained_in_is_reported_failed_not_raised() -> None:
+    """The oracle runs after the unlearned release: a failing oracle must not stop the release announcement."""
+    from serforget.common.models import build_model
+    from serforget.common.settings import RunSettings
+    from serforget.common.traffic import Traffic
+    from serforget.server.oracle import run_retrain_oracle
+
+    cfg = RunSettings.from_mapping({**TINY, "num-rounds": 1})
+    model = build_model(arch=cfg.model_arch, config=cfg.model_config, labels=task_labels(cfg.task))
+    grid = InProcessGrid(client_module.app, run_config={}, n_nodes=2, fail_types=("train",))
+    outcome = run_retrain_oracle(
+        grid,
+        cfg=cfg,
+        initial=model.state_dict(),
+        requests=[{"node": "n", "kind": "partial", "request_id": "r", "utt_ids": ["u"]}],
+        n_nodes=2,
+        evaluate=None,
+        traffic=Traffic.everything(model.state_dict()),
+    )
+    assert outcome.state is None and outcome.skipped.startswith("failed: FedAvg round 1: no node trained")
