@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from serforget.server.scenario import Scenario
 
 _INFO_MAX_CHARS = 200
+log = logging.getLogger("serforget.server")
 
 
 def node_device(msg: Message) -> dict[str, str] | None:
@@ -74,10 +77,38 @@ class ImportanceFedAvg(FedAvg):
         #: round -> error reasons of the nodes whose train reply was an error (e.g. ``device = cuda``
         #: on a node without a GPU): lets the ServerApp stop when no node trained at all
         self.node_errors: dict[int, list[str]] = {}
+        #: name -> shape of every tensor sent to the nodes: a reply must return exactly these
+        self._layout: dict[str, tuple[int, ...]] = {}
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs) -> Result:
         self._last_round = num_rounds
+        self.expect(initial_arrays)
         return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
+    def expect(self, arrays: ArrayRecord) -> None:
+        """Train replies must return exactly these tensors (names and shapes): what was sent."""
+        self._layout = {k: tuple(v.shape) for k, v in arrays.items()}
+
+    def _reply_problem(self, msg: Message) -> str | None:
+        """Why a train reply cannot be averaged (None when it can).
+
+        Flower's own consistency check raises for the whole round, and a reply with other tensors
+        would break completing the model afterwards: such a reply is that node's error instead.
+        """
+        records = [r for name, r in msg.content.array_records.items() if name != IMPORTANCE]
+        try:
+            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+        except (StopIteration, KeyError, TypeError, ValueError):
+            weight = float("nan")
+        if len(records) != 1 or not math.isfinite(weight) or weight < 0:
+            return "malformed train reply: one ArrayRecord and a finite num-examples >= 0 expected"
+        arrays = records[0]
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        if shapes != self._layout:
+            extra, missing = sorted(set(shapes) - set(self._layout)), sorted(set(self._layout) - set(shapes))
+            wrong = sorted(k for k in set(shapes) & set(self._layout) if shapes[k] != self._layout[k])
+            return f"train reply tensors differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}, shape {wrong[:3]}"
+        return None
 
     def run(
         self,
@@ -120,6 +151,12 @@ class ImportanceFedAvg(FedAvg):
         replies = list(replies)
         maps, examples = [], 0
         self.node_errors[server_round] = [str(msg.error.reason)[:_INFO_MAX_CHARS] for msg in replies if msg.has_error()]
+        problems = {id(msg): self._reply_problem(msg) for msg in replies if not msg.has_error()}
+        for msg in replies:
+            if not msg.has_error() and problems[id(msg)]:
+                log.warning("train reply of node %s left out: %s", msg.metadata.src_node_id, problems[id(msg)])
+                self.node_errors[server_round].append(problems[id(msg)][:_INFO_MAX_CHARS])
+        replies = [msg for msg in replies if msg.has_error() or not problems[id(msg)]]
         for msg in replies:
             if msg.has_error():
                 continue
@@ -129,18 +166,20 @@ class ImportanceFedAvg(FedAvg):
                     "device": info["device"],
                     "note": info["note"],
                 }
-            try:  # a node's claim: a malformed reply is left to FedAvg's own checks, never crashes this count
-                weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
-            except (StopIteration, KeyError, TypeError, ValueError):
-                continue
-            examples += int(weight) if math.isfinite(weight) and weight > 0 else 0
+            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])  # checked above
+            examples += int(weight)
             if IMPORTANCE not in msg.content:
                 continue
-            maps.append((msg.content[IMPORTANCE].to_torch_state_dict(), weight))
+            importance = msg.content[IMPORTANCE].to_torch_state_dict()
             del msg.content[IMPORTANCE]
+            if all(self._layout.get(k) == tuple(v.shape) for k, v in importance.items()):
+                maps.append((importance, weight))
         self.examples_per_round[server_round] = examples
-        if any(w > 0 for _, w in maps):
-            self.importance = weighted_average([(m, w) for m, w in maps if w > 0])
+        if maps:  # honest nodes send the same tensors: average the maps of the most common set of names
+            common = Counter(frozenset(m) for m, _ in maps).most_common(1)[0][0]
+            maps = [(m, w) for m, w in maps if frozenset(m) == common and w > 0]
+        if maps:
+            self.importance = weighted_average(maps)
         return super().aggregate_train(server_round, replies)
 
 

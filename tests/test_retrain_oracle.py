@@ -126,10 +126,9 @@ def test_per_example_attack_calls_members_members_and_outsiders_outsiders() -> N
 
 
 def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None:
-    """The per-round example count (recordings trained on) skips a malformed reply instead of raising."""
+    """The per-round example count (recordings trained on) skips a malformed reply, which is that node's error."""
     from flwr.app import ArrayRecord, Message, MetricRecord
     from flwr.app.metadata import Metadata
-    from flwr.serverapp.exception import InconsistentMessageReplies
 
     from serforget.server.strategy import ImportanceFedAvg
 
@@ -153,12 +152,14 @@ def test_strategy_counts_examples_and_survives_a_reply_without_metrics() -> None
     arrays = ArrayRecord({"w": torch.ones(2)})
     good = [reply(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})) for n in (3, 2)]
     strategy = ImportanceFedAvg(fraction_train=1.0, fraction_evaluate=0.0)
+    strategy.expect(arrays)  # what start() records: the tensors sent to the nodes
     strategy.aggregate_train(1, good)
     assert strategy.examples_per_round[1] == 5
-    # a reply without metrics: the count skips it; refusing the batch is left to FedAvg's own check
-    with pytest.raises(InconsistentMessageReplies):
-        strategy.aggregate_train(2, good + [reply(RecordDict({"arrays": arrays}))])
-    assert strategy.examples_per_round[2] == 5
+    # a reply without metrics: left out as that node's error (Flower's own check would refuse the
+    # whole batch), the others are averaged
+    merged, _ = strategy.aggregate_train(2, good + [reply(RecordDict({"arrays": arrays}))])
+    assert strategy.examples_per_round[2] == 5 and merged is not None
+    assert strategy.node_errors[2] == ["malformed train reply: one ArrayRecord and a finite num-examples >= 0 expected"]
 
 
 def test_an_oracle_no_node_trained_in_is_reported_failed_not_raised() -> None:

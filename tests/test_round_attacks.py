@@ -255,3 +255,39 @@ def test_squat_request_owners_survive_a_restart_and_a_malformed_file_is_named(tm
     server.request_owners_path.write_text(json.dumps({"format_version": 1, "owners": [ALICE_RID]}))
     with pytest.raises(ServerStateError, match="request_owners.json"):
         server.request_owners()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda state: {**state, "extra.weight": torch.zeros(3)},  # e.g. an old node sending the whole model
+        lambda state: {k: (torch.zeros(7) if i == 0 else v) for i, (k, v) in enumerate(state.items())},
+        lambda state: dict(list(state.items())[1:]),
+    ],
+    ids=["extra-tensor", "wrong-shape", "missing-tensor"],
+)
+def test_a_train_reply_with_other_tensors_is_that_nodes_error_and_fedavg_goes_on(tmp_path: Path, tamper) -> None:
+    """A FedAvg reply that does not return exactly the tensors sent is left out; the other nodes' round goes on."""
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from serforget.client.app import app as client_app
+    from serforget.common.manifest import by_speaker, read_manifest
+    from serforget.server.app import app as server_app
+    from tests.helpers.scenario import TINY
+
+    def hostile(msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 0:
+            reply.content["arrays"] = ArrayRecord(tamper(reply.content["arrays"].to_torch_state_dict()))
+        return reply
+
+    work = tmp_path / "sim"
+    config = {**TINY, "work-dir": str(work), "retrain-oracle": False}
+    grid = InProcessGrid(hostile, run_config=config, n_nodes=4)
+    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    report = json.loads((work / "report" / "report.json").read_text())
+    assert report["releases"]["trained"] == 1 and report["releases"]["unlearned"] == 2
+    sizes = [len(u) for u in by_speaker(read_manifest(work / "splits" / "train.csv")).values()]
+    per_round = report["retrain_oracle"]["fedavg_examples_per_round"]
+    assert set(per_round.values()) == {sum(sizes) - sizes[0]}  # node 0's reply was averaged in no round
