@@ -333,6 +333,11 @@ class SpeakerVoice:
     expressiveness: float  # multiplies the acting amount
 
 
+def speaker_name(k: int) -> str:
+    """The ``k``-th synthetic speaker's id (``synth_000``, ...): the corpus and the node count agree on it."""
+    return f"synth_{k:03d}"
+
+
 def speaker_voices(config: SynthConfig) -> list[SpeakerVoice]:
     """The ``config.n_speakers`` speakers, each a distinct accent/variant pair.
 
@@ -348,7 +353,7 @@ def speaker_voices(config: SynthConfig) -> list[SpeakerVoice]:
         expressiveness = rng.uniform(1 - config.speaker_expressiveness_spread, 1 + config.speaker_expressiveness_spread)
         voices.append(
             SpeakerVoice(
-                name=f"synth_{k:03d}",
+                name=speaker_name(k),
                 accent=ACCENTS[accent_index],
                 variant=VARIANTS[(accent_index + k // len(ACCENTS)) % len(VARIANTS)],
                 base_pitch=ESPEAK_BASE_PITCH + pitch_offset,

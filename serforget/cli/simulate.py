@@ -17,6 +17,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from serforget.common.corpora.synth import speaker_name
 from serforget.common.pipeline import training_speakers
 from serforget.common.settings import RunSettings, flatten
 from serforget.deploy.flwr_program import (
@@ -70,8 +71,7 @@ def simulation_nodes(cfg: RunSettings) -> int:
     """SuperNodes the run needs: one per training speaker of the corpus the ServerApp will split."""
     if cfg.data_manifest_path is not None:
         return len(training_speakers(manifest=cfg.data_manifest_path, task=cfg.task, split=cfg.split_spec))
-    # the synthetic corpus's speakers are synth_000, synth_001, ... (common.corpora.synth)
-    speakers = [f"synth_{k:03d}" for k in range(cfg.synth_speakers)]
+    speakers = [speaker_name(k) for k in range(cfg.synth_speakers)]
     valid, test = cfg.split_spec.held_out(speakers)
     return len(speakers) - len(valid) - len(test)
 
